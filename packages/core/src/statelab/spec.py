@@ -1,0 +1,450 @@
+"""The run spec: one YAML (or JSON) document that names the data, the model and the run.
+
+Structure (every section has defaults, so ``{}`` is a valid spec)::
+
+    name: quickstart
+    seed: 1337
+    tokenizer: {kind: char}                      # char | byte | bpe
+    data: {kind: text}                           # text (bundled Tiny Shakespeare) | mqar | passkey
+    model:
+      d_model: 128
+      backbone: {kind: mamba, n_layers: 4}       # kind + that component's own params
+      memories: [{kind: hebbian, after_layer: 1}]
+      planner: null
+      regularizers: [{kind: bistability, weight: 0.01}]
+    probes: [{kind: causality, internal: kssm.R}]
+    train: {steps: 500, batch_size: 32, seq_len: 128}
+    tracking: {enabled: true, experiment: statelab}
+
+Validation has two stages. :func:`parse_spec` checks the structure with the models below
+(unknown fields are errors). :func:`validate_spec` then resolves every component against
+the plugin registry, validates its params with the plugin's own model, and checks the
+combination (memory placement, internals needed by regularizers and probes, planner
+capabilities). Both raise :class:`SpecError`, whose message lists every problem with its
+path in the document.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from statelab.plugins import SLOTS, Component, DuplicateComponentError, Registry, get_registry, unknown_kind_message
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSpec(BaseModel):
+    """A component: ``kind`` plus the component's own params, given inline."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str = Field(description="registered name of the component (see `statelab plugins`)")
+
+    def params_dict(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class MemorySpec(ComponentSpec):
+    after_layer: int = Field(description="backbone layer index (0-based) after which the memory runs")
+
+
+class RegularizerSpec(ComponentSpec):
+    weight: float = Field(1.0, ge=0, description="multiplier of this regularizer's loss in the total loss")
+
+
+class TokenizerSpec(_Strict):
+    kind: Literal["char", "byte", "bpe"] = Field("char", description="char: vocabulary from the corpus; byte: 256 ids; bpe: tiktoken ranks")
+    path: str | None = Field(None, description="bpe: path of a .tiktoken ranks file")
+    name: str | None = Field(None, description="bpe: name of a bundled encoding (see `statelab tokenizer list`)")
+
+
+class MQARSpec(_Strict):
+    vocab_size: int = Field(8192, ge=8, description="vocabulary; keys from the lower half, values from the upper half")
+    seq_len: int = Field(256, ge=8, description="tokens per example")
+    num_kv_pairs: int = Field(16, ge=1, description="key-value pairs per example")
+    power_a: float = Field(0.01, gt=0, description="power-law parameter of the query placement (Zoology's power_a)")
+    num_train: int = Field(100_000, ge=1, description="training examples")
+    num_val: int = Field(3_000, ge=1, description="validation examples")
+
+
+class PasskeySpec(_Strict):
+    lengths: list[int] = Field(default_factory=lambda: [1024], description="example lengths in tokens")
+    depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="key depth as a fraction")
+    digits: int = Field(5, ge=1, le=12, description="digits of the pass key")
+    mix: float = Field(0.0, ge=0, le=1, description="fraction of training windows drawn from passkey documents when mixed with text")
+
+
+class DataSpec(_Strict):
+    kind: Literal["text", "mqar", "passkey"] = Field("text", description="text corpus, MQAR, or passkey retrieval")
+    path: str | None = Field(None, description="text: corpus file (UTF-8); null = the bundled Tiny Shakespeare")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="text: the last fraction of the corpus is validation")
+    cache_dir: str | None = Field(None, description="where tokenized corpora are cached; null = ~/.cache/statelab")
+    mqar: MQARSpec = Field(default_factory=MQARSpec, description="MQAR generator settings")
+    passkey: PasskeySpec = Field(default_factory=PasskeySpec, description="passkey generator settings")
+
+
+class ModelSpec(_Strict):
+    d_model: int = Field(128, ge=1, description="model width D")
+    vocab_size: int | None = Field(None, ge=2, description="null = the tokenizer's vocabulary size")
+    tie_embeddings: bool = Field(True, description="share the embedding matrix with the output head")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings")
+    backbone: ComponentSpec = Field(description="the backbone: kind and params")
+    memories: list[MemorySpec] = Field(default_factory=list, description="memories and their placement")
+    planner: ComponentSpec | None = Field(None, description="optional planner (needs a steerable backbone)")
+    regularizers: list[RegularizerSpec] = Field(default_factory=list, description="auxiliary losses with weights")
+
+
+class PlannerFitSpec(_Strict):
+    enabled: bool = Field(True, description="fit the planner after training when the model has one")
+    steps: int = Field(200, ge=0, description="optimisation steps for the planner's learned parts")
+    batch_size: int = Field(16, ge=1, description="rollout batch size")
+    seq_len: int = Field(64, ge=2, description="rollout length")
+    lr: float = Field(1e-3, gt=0, description="planner learning rate")
+
+
+class TrainSpec(_Strict):
+    steps: int = Field(1000, ge=0, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="global batch size (split across data-parallel ranks)")
+    seq_len: int = Field(128, ge=1, description="tokens per row per step")
+    batching: Literal["random", "stream"] = Field("random", description="random windows, or contiguous streams with carried state (truncated BPTT)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(1e-4, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
+    decay_steps: int | None = Field(None, ge=1, description="cosine decay length; null = steps")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay (never on norms, biases, embeddings)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the model")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds since process start")
+    eval_interval: int = Field(200, ge=1, description="evaluate every N steps (and at the end)")
+    eval_batches: int | None = Field(20, ge=1, description="validation batches per evaluation; null = the whole split")
+    log_interval: int = Field(10, ge=1, description="log training metrics every N steps")
+    checkpoint_interval: int = Field(500, ge=1, description="checkpoint every N steps (and at the end)")
+    keep_last: int = Field(2, ge=1, description="periodic checkpoints kept")
+    sample_tokens: int = Field(200, ge=0, description="tokens sampled at each evaluation (0: none)")
+    out_dir: str = Field("runs", description="runs are written to <out_dir>/<name>")
+    planner_fit: PlannerFitSpec = Field(default_factory=PlannerFitSpec, description="planner fitting after training")
+
+
+class TrackingSpec(_Strict):
+    enabled: bool = Field(True, description="log the run to mlflow")
+    uri: str | None = Field(None, description="tracking URI; null = MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str = Field("statelab", description="mlflow experiment name")
+    run_name: str | None = Field(None, description="mlflow run name; null = the spec's name")
+
+
+class RunSpec(_Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name (a directory name)")
+    seed: int = Field(1337, description="seed of every random generator")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="tokenizer")
+    data: DataSpec = Field(default_factory=DataSpec, description="data")
+    model: ModelSpec = Field(description="the model")
+    probes: list[ComponentSpec] = Field(default_factory=list, description="probes run after training")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="training")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="mlflow tracking")
+
+
+# --------------------------------------------------------------------------------------
+# errors
+
+
+@dataclass
+class SpecIssue:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class SpecError(ValueError):
+    """Every problem found in a spec, each with its path (``model.backbone.d_state``)."""
+
+    def __init__(self, issues: list[SpecIssue], source: str | None = None) -> None:
+        self.issues = issues
+        self.source = source
+        head = f"invalid spec{f' {source}' if source else ''}"
+        super().__init__(head + ":\n" + "\n".join(f"  - {i}" for i in issues))
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _pydantic_issues(err: ValidationError, prefix: str = "") -> list[SpecIssue]:
+    out = []
+    for e in err.errors():
+        path = _loc(tuple(e["loc"]))
+        if prefix:
+            path = f"{prefix}.{path}" if path else prefix
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (not allowed here)"
+        out.append(SpecIssue(path, msg))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# parsing and validation
+
+
+def load_document(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON spec file into a dict, with clear errors for bad files."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError([SpecIssue("", f"spec file {str(p)!r} does not exist")])
+    text = p.read_text(encoding="utf-8")
+    try:
+        doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SpecError([SpecIssue("", f"cannot parse {p.name}: {exc}")], str(p)) from None
+    if not isinstance(doc, dict):
+        raise SpecError([SpecIssue("", "the spec must be a mapping at the top level")], str(p))
+    return doc
+
+
+def parse_spec(doc: dict[str, Any] | RunSpec | str | Path, *, source: str | None = None) -> RunSpec:
+    """Structural validation only (no plugins consulted)."""
+    if isinstance(doc, RunSpec):
+        return doc
+    if isinstance(doc, (str, Path)):
+        source = source or str(doc)
+        doc = load_document(doc)
+    try:
+        return RunSpec.model_validate(doc)
+    except ValidationError as err:
+        raise SpecError(_pydantic_issues(err), source) from None
+
+
+@dataclass
+class ResolvedComponent:
+    """A spec component matched to its registered :class:`Component` and validated params."""
+
+    path: str
+    spec: ComponentSpec
+    component: Component
+    params: BaseModel
+
+
+@dataclass
+class ResolvedSpec:
+    spec: RunSpec
+    backbone: ResolvedComponent
+    memories: list[ResolvedComponent] = field(default_factory=list)
+    planner: ResolvedComponent | None = None
+    regularizers: list[ResolvedComponent] = field(default_factory=list)
+    probes: list[ResolvedComponent] = field(default_factory=list)
+
+    def all(self) -> list[ResolvedComponent]:
+        out = [self.backbone, *self.memories]
+        if self.planner:
+            out.append(self.planner)
+        return out + self.regularizers + self.probes
+
+    def internals(self) -> dict[str, list[str]]:
+        """Internal name -> paths of the components that publish it."""
+        table: dict[str, list[str]] = {}
+        for rc in [self.backbone, *self.memories, *([self.planner] if self.planner else [])]:
+            for name in rc.component.published(rc.params):
+                table.setdefault(name, []).append(rc.path)
+        return table
+
+    def distributions(self) -> dict[str, str]:
+        return {rc.component.distribution: rc.component.version for rc in self.all()}
+
+
+def _resolve(
+    registry: Registry, slot: str, cs: ComponentSpec, path: str, issues: list[SpecIssue], strip: tuple[str, ...] = ()
+) -> ResolvedComponent | None:
+    try:
+        comp = registry.get(slot, cs.kind)
+    except DuplicateComponentError as exc:
+        issues.append(SpecIssue(f"{path}.kind", str(exc)))
+        return None
+    except KeyError:
+        issues.append(SpecIssue(f"{path}.kind", unknown_kind_message(registry, slot, cs.kind)))
+        return None
+    raw = {k: v for k, v in cs.params_dict().items() if k not in strip}
+    try:
+        params = comp.params.model_validate(raw)
+    except ValidationError as err:
+        issues.extend(_pydantic_issues(err, path))
+        return None
+    return ResolvedComponent(path, cs, comp, params)
+
+
+def validate_spec(
+    doc: dict[str, Any] | RunSpec | str | Path, registry: Registry | None = None, *, source: str | None = None
+) -> ResolvedSpec:
+    """Full validation: structure, every component's params, and the combination."""
+    if isinstance(doc, (str, Path)) and source is None:
+        source = str(doc)
+    spec = parse_spec(doc, source=source)
+    registry = registry or get_registry()
+    issues: list[SpecIssue] = []
+    m = spec.model
+    backbone = _resolve(registry, "backbone", m.backbone, "model.backbone", issues)
+    memories = [_resolve(registry, "memory", ms, f"model.memories.{i}", issues) for i, ms in enumerate(m.memories)]
+    planner = _resolve(registry, "planner", m.planner, "model.planner", issues) if m.planner else None
+    regs = [_resolve(registry, "regularizer", rs, f"model.regularizers.{i}", issues) for i, rs in enumerate(m.regularizers)]
+    probes = [_resolve(registry, "probe", ps, f"probes.{i}", issues) for i, ps in enumerate(spec.probes)]
+
+    if backbone is not None:
+        n_layers = getattr(backbone.params, "n_layers", None)
+        if n_layers is None:
+            issues.append(
+                SpecIssue("model.backbone", f"backbone {backbone.component.name!r} params have no n_layers field; "
+                          "its plugin must declare one so memories can be placed")
+            )
+        else:
+            for i, ms in enumerate(m.memories):
+                if not 0 <= ms.after_layer < n_layers:
+                    issues.append(
+                        SpecIssue(
+                            f"model.memories.{i}.after_layer",
+                            f"after_layer {ms.after_layer} is outside the backbone's layers 0..{n_layers - 1}",
+                        )
+                    )
+        if planner is not None:
+            missing = planner.component.needs - backbone.component.capabilities
+            if missing:
+                issues.append(
+                    SpecIssue(
+                        "model.planner",
+                        f"planner {planner.component.name!r} needs a backbone with {', '.join(sorted(missing))}, "
+                        f"but backbone {backbone.component.name!r} does not provide it; use a steerable backbone "
+                        f"(one with injectable state, such as 'mamba') or remove the planner",
+                    )
+                )
+
+    resolved = None
+    if backbone is not None and None not in memories and (planner is not None or m.planner is None):
+        resolved = ResolvedSpec(spec, backbone, [x for x in memories if x], planner)
+        published = resolved.internals()
+        for group in (regs, probes):
+            for rc in group:
+                if rc is None:
+                    continue
+                for need in rc.component.required(rc.params):
+                    if need not in published:
+                        have = ", ".join(sorted(published)) or "(none)"
+                        issues.append(
+                            SpecIssue(
+                                rc.path,
+                                f"{rc.component.slot} {rc.component.name!r} needs internal {need!r}, which no component "
+                                f"of this model publishes (published: {have})",
+                            )
+                        )
+    if issues:
+        raise SpecError(issues, source)
+    assert resolved is not None
+    resolved.regularizers = [r for r in regs if r]
+    resolved.probes = [p for p in probes if p]
+    return resolved
+
+
+# --------------------------------------------------------------------------------------
+# JSON schema
+
+
+def _component_union(registry: Registry, slot: str, extra: dict[str, Any]) -> Any:
+    variants = []
+    for name in registry.names(slot):
+        comp = registry.get(slot, name)
+        fields: dict[str, Any] = {"kind": (Literal[name], Field(description=comp.description or name))}  # type: ignore[valid-type]
+        fields.update(extra)
+        variants.append(
+            create_model(  # type: ignore[call-overload]
+                f"{slot.title()}_{name.replace('-', '_')}",
+                __base__=comp.params,
+                __config__=None,
+                **fields,
+            )
+        )
+    if not variants:
+        return ComponentSpec
+    return Union[tuple(variants)] if len(variants) > 1 else variants[0]  # type: ignore[return-value]
+
+
+def json_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """JSON schema of the whole spec with every installed component's params, for editors."""
+    registry = registry or get_registry()
+    bb = _component_union(registry, "backbone", {})
+    mem = _component_union(registry, "memory", {"after_layer": (int, Field(description=MemorySpec.model_fields["after_layer"].description))})
+    pl = _component_union(registry, "planner", {})
+    reg = _component_union(registry, "regularizer", {"weight": (float, Field(1.0, ge=0, description="loss weight"))})
+    pr = _component_union(registry, "probe", {})
+    Model = create_model(
+        "ModelSpec",
+        __base__=ModelSpec,
+        backbone=(bb, Field(description="the backbone: kind and params")),
+        memories=(list[mem], Field(default_factory=list, description="memories and their placement")),  # type: ignore[valid-type]
+        planner=(pl | None, Field(None, description="optional planner")),  # type: ignore[operator]
+        regularizers=(list[reg], Field(default_factory=list, description="auxiliary losses")),  # type: ignore[valid-type]
+    )
+    Run = create_model(
+        "RunSpec",
+        __base__=RunSpec,
+        model=(Model, Field(description="the model")),
+        probes=(list[pr], Field(default_factory=list, description="probes run after training")),  # type: ignore[valid-type]
+    )
+    schema = Run.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "statelab run spec"
+    return schema
+
+
+def dump_spec(spec: RunSpec) -> dict[str, Any]:
+    """The spec as a plain dict (component params inline), round-trippable through parse_spec."""
+    return spec.model_dump(mode="json", exclude_none=False)
+
+
+def flatten(doc: Any, prefix: str = "") -> dict[str, str]:
+    """``{"model": {"d_model": 64}}`` -> ``{"model.d_model": "64"}`` (mlflow params)."""
+    out: dict[str, str] = {}
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(doc, list):
+        if not doc:
+            out[prefix] = "[]"
+        for i, v in enumerate(doc):
+            out.update(flatten(v, f"{prefix}.{i}"))
+    else:
+        out[prefix] = "null" if doc is None else str(doc)
+    return out
+
+
+__all__ = [
+    "ComponentSpec",
+    "DataSpec",
+    "MemorySpec",
+    "ModelSpec",
+    "RegularizerSpec",
+    "ResolvedComponent",
+    "ResolvedSpec",
+    "RunSpec",
+    "SLOTS",
+    "SpecError",
+    "SpecIssue",
+    "TokenizerSpec",
+    "TrackingSpec",
+    "TrainSpec",
+    "dump_spec",
+    "flatten",
+    "json_schema",
+    "load_document",
+    "parse_spec",
+    "validate_spec",
+]
