@@ -47,6 +47,8 @@ __all__ = [
     "Regularizer",
     "State",
     "StatefulModule",
+    "StepContext",
+    "GenerationHook",
     "gated_inject",
     "prefix_state",
     "unprefix_state",
@@ -235,6 +237,31 @@ class PlanRequest:
 
 
 @dataclass
+class StepContext:
+    """What a generation hook sees between two decoding steps.
+
+    After the model has consumed token ``step`` and produced ``logits (B, V)`` for the next
+    one, ``statelab.generate`` calls every hook with this context. ``state`` is the live
+    model state; a hook that wants to change it (a planner injecting a target) returns a
+    new state, which the next ``step`` uses; returning ``None`` leaves it unchanged.
+    ``tokens`` holds the tokens generated so far ``(B, n)``; ``generation_id`` is unique
+    per call to ``generate``; ``finished`` marks the last call (hooks release resources).
+    """
+
+    model: Any
+    step: int
+    generation_id: int
+    tokens: Tensor
+    logits: Tensor
+    state: State
+    finished: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+GenerationHook = Callable[[StepContext], "State | None"]
+
+
+@dataclass
 class PlanResult:
     """A planner's proposal: ``target`` (model-state keys -> tensors of the same shapes as
     in the snapshot) and ``confidence`` ``(B,)`` in ``[0, 1]``; the injection gate is
@@ -265,9 +292,9 @@ class Planner(nn.Module):
     def fit(self, model: "StatelabModel", batches: Callable[[], Tensor], **kwargs: Any) -> dict[str, float]:
         return {}
 
-    def generation_hook(self, model: "StatelabModel") -> Callable[..., Any] | None:
-        """A hook for :func:`statelab.generate` (see ``statelab.generation.StepContext``);
-        ``None`` plans synchronously at every step."""
+    def generation_hook(self, model: "StatelabModel") -> "GenerationHook | None":
+        """A hook (see :class:`StepContext`) that :func:`statelab.generate` installs when the
+        model has this planner; ``None`` means the planner takes no part in generation."""
         return None
 
 

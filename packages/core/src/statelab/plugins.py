@@ -91,6 +91,32 @@ class HookSpecs:
     def statelab_components(self) -> list["Component"]:  # type: ignore[empty-body]
         """Return the :class:`Component` objects this plugin provides."""
 
+    @hookspec
+    def statelab_commands(self) -> list["Command"]:  # type: ignore[empty-body]
+        """Return extra ``statelab`` CLI sub-commands (:class:`Command`) this plugin provides."""
+
+
+@dataclass
+class Command:
+    """A CLI sub-command contributed by a plugin: ``statelab <name> ...``.
+
+    ``configure(parser)`` adds its arguments to an ``argparse`` parser; ``run(args) -> int``
+    executes it (exit code). Both may be ``"module:function"`` strings, imported on use.
+    """
+
+    name: str
+    help: str
+    configure: str | Callable[[Any], None]
+    run: str | Callable[[Any], int]
+    distribution: str = "<local>"
+
+    @staticmethod
+    def _load(ref: str | Callable[..., Any]) -> Callable[..., Any]:
+        if callable(ref):
+            return ref
+        module_name, _, attr = ref.partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+
 
 def _as_list(value: Any, params: BaseModel | None) -> list[str]:
     if value is None:
@@ -166,6 +192,7 @@ class Registry:
     components: dict[tuple[str, str], Component] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)
     duplicates: dict[tuple[str, str], list[Component]] = field(default_factory=dict)
+    commands: dict[str, Command] = field(default_factory=dict)
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -187,10 +214,16 @@ class Registry:
                     f"made for plugin API {PLUGIN_API_VERSION}, or a statelab-core matching the plugin."
                 )
             self._pm.register(plugin, name=f"{distribution}:{name}")
-            try:  # registered alone, so the hook call returns this plugin's components only
+            try:  # registered alone, so the hook calls return this plugin's contributions only
                 produced = self._pm.hook.statelab_components()
+                commands = [c for batch in self._pm.hook.statelab_commands() for c in (batch or [])]
             finally:
                 self._pm.unregister(plugin)
+            for cmd in commands:
+                cmd.distribution = distribution
+                if cmd.name in self.commands:
+                    raise PluginError(f"command {cmd.name!r} is provided by both {self.commands[cmd.name].distribution} and {distribution}")
+                self.commands[cmd.name] = cmd
             components = [c for batch in produced for c in (batch or [])]
             for comp in components:
                 if not isinstance(comp, Component):
