@@ -22,7 +22,9 @@ Entry points load one at a time: a plugin that fails to import, declares an inco
 API, or registers a name another distribution already registered is recorded as a
 :class:`LoadFailure` and the others still load. ``STATELAB_STRICT_PLUGINS=1`` (or
 ``strict=True``) re-raises instead. ``STATELAB_PLUGINS=a,b`` loads only the named entry
-points; ``STATELAB_NO_PLUGINS=1`` loads none.
+points; ``STATELAB_NO_PLUGINS=1`` loads none. ``STATELAB_PLUGIN_MODULES=pkg.mod,...``
+additionally registers plugin modules by import path, without packaging (for developing a
+plugin, and for tests: ``STATELAB_PLUGIN_MODULES=statelab.testing.toys``).
 """
 
 from __future__ import annotations
@@ -272,6 +274,13 @@ class Registry:
         )
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        for module_name in filter(None, (m.strip() for m in os.environ.get("STATELAB_PLUGIN_MODULES", "").split(","))):
+            try:
+                module = importlib.import_module(module_name)
+            except Exception as exc:  # noqa: BLE001
+                self._record(module_name, module_name, "", exc)
+                continue
+            self.register_plugin(module, distribution=module_name, version="dev", entry_point=module_name)
         if os.environ.get("STATELAB_NO_PLUGINS", "") not in ("", "0"):
             return
         chosen = os.environ.get("STATELAB_PLUGINS")
