@@ -1,0 +1,1 @@
+"""An example statelab plugin: a sliding-window mean memory."""
