@@ -25,12 +25,13 @@ def run_validate(args) -> int:
 
 def configure_schema(parser) -> None:
     parser.add_argument("--output", "-o", help="write to this file instead of stdout")
+    parser.add_argument("--markdown", action="store_true", help="the human reference (docs/spec.md) instead of JSON schema")
 
 
 def run_schema(args) -> int:
-    from statelab.spec import json_schema
+    from statelab.spec import json_schema, markdown_reference
 
-    text = json.dumps(json_schema(), indent=2)
+    text = markdown_reference().rstrip() if args.markdown else json.dumps(json_schema(), indent=2)
     if args.output:
         from statelab.io import atomic_write_text
 
