@@ -1,0 +1,80 @@
+"""Data for statelab runs: text corpora and the synthetic tasks used across plugins.
+
+``make_data(spec)`` returns a :class:`DataSource` for ``spec.data.kind``:
+
+- ``text``: a UTF-8 corpus (default: the bundled Tiny Shakespeare), tokenized once and
+  cached memory-mapped; the last ``val_fraction`` of the text is validation
+  (:mod:`statelab.data.text`). Batching modes ``random`` and ``stream``
+  (:mod:`statelab.data.batching`). ``data.passkey.mix > 0`` replaces that fraction of the
+  random windows with passkey documents (loss on all their tokens).
+- ``mqar``: Zoology's multi-query associative recall (:mod:`statelab.data.mqar`); loss and
+  accuracy on the query positions (``Batch.mask``).
+- ``passkey``: passkey-retrieval documents (:mod:`statelab.data.passkey`); loss on the
+  answer tokens (``Batch.mask``).
+
+Every ``train_batch`` is a pure function of ``(seed, step, rank, world_size)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from statelab.data.base import Batch, DataError, DataSource, rank_rows, rng_for
+from statelab.data.text import TextData, bundled_corpus_path, cache_root, read_corpus
+
+if TYPE_CHECKING:  # pragma: no cover
+    from statelab.spec import RunSpec
+
+
+def make_data(spec: "RunSpec", *, seed: int | None = None) -> DataSource:
+    """The data source of a run spec (``seed`` defaults to ``spec.seed``)."""
+    from statelab.spec import parse_spec
+
+    spec = parse_spec(spec)
+    seed = spec.seed if seed is None else seed
+    kind = spec.data.kind
+    if kind == "text":
+        from statelab.data.text import make_text_data
+
+        return make_text_data(spec, seed)
+    if kind == "mqar":
+        from statelab.data.mqar import MQARData
+
+        return MQARData(spec.data.mqar, seed=seed)
+    if kind == "passkey":
+        from statelab.data.passkey import PasskeyData, passkey_tokenizer
+
+        return PasskeyData(passkey_tokenizer(spec.tokenizer), spec.data.passkey, seed=seed)
+    raise DataError(f"unknown data kind {kind!r}; use text, mqar or passkey")
+
+
+def corpus_vocab_size(spec: "RunSpec") -> int:
+    """The vocabulary size the spec's data will have (reads the corpus, cached, for ``char``)."""
+    from statelab.spec import parse_spec
+
+    spec = parse_spec(spec)
+    kind = spec.data.kind
+    if kind == "mqar":
+        return spec.data.mqar.vocab_size
+    if kind == "passkey":
+        from statelab.data.passkey import passkey_tokenizer
+
+        return passkey_tokenizer(spec.tokenizer).vocab_size
+    from statelab.data.text import text_tokenizer
+
+    return text_tokenizer(spec).vocab_size
+
+
+__all__ = [
+    "Batch",
+    "DataError",
+    "DataSource",
+    "TextData",
+    "bundled_corpus_path",
+    "cache_root",
+    "corpus_vocab_size",
+    "make_data",
+    "rank_rows",
+    "read_corpus",
+    "rng_for",
+]
