@@ -1,0 +1,159 @@
+"""Picking pieces: each package installed alone from its built wheel, in a fresh venv.
+
+This proves the published metadata (each plugin's dependency range on statelab-core)
+resolves, that `statelab plugins` lists exactly what is installed, that a spec needing an
+absent plugin fails with the install hint, and that a third-party plugin works next to a
+first-party backbone. Wheels are built with `hatch build` (hatchling when hatch is absent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {
+    "statelab-core": ROOT / "packages/core",
+    "crsm-planner": ROOT / "packages/crsm-planner",
+    "crsd-memory": ROOT / "packages/crsd-memory",
+    "kssm-oscillators": ROOT / "packages/kssm-oscillators",
+    "then-memory": ROOT / "packages/then-memory",
+    "traces-crystallize": ROOT / "packages/traces-crystallize",
+    "statelab-window-mean": ROOT / "docs/examples/statelab-window-mean",
+}
+# one small spec per plugin that trains with that plugin alone (None: no backbone of its own)
+ALONE = {
+    "crsm-planner": {"backbone": {"kind": "mamba", "n_layers": 1}},
+    "crsd-memory": {"backbone": {"kind": "crsd", "n_layers": 1}},
+    "kssm-oscillators": {"backbone": {"kind": "kssm", "n_layers": 1}},
+    "then-memory": None,
+    "traces-crystallize": {"backbone": {"kind": "transformer", "n_layers": 1, "n_heads": 2}},
+}
+# a kind each plugin provides, to check the install hint when it is absent
+HINT = {
+    "crsm-planner": ("backbone", "mamba"),
+    "crsd-memory": ("memory", "hebbian"),
+    "kssm-oscillators": ("backbone", "kssm"),
+    "then-memory": ("memory", "then"),
+    "traces-crystallize": ("backbone", "transformer"),
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _build_wheel(src: Path, out: Path) -> Path:
+    hatch = shutil.which("hatch")
+    cmd = [hatch, "build", "-t", "wheel", str(out)] if hatch else [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(out)]
+    before = set(out.glob("*.whl"))
+    subprocess.run(cmd, cwd=src, check=True, capture_output=True, text=True)
+    (wheel,) = set(out.glob("*.whl")) - before
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("wheels")
+    return {name: _build_wheel(src, out) for name, src in PACKAGES.items()}
+
+
+class Venv:
+    def __init__(self, path: Path, workdir: Path) -> None:
+        venv.EnvBuilder(with_pip=True, clear=True).create(path)
+        self.bin = path / "bin"
+        self.workdir = workdir
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("STATELAB_", "PYTHONPATH", "VIRTUAL_ENV", "PIP_CONSTRAINT"))
+        }
+        self.env.update(MLFLOW_DISABLE_TELEMETRY="true", STATELAB_CACHE_DIR=str(workdir / "cache"))
+
+    def pip(self, *args: str) -> None:
+        subprocess.run([str(self.bin / "python"), "-m", "pip", "-q", *args], check=True, env=self.env, cwd=self.workdir,
+                       capture_output=True, text=True)
+
+    def statelab(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin / "statelab"), *args], env=self.env, cwd=self.workdir, capture_output=True,
+                              text=True, check=check, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, wheels) -> Venv:
+    work = tmp_path_factory.mktemp("venv-work")
+    v = Venv(work / "venv", work)
+    v.pip("install", "-c", str(ROOT / "constraints.txt"), str(wheels["statelab-core"]))
+    return v
+
+
+def _spec(work: Path, name: str, model: dict, **extra) -> Path:
+    doc = {
+        "name": name,
+        "tokenizer": {"kind": "byte"},
+        "model": {"d_model": 32, **model},
+        "train": {"steps": 3, "batch_size": 2, "seq_len": 16, "warmup_steps": 1, "eval_interval": 3, "eval_batches": 1,
+                  "checkpoint_interval": 3, "sample_tokens": 4, "out_dir": str(work / "runs")},
+        "tracking": {"enabled": False},
+        **extra,
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _components(v: Venv) -> tuple[set[str], list]:
+    data = json.loads(v.statelab("plugins", "--json").stdout)
+    return {c["distribution"] for c in data["components"]}, data["failures"]
+
+
+def test_core_alone_has_no_components_and_no_errors(env):
+    data = json.loads(env.statelab("plugins", "--json").stdout)
+    assert data == {"components": [], "commands": [], "failures": []}
+
+
+@pytest.mark.parametrize("plugin", list(ALONE))
+def test_each_plugin_alone(env, wheels, plugin):
+    env.pip("install", "-c", str(ROOT / "constraints.txt"), str(wheels[plugin]))
+    try:
+        dists, failures = _components(env)
+        assert failures == []
+        assert dists == {plugin}
+        if ALONE[plugin] is not None:
+            spec = _spec(env.workdir, f"alone-{plugin}", ALONE[plugin])
+            out = env.statelab("train", str(spec))
+            assert (env.workdir / "runs" / f"alone-{plugin}" / "best" / "model.safetensors").is_file(), out.stdout + out.stderr
+        for other, (slot, kind) in HINT.items():
+            if other == plugin:
+                continue
+            model = {"backbone": {"kind": kind, "n_layers": 1}} if slot == "backbone" else {
+                "backbone": ALONE[plugin]["backbone"] if ALONE[plugin] else {"kind": "mamba", "n_layers": 1},
+                "memories": [{"kind": kind, "after_layer": 0}]}
+            res = env.statelab("validate", str(_spec(env.workdir, f"needs-{kind}", model)), check=False)
+            assert res.returncode == 2
+            assert f"kind {kind!r} is provided by {other}: pip install {other}" in res.stderr
+    finally:
+        env.pip("uninstall", "-y", plugin)
+
+
+def test_third_party_plugin_with_a_first_party_backbone(env, wheels):
+    env.pip("install", "-c", str(ROOT / "constraints.txt"), str(wheels["crsm-planner"]), str(wheels["statelab-window-mean"]))
+    try:
+        data = json.loads(env.statelab("plugins", "--json").stdout)
+        rows = {(c["slot"], c["name"], c["distribution"]) for c in data["components"]}
+        assert ("memory", "window-mean", "statelab-window-mean") in rows
+        assert ("backbone", "mamba", "crsm-planner") in rows
+        spec = _spec(env.workdir, "third-party", {"backbone": {"kind": "mamba", "n_layers": 2},
+                                                  "memories": [{"kind": "window-mean", "after_layer": 0, "window": 4}]})
+        env.statelab("train", str(spec))
+        assert (env.workdir / "runs" / "third-party" / "best" / "model.safetensors").is_file()
+        # the example's own tests, run against the installed wheel
+        env.pip("install", "pytest")
+        subprocess.run([str(env.bin / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(PACKAGES["statelab-window-mean"] / "tests")], check=True, env=env.env, cwd=env.workdir)
+    finally:
+        env.pip("uninstall", "-y", "crsm-planner", "statelab-window-mean")
