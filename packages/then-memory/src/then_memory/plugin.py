@@ -1,12 +1,86 @@
-"""Registration of then-memory's components (cheap to import: no model code is loaded here)."""
+"""Registration of then-memory's components (cheap to import: no model code is loaded here).
+
+Components
+----------
+* memory ``then``: hybrid attention (local window + top-k traces from a trace store),
+  merged by a learned gate; publishes ``memory.gate`` and ``memory.recall``.
+* probe ``passkey``: the Landmark-attention passkey protocol in ingest-then-query mode.
+
+Commands
+--------
+* ``statelab memory ingest|query|wipe``: per-user memory (see :mod:`then_memory.cli`).
+"""
 
 from __future__ import annotations
 
-from statelab.plugins import Component, hookimpl
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from statelab.plugins import Command, Component, hookimpl
 
 STATELAB_PLUGIN_API = 1
 
 
+class ThenParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_heads: int = Field(4, ge=1, description="attention heads; d_model must be divisible by it")
+    chunk_size: int = Field(16, ge=1, description="tokens per chunk; traces are written when a chunk completes")
+    trace_mode: Literal["token", "pooled"] = Field(
+        "token", description="token: one trace per token of a completed chunk; pooled: one mean trace per chunk"
+    )
+    window: int = Field(32, ge=1, description="local causal attention window in tokens (>= chunk_size)")
+    ring_size: int = Field(256, ge=1, description="traces kept in the in-model ring (the hot tier used in training)")
+    top_k: int = Field(16, ge=1, description="traces each position attends to (top-k by inner product)")
+    gate_bias: float = Field(0.0, description="initial bias of the trace/local gate (sigmoid; 0 = half and half)")
+
+    @model_validator(mode="after")
+    def _window_covers_chunk(self) -> "ThenParams":
+        if self.window < self.chunk_size:
+            raise ValueError(
+                f"window ({self.window}) must be >= chunk_size ({self.chunk_size}): the tokens of an unfinished "
+                "chunk are kept in the local window until the chunk's traces are written"
+            )
+        return self
+
+
+class PasskeyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096, 8192, 10240, 16384],
+                               description="document lengths in tokens (ingested before the question)")
+    depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+                                description="depth of the key line as a fraction of the document")
+    trials: int = Field(50, ge=1, description="trials per (length, depth) cell")
+    digits: int = Field(5, ge=1, le=12, description="digits of the pass key")
+    segment_len: int = Field(512, ge=1, description="tokens per forward pass while ingesting the document")
+    batch_size: int = Field(8, ge=1, description="trials run together (batch rows)")
+    mode: Literal["ingest", "context"] = Field(
+        "ingest", description="ingest: key only in ingested memory (the question starts from the carried state); "
+        "context: question appended to the document in one pass (baseline)")
+    pass_threshold: float = Field(0.95, ge=0, le=1, description="accuracy needed at pass_length for passed=True")
+    pass_length: int = Field(10240, ge=1, description="length at which pass_threshold is judged (nearest tested)")
+
+
+def _then_publishes(params: ThenParams) -> list[str]:
+    return ["memory.gate", "memory.recall"]
+
+
 @hookimpl
 def statelab_components() -> list[Component]:
-    return []
+    return [
+        Component(
+            "memory", "then", ThenParams, "then_memory.memory:build_then",
+            "hybrid attention: local window + top-k traces from a bounded trace store, gated",
+            publishes=_then_publishes,
+        ),
+        Component(
+            "probe", "passkey", PasskeyParams, "then_memory.passkey:build_passkey",
+            "passkey retrieval (Landmark protocol) in ingest-then-query mode: accuracy table + heatmap",
+        ),
+    ]
+
+
+@hookimpl
+def statelab_commands() -> list[Command]:
+    return [Command("memory", "per-user live memory: ingest files, query, wipe", "then_memory.cli:configure",
+                    "then_memory.cli:run")]

@@ -1,0 +1,270 @@
+"""Memory ``then``: hybrid attention over a local window and top-k traces from a trace store.
+
+Config (:class:`then_memory.plugin.ThenParams`)::
+
+    n_heads     4       heads of both attentions; head width dh = D / n_heads
+    chunk_size  16      a chunk of C tokens completes -> its traces are written
+    trace_mode  token   token: every token of the chunk is a trace; pooled: one mean trace per chunk
+    window      32      local causal attention over the last W tokens (W >= C)
+    ring_size   256     traces kept in the state (the in-graph hot tier, newest S)
+    top_k       16      traces each position reads
+
+Per position ``p`` with normed input ``h = LN(x_p)`` and ``q, k, v = W_qkv h``::
+
+    local  = softmax-attention of q over k, v of positions (p - W, p]
+    recall = softmax-attention of q over the top-k traces (by the inner product q . k_trace,
+             summed over heads) among the traces *available* at p
+    g      = sigmoid(W_g h)                      (B, T, H), published as ``memory.gate``
+    y_p    = x_p + W_o [(1 - g) local + g recall]   (recall published as ``memory.recall``)
+
+A trace written from chunk ``[cC, (c+1)C)`` becomes available at position ``(c+1)C``: no
+position ever reads a trace written from itself or a later position. Traces carry a time
+index ``n`` (0, 1, 2, ... in write order), which is also their address in a
+:class:`~then_memory.store.TraceStore`.
+
+State (flat, batch-first)::
+
+    pos      (B,)         tokens seen
+    count    (B,)         traces written
+    cache_k  (B, W, D)    keys/values of the last W tokens (local window, unfinished chunk)
+    cache_v  (B, W, D)
+    ring_k   (B, S, D)    the newest S traces, slot n % S
+    ring_v   (B, S, D)
+    ring_n   (B, S)       time index of each slot, -1 = empty
+
+Without a store the readable traces at position ``p`` are the newest ``S`` available ones
+(exactly what a ring of size S holds when stepping token by token), so ``forward`` on a
+sequence equals ``step`` per token. With a store attached (:meth:`ThenMemory.attach_store`,
+batch size 1, inference) the candidates are the top-k of *every* trace in the store written
+before the call, plus those written during it, and new traces are appended to the store.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from statelab.interfaces import Aux, Memory, State
+from statelab.internals import publish
+
+if TYPE_CHECKING:  # pragma: no cover
+    from then_memory.plugin import ThenParams
+    from then_memory.store import TraceStore
+
+
+class ThenMemory(Memory):
+    external = True
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 4,
+        chunk_size: int = 16,
+        trace_mode: str = "token",
+        window: int = 32,
+        ring_size: int = 256,
+        top_k: int = 16,
+        gate_bias: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"then: d_model ({d_model}) must be divisible by n_heads ({n_heads}); change n_heads")
+        if window < chunk_size:
+            raise ValueError(f"then: window ({window}) must be >= chunk_size ({chunk_size})")
+        if trace_mode not in ("token", "pooled"):
+            raise ValueError(f"then: trace_mode must be 'token' or 'pooled', not {trace_mode!r}")
+        self.d_model, self.n_heads, self.dh = d_model, n_heads, d_model // n_heads
+        self.chunk_size, self.trace_mode, self.window = chunk_size, trace_mode, window
+        self.ring_size, self.top_k = ring_size, top_k
+        self.norm = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.gate = nn.Linear(d_model, n_heads)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, gate_bias)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        nn.init.normal_(self.out.weight, std=0.02)
+        self.store: "TraceStore | None" = None
+
+    # -- store backend ---------------------------------------------------------------
+    def attach_store(self, store: "TraceStore | None") -> None:
+        """Read and write traces through ``store`` (batch size 1); ``None`` detaches."""
+        if store is not None and store.dim != self.d_model:
+            raise ValueError(f"then: the store holds traces of width {store.dim}, this memory writes {self.d_model}")
+        self.store = store
+
+    # -- state -----------------------------------------------------------------------
+    def init_state(self, batch_size, device=None, dtype=None) -> State:
+        B, W, S, D = batch_size, self.window, self.ring_size, self.d_model
+        z = lambda *s: torch.zeros(*s, device=device, dtype=torch.float32)  # noqa: E731
+        return {
+            "pos": torch.zeros(B, dtype=torch.int64, device=device),
+            "count": torch.zeros(B, dtype=torch.int64, device=device),
+            "cache_k": z(B, W, D),
+            "cache_v": z(B, W, D),
+            "ring_k": z(B, S, D),
+            "ring_v": z(B, S, D),
+            "ring_n": torch.full((B, S), -1, dtype=torch.int64, device=device),
+        }
+
+    # -- the write side: which traces does this call complete? -------------------------
+    def _new_traces(self, ek: Tensor, ev: Tensor, ep: Tensor, pos0: Tensor, T: int):
+        """Traces completed by this call. ``ek, ev`` (B, L, D) are the window cache plus the
+        new tokens, ``ep`` (B, L) their absolute positions. Returns keys, values (B, N, D),
+        validity (B, N) and availability position (B, N) (first position allowed to read)."""
+        C = self.chunk_size
+        c = torch.div(ep, C, rounding_mode="floor")  # (B, L) chunk of each position
+        c0 = torch.div(pos0, C, rounding_mode="floor")  # (B,) first chunk that can complete now
+        n_done = torch.div(pos0 + T, C, rounding_mode="floor") - c0  # (B,) chunks completed in this call
+        r = c - c0[:, None]  # (B, L) chunk index relative to c0
+        done = (ep >= 0) & (r >= 0) & (r < n_done[:, None])  # (B, L) token belongs to a completed chunk
+        if self.trace_mode == "token":
+            return ek, ev, done, (c + 1) * C
+        R = T // C + 1  # most chunks one call can complete
+        onehot = (r[:, :, None] == torch.arange(R, device=ep.device)) & done[:, :, None]  # (B, L, R)
+        w = onehot.to(ek.dtype)
+        cnt = w.sum(1)  # (B, R): C for completed chunks, 0 otherwise
+        nk = torch.einsum("blr,bld->brd", w, ek) / cnt.clamp(min=1)[:, :, None]  # (B, R, D)
+        nv = torch.einsum("blr,bld->brd", w, ev) / cnt.clamp(min=1)[:, :, None]  # (B, R, D)
+        avail = (c0[:, None] + torch.arange(R, device=ep.device) + 1) * C  # (B, R)
+        return nk, nv, cnt > 0, avail
+
+    # -- forward ---------------------------------------------------------------------
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
+        B, T, D = x.shape
+        H, dh, W, S = self.n_heads, self.dh, self.window, self.ring_size
+        if state is None or not state:
+            state = self.init_state(B, x.device)
+        pos0, count0 = state["pos"], state["count"]
+        dev = x.device
+
+        h = self.norm(x)
+        q, k, v = self.qkv(h).split(D, dim=-1)  # (B, T, D) each
+        ek = torch.cat([state["cache_k"].to(k.dtype), k], 1)  # (B, L, D), L = W + T
+        ev = torch.cat([state["cache_v"].to(v.dtype), v], 1)  # (B, L, D)
+        ep = pos0[:, None] + torch.arange(-W, T, device=dev)  # (B, L) absolute positions
+        qp = pos0[:, None] + torch.arange(T, device=dev)  # (B, T)
+        scale = 1.0 / math.sqrt(dh)
+        qh = q.view(B, T, H, dh)  # (B, T, H, dh)
+
+        # local attention over (p - W, p]
+        rel = qp[:, :, None] - ep[:, None, :]  # (B, T, L)
+        ok_loc = (rel >= 0) & (rel < W) & (ep[:, None, :] >= 0)  # (B, T, L)
+        att = torch.einsum("bthd,blhd->bhtl", qh, ek.view(B, -1, H, dh)) * scale  # (B, H, T, L)
+        att = att.masked_fill(~ok_loc[:, None], float("-inf")).softmax(-1)
+        local = torch.einsum("bhtl,blhd->bthd", att, ev.view(B, -1, H, dh))  # (B, T, H, dh)
+
+        # traces completed during this call, with their time indices
+        nk, nv, nvalid, navail = self._new_traces(ek, ev, ep, pos0, T)  # (B, N, D), (B, N), (B, N)
+        nseq = count0[:, None] + nvalid.long().cumsum(1) - 1  # (B, N) time index of each new trace
+        can = nvalid[:, None, :] & (navail[:, None, :] <= qp[:, :, None])  # (B, T, N) available at p
+
+        if self.store is None:
+            # the newest S available traces: ring slots and new traces
+            n_avail = count0[:, None] + can.long().sum(-1)  # (B, T) traces available at p
+            lo = (n_avail - S)[:, :, None]  # (B, T, 1) oldest readable time index
+            rn = state["ring_n"]
+            ok_old = (rn[:, None, :] >= 0) & (rn[:, None, :] >= lo)  # (B, T, S)
+            ok_new = can & (nseq[:, None, :] >= lo)  # (B, T, N)
+            rk = state["ring_k"].to(k.dtype).view(B, S, H, dh)
+            s_old = torch.einsum("bthd,bshd->bhts", qh, rk)  # (B, H, T, S)
+            v_all = torch.cat([state["ring_v"].to(v.dtype), nv], 1)  # (B, M, D), M = S + N
+            v_all = v_all[:, None].expand(B, T, -1, D)  # (B, T, M, D) (a view)
+        else:
+            ok_old, s_old, v_old = self._store_candidates(q, count0)
+            ok_new = can
+            v_all = torch.cat([v_old, nv[:, None].expand(B, T, -1, D)], 2)  # (B, T, M, D)
+        s_new = torch.einsum("bthd,bnhd->bhtn", qh, nk.view(B, -1, H, dh))  # (B, H, T, N)
+        s = torch.cat([s_old, s_new], -1) * scale  # (B, H, T, M)
+        ok = torch.cat([ok_old, ok_new], -1)  # (B, T, M)
+
+        # top-k by the full inner product (summed over heads), then per-head softmax
+        K = min(self.top_k, s.shape[-1])
+        sel = s.sum(1).masked_fill(~ok, float("-inf"))  # (B, T, M)
+        idx = sel.topk(K, dim=-1).indices  # (B, T, K)
+        okk = ok.gather(-1, idx)  # (B, T, K)
+        sk = s.gather(-1, idx[:, None].expand(B, H, T, K))  # (B, H, T, K)
+        sk = sk.masked_fill(~okk[:, None], torch.finfo(sk.dtype).min)
+        wts = sk.softmax(-1) * okk[:, None].to(sk.dtype)  # (B, H, T, K); all zero when nothing to read
+        vk = v_all.gather(2, idx[..., None].expand(B, T, K, D)).view(B, T, K, H, dh)  # (B, T, K, H, dh)
+        recall = torch.einsum("bhtk,btkhd->bthd", wts, vk)  # (B, T, H, dh)
+
+        aux: Aux = {}
+        recall = publish(aux, "memory.recall", recall.reshape(B, T, D)).view(B, T, H, dh)
+        g = publish(aux, "memory.gate", torch.sigmoid(self.gate(h)))  # (B, T, H)
+        mixed = (1 - g)[..., None] * local + g[..., None] * recall  # (B, T, H, dh)
+        y = x + self.out(mixed.reshape(B, T, D))  # (B, T, D)
+
+        # the new state: window cache, ring (slot n % S, newest S only), counters
+        n_new = nvalid.long().sum(1)  # (B,)
+        count1 = count0 + n_new
+        keep = nvalid & (nseq >= (count1 - S)[:, None])  # (B, N)
+        slot = torch.where(keep, nseq % S, torch.full_like(nseq, S))  # (B, N); S = discard slot
+        ring_k = self._scatter(state["ring_k"], slot, nk.float())
+        ring_v = self._scatter(state["ring_v"], slot, nv.float())
+        ring_n = torch.cat([state["ring_n"], state["ring_n"][:, :1]], 1).scatter(1, slot, nseq)[:, :S]
+        new_state: State = {
+            "pos": pos0 + T,
+            "count": count1,
+            "cache_k": ek[:, -W:].float(),
+            "cache_v": ev[:, -W:].float(),
+            "ring_k": ring_k,
+            "ring_v": ring_v,
+            "ring_n": ring_n,
+        }
+        if self.store is not None:
+            self._store_write(nk, nv, nvalid, nseq)
+        return y, new_state, aux
+
+    @staticmethod
+    def _scatter(ring: Tensor, slot: Tensor, new: Tensor) -> Tensor:
+        B, S, D = ring.shape
+        padded = torch.cat([ring, ring.new_zeros(B, 1, D)], 1)  # (B, S + 1, D); slot S absorbs discards
+        return padded.scatter(1, slot[:, :, None].expand(B, slot.shape[1], D), new.to(ring.dtype))[:, :S]
+
+    # -- store-backed reads and writes (inference, batch size 1) -----------------------
+    def _store_candidates(self, q: Tensor, count0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, D = q.shape
+        H, dh = self.n_heads, self.dh
+        if B != 1:
+            raise ValueError(f"then: a memory backed by a trace store serves one user at a time (batch 1), got batch {B}")
+        limit = int(count0[0])
+        if limit > len(self.store):
+            raise ValueError(
+                f"then: the state says {limit} traces were written but the attached store holds {len(self.store)}; "
+                "the state and the store belong to different users or the store lost data"
+            )
+        res = self.store.search(q[0].detach(), self.top_k, limit=limit)
+        kk = res.keys.to(q.device, q.dtype)[None]  # (1, T, K0, D)
+        vv = res.values.to(q.device, q.dtype)[None]  # (1, T, K0, D)
+        ok = (res.ids >= 0).to(q.device)[None]  # (1, T, K0)
+        s = torch.einsum("bthd,btkhd->bhtk", q.view(B, T, H, dh), kk.view(B, T, -1, H, dh))  # (1, H, T, K0)
+        return ok, s, vv
+
+    def _store_write(self, nk: Tensor, nv: Tensor, nvalid: Tensor, nseq: Tensor) -> None:
+        store = self.store
+        rows = nvalid[0]
+        seq = nseq[0][rows]
+        fresh = seq >= len(store)  # traces already in the store (a replayed snapshot) are not rewritten
+        if not bool(fresh.any()):
+            return
+        first = int(seq[fresh][0])
+        if first != len(store):
+            raise ValueError(f"then: the next trace has time index {first} but the store holds {len(store)} traces")
+        store.append(nk[0][rows][fresh].detach(), nv[0][rows][fresh].detach())
+
+
+def build_then(params: "ThenParams", ctx) -> ThenMemory:
+    return ThenMemory(
+        ctx.d_model,
+        n_heads=params.n_heads,
+        chunk_size=params.chunk_size,
+        trace_mode=params.trace_mode,
+        window=params.window,
+        ring_size=params.ring_size,
+        top_k=params.top_k,
+        gate_bias=params.gate_bias,
+    )

@@ -1,0 +1,508 @@
+"""The trace store: hot (device ring) -> warm (host RAM ring) -> cold (immutable chunk files).
+
+Config (keyword arguments of :class:`TraceStore`)::
+
+    dim            width of a trace key (= of its value)
+    hot_budget     traces kept on the compute device (a ring buffer; the GPU on CUDA machines)
+    warm_budget    traces kept in host RAM (pinned when CUDA is available); >= chunk_traces
+    chunk_traces   traces per cold chunk file
+    device         compute device of the hot tier and of every search
+    coarse_lists   > 0: a coarse index (k-means centroids) is trained on the first cold chunk
+                   and every cold chunk is laid out by centroid, so a coarse search reads
+                   only the lists nearest to the query; 0 = exact search only
+    durable        fsync the log on every append (survives power loss, not only a killed process)
+
+Every trace has a time index ``t`` (0, 1, 2, ... in append order). The tiers hold
+contiguous ranges of time: cold ``[0, n_cold)``, warm ``[n_cold, n_cold + n_warm)``, hot the
+newest. Appending past the hot budget moves the oldest hot traces to warm; past the warm
+budget the oldest ``chunk_traces`` warm traces are sealed into a cold chunk file. Memory
+held in each tier never exceeds its budget; the cold tier is read through ``mmap`` in
+blocks, so the OS page cache does the caching.
+
+On disk (``root``)::
+
+    index.safetensors                 sealed chunks: (n, 2) [t0, t1) + metadata (dim, chunk size)
+    chunk_<t0>.safetensors            immutable: k, v (n, dim) fp16; with a coarse index also
+                                      ids (n,) time index of each row, rows (n,) row of each
+                                      time, offsets (lists + 1,) list boundaries
+    centroids.safetensors             the coarse index, when trained
+    log_<t0>.bin                      append-only log of the traces not yet sealed (time
+                                      [t0, t0 + chunk_traces)): fixed-size records with a CRC
+
+Crash safety. Chunk files and the index are written to a temporary file, fsynced and
+renamed; a chunk is sealed (file, then index) before its log is deleted. Appends go to the
+log first, one fixed-size record per trace with its own checksum. Reopening replays the
+log and stops at the first incomplete or corrupt record, so a process killed mid-append
+loses at most the records being written, and never anything sealed or logged earlier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from statelab.io import atomic_write_bytes
+
+__all__ = ["SearchResult", "TraceStore", "read_safetensors_mmap"]
+
+_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "BF16": None}
+
+
+def read_safetensors_mmap(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a safetensors file (zero-copy, read-only numpy views)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        meta = json.loads(f.read(n))
+    size = path.stat().st_size
+    out = {}
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        dt = _ST_DTYPES.get(info["dtype"])
+        if dt is None:
+            raise ValueError(f"{path}: unsupported dtype {info['dtype']} for tensor {name!r}")
+        b0, b1 = info["data_offsets"]
+        if 8 + n + b1 > size:
+            raise ValueError(f"{path}: truncated safetensors file (tensor {name!r} ends past the file)")
+        shape = tuple(info["shape"])
+        if int(np.prod(shape)) == 0:
+            out[name] = np.zeros(shape, dt)
+        else:
+            out[name] = np.memmap(path, dtype=dt, mode="r", offset=8 + n + b0, shape=shape)
+    return out
+
+
+def _tensor(arr: np.ndarray) -> Tensor:
+    """A tensor view of a (read-only, memory-mapped) array; callers never write to it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(arr))
+
+
+@dataclass
+class SearchResult:
+    """Top-k per query: ``ids`` (Q, k) time indices (-1 where fewer than k traces exist),
+    ``scores`` (Q, k) inner products (descending), ``keys``/``values`` (Q, k, dim) float32."""
+
+    ids: Tensor
+    scores: Tensor
+    keys: Tensor
+    values: Tensor
+
+
+class _Ring:
+    """A fixed-capacity FIFO of (key, value) rows; the oldest row has time index ``t0``."""
+
+    def __init__(self, cap: int, dim: int, device: torch.device, dtype: torch.dtype, pin: bool) -> None:
+        self.cap = cap
+        self.k = torch.empty(cap, dim, device=device, dtype=dtype, pin_memory=pin)
+        self.v = torch.empty(cap, dim, device=device, dtype=dtype, pin_memory=pin)
+        self.start, self.n, self.t0 = 0, 0, 0
+
+    def push(self, k: Tensor, v: Tensor) -> None:
+        m = k.shape[0]
+        assert self.n + m <= self.cap
+        a = (self.start + self.n) % self.cap
+        first = min(m, self.cap - a)
+        self.k[a : a + first].copy_(k[:first], non_blocking=True)
+        self.v[a : a + first].copy_(v[:first], non_blocking=True)
+        if first < m:
+            self.k[: m - first].copy_(k[first:], non_blocking=True)
+            self.v[: m - first].copy_(v[first:], non_blocking=True)
+        self.n += m
+
+    def segments(self) -> list[tuple[int, Tensor, Tensor]]:
+        """Up to two contiguous views ``(t0, k, v)`` in time order."""
+        first = min(self.n, self.cap - self.start)
+        segs = [(self.t0, self.k[self.start : self.start + first], self.v[self.start : self.start + first])]
+        if first < self.n:
+            segs.append((self.t0 + first, self.k[: self.n - first], self.v[: self.n - first]))
+        return [s for s in segs if s[1].shape[0] > 0]
+
+    def pop(self, m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Remove the oldest ``m`` rows and return copies of them on ``device``."""
+        ks, vs, got = [], [], 0
+        for _, k, v in self.segments():
+            take = min(m - got, k.shape[0])
+            if take <= 0:
+                break
+            ks.append(k[:take].to(device, copy=True))
+            vs.append(v[:take].to(device, copy=True))
+            got += take
+        self.start = (self.start + m) % self.cap
+        self.n -= m
+        self.t0 += m
+        return torch.cat(ks), torch.cat(vs)
+
+    def rows(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows of the time indices ``t`` (all inside this ring)."""
+        idx = ((t - self.t0 + self.start) % self.cap).to(self.k.device)
+        return self.k[idx], self.v[idx]
+
+
+class _Chunk:
+    """One sealed, memory-mapped cold chunk."""
+
+    def __init__(self, path: Path, t0: int, t1: int) -> None:
+        self.path, self.t0, self.t1 = path, t0, t1
+        arrs = read_safetensors_mmap(path)
+        self.k, self.v = arrs["k"], arrs["v"]
+        if self.k.shape[0] != t1 - t0:
+            raise ValueError(f"{path}: holds {self.k.shape[0]} traces, the index says {t1 - t0}")
+        self.ids = arrs.get("ids")  # time index of each row (coarse layout); None = row i is t0 + i
+        self.rows = arrs.get("rows")
+        self.offsets = None if "offsets" not in arrs else np.asarray(arrs["offsets"])
+
+
+class TraceStore:
+    """A tiered store of (key, value) traces with exact and coarse top-k search.
+
+    ``root=None`` keeps everything in memory (no cold tier: appending past the warm budget
+    is an error). ``read_only=True`` (incognito) reads the files but never writes: new
+    traces live in memory only and are gone when the store is closed.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None,
+        dim: int,
+        *,
+        hot_budget: int = 65536,
+        warm_budget: int = 1 << 20,
+        chunk_traces: int = 65536,
+        device: str | torch.device = "cpu",
+        coarse_lists: int = 0,
+        durable: bool = False,
+        read_only: bool = False,
+        block: int = 1 << 16,
+    ) -> None:
+        if warm_budget < chunk_traces:
+            raise ValueError(f"warm_budget ({warm_budget}) must be >= chunk_traces ({chunk_traces}): "
+                             "cold chunks are sealed from the warm tier")
+        if hot_budget < 1:
+            raise ValueError("hot_budget must be >= 1")
+        self.root = Path(root) if root is not None else None
+        self.dim, self.chunk_traces, self.block = dim, chunk_traces, block
+        self.device = torch.device(device)
+        self.durable, self.read_only = durable, read_only
+        self.coarse_lists = coarse_lists
+        self.dtype = torch.float16
+        pin = torch.cuda.is_available()
+        self.hot = _Ring(hot_budget, dim, self.device, self.dtype, pin=False)
+        self.warm = _Ring(warm_budget, dim, torch.device("cpu"), self.dtype, pin=pin)
+        self.chunks: list[_Chunk] = []
+        self.centroids: Tensor | None = None
+        self._log_fd: int | None = None
+        self._log_t0 = -1
+        self._rec = struct.Struct(f"<q{2 * dim * 2}sI")  # time, fp16 key+value bytes, crc32
+        if self.root is not None:
+            self._open()
+
+    # -- sizes -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.n_cold + self.warm.n + self.hot.n
+
+    @property
+    def n_cold(self) -> int:
+        return self.chunks[-1].t1 if self.chunks else 0
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes allocated per in-memory tier (fixed by the budgets) and on disk."""
+        per = 2 * self.dim * 2
+        disk = sum(c.path.stat().st_size for c in self.chunks)
+        return {"hot": self.hot.cap * per, "warm": self.warm.cap * per, "cold_disk": disk}
+
+    # -- opening and recovery ---------------------------------------------------------
+    def _open(self) -> None:
+        root = self.root
+        assert root is not None
+        if not self.read_only:
+            root.mkdir(parents=True, exist_ok=True)
+            for tmp in root.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+        elif not root.exists():
+            return
+        index = root / "index.safetensors"
+        spans: list[tuple[int, int]] = []
+        if index.exists():
+            arrs = read_safetensors_mmap(index)
+            meta = self._metadata(index)
+            if int(meta.get("dim", self.dim)) != self.dim:
+                raise ValueError(f"{root}: the store holds traces of width {meta['dim']}, not {self.dim}")
+            self.chunk_traces = int(meta.get("chunk_traces", self.chunk_traces))
+            spans = [tuple(int(x) for x in row) for row in np.asarray(arrs["spans"])]
+        for t0, t1 in spans:
+            self.chunks.append(_Chunk(root / f"chunk_{t0:012d}.safetensors", t0, t1))
+        cpath = root / "centroids.safetensors"
+        if cpath.exists():
+            self.centroids = _tensor(np.array(read_safetensors_mmap(cpath)["c"])).float().to(self.device)
+        if not self.read_only:  # orphans of an interrupted seal
+            known = {c.path.name for c in self.chunks}
+            for p in root.glob("chunk_*.safetensors"):
+                if p.name not in known:
+                    p.unlink()
+        self.hot.t0 = self.warm.t0 = self.n_cold
+        for log in sorted(root.glob("log_*.bin")):
+            t0 = int(log.stem.split("_")[1])
+            if t0 < self.n_cold:  # sealed already; the seal was interrupted before deleting its log
+                if not self.read_only:
+                    log.unlink()
+                continue
+            self._replay(log, t0)
+
+    @staticmethod
+    def _metadata(path: Path) -> dict[str, str]:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return json.loads(f.read(n)).get("__metadata__", {}) or {}
+
+    def _replay(self, log: Path, t0: int) -> None:
+        data = log.read_bytes()
+        size = self._rec.size
+        good = 0
+        ks, vs = [], []
+        for off in range(0, len(data) - size + 1, size):
+            t, payload, crc = self._rec.unpack_from(data, off)
+            if t != len(self) + len(ks) or zlib.crc32(payload) != crc:
+                break
+            kv = np.frombuffer(payload, dtype=np.float16).reshape(2, self.dim)
+            ks.append(kv[0])
+            vs.append(kv[1])
+            good = off + size
+        if good < len(data) and not self.read_only:  # drop a torn tail so later appends line up
+            with open(log, "r+b") as f:
+                f.truncate(good)
+        if ks:
+            self._insert(torch.from_numpy(np.stack(ks)), torch.from_numpy(np.stack(vs)), log_it=False)
+
+    # -- writing -----------------------------------------------------------------------
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Append traces ``k, v`` (n, dim); they get the next ``n`` time indices."""
+        if k.dim() != 2 or k.shape[1] != self.dim or v.shape != k.shape:
+            raise ValueError(f"append expects keys and values of shape (n, {self.dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape[0] == 0:
+            return
+        self._insert(k.detach().to(self.dtype), v.detach().to(self.dtype), log_it=self.root is not None and not self.read_only)
+
+    def _insert(self, k: Tensor, v: Tensor, log_it: bool) -> None:
+        i = 0
+        n = k.shape[0]
+        while i < n:  # in pieces that never cross a log segment nor overfill the hot tier
+            t = len(self)
+            seg_end = (t // self.chunk_traces + 1) * self.chunk_traces
+            m = min(n - i, seg_end - t, self.hot.cap)
+            kk, vv = k[i : i + m], v[i : i + m]
+            if log_it:
+                self._log(t, kk, vv)
+            over = self.hot.n + m - self.hot.cap
+            if over > 0:
+                self._to_warm(*self.hot.pop(over, torch.device("cpu")))
+            self.hot.push(kk.to(self.device), vv.to(self.device))
+            i += m
+
+    def _to_warm(self, k: Tensor, v: Tensor) -> None:
+        over = self.warm.n + k.shape[0] - self.warm.cap
+        while over > 0:
+            self._seal()
+            over = self.warm.n + k.shape[0] - self.warm.cap
+        self.warm.push(k, v)
+
+    def _log(self, t: int, k: Tensor, v: Tensor) -> None:
+        seg = t // self.chunk_traces * self.chunk_traces
+        if self._log_fd is None or self._log_t0 != seg:
+            if self._log_fd is not None:
+                os.close(self._log_fd)
+            self._log_fd = os.open(self.root / f"log_{seg:012d}.bin", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._log_t0 = seg
+        kv = torch.stack([k, v], 1).cpu().numpy()  # (m, 2, dim) fp16
+        recs = bytearray()
+        for j in range(kv.shape[0]):
+            payload = kv[j].tobytes()
+            recs += self._rec.pack(t + j, payload, zlib.crc32(payload))
+        os.write(self._log_fd, bytes(recs))
+        if self.durable:
+            os.fsync(self._log_fd)
+
+    def _seal(self) -> None:
+        """Move the oldest ``chunk_traces`` warm traces into an immutable cold chunk."""
+        if self.root is None or self.read_only:
+            raise RuntimeError(
+                f"trace store over budget: {len(self)} traces exceed hot {self.hot.cap} + warm {self.warm.cap}, "
+                + ("and this incognito/read-only store writes nothing to disk" if self.read_only
+                   else "and the store has no directory for a cold tier; give it a root directory")
+            )
+        t0 = self.warm.t0
+        k, v = self.warm.pop(self.chunk_traces, torch.device("cpu"))
+        t1 = t0 + k.shape[0]
+        tensors = {"k": k.contiguous(), "v": v.contiguous()}
+        if self.coarse_lists > 0:
+            if self.centroids is None:
+                self.centroids = _kmeans(k.float(), self.coarse_lists, iters=10, seed=0).to(self.device)
+                atomic_write_bytes(self.root / "centroids.safetensors", st_save({"c": self.centroids.cpu().contiguous()}))
+            assign = _nearest(k.float(), self.centroids.cpu())  # (n,) nearest list
+            order = torch.argsort(assign, stable=True)
+            rows = torch.empty_like(order)
+            rows[order] = torch.arange(order.numel())
+            counts = torch.bincount(assign, minlength=self.centroids.shape[0])
+            tensors = {
+                "k": k[order].contiguous(),
+                "v": v[order].contiguous(),
+                "ids": (order + t0).contiguous(),
+                "rows": rows.contiguous(),
+                "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
+            }
+        path = self.root / f"chunk_{t0:012d}.safetensors"
+        atomic_write_bytes(path, st_save(tensors))
+        spans = [(c.t0, c.t1) for c in self.chunks] + [(t0, t1)]
+        meta = {"dim": str(self.dim), "chunk_traces": str(self.chunk_traces), "format": "then-trace-store/1"}
+        atomic_write_bytes(self.root / "index.safetensors",
+                           st_save({"spans": torch.tensor(spans, dtype=torch.int64).reshape(-1, 2)}, metadata=meta))
+        self.chunks.append(_Chunk(path, t0, t1))
+        log = self.root / f"log_{t0:012d}.bin"
+        if self._log_fd is not None and self._log_t0 == t0:
+            os.close(self._log_fd)
+            self._log_fd = None
+        log.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+        self.chunks = []
+
+    def __enter__(self) -> "TraceStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- direct addressing -------------------------------------------------------------
+    def fetch(self, t0: int, t1: int) -> tuple[Tensor, Tensor]:
+        """Keys and values (t1 - t0, dim) of time indices [t0, t1), float32 on ``device``;
+        reads only those rows (cold chunks through mmap)."""
+        if not 0 <= t0 <= t1 <= len(self):
+            raise IndexError(f"fetch [{t0}, {t1}) is outside the store's time range [0, {len(self)})")
+        return self.get(torch.arange(t0, t1))
+
+    def get(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of arbitrary time indices ``ids`` (any shape; -1 gives zeros)."""
+        shape = ids.shape
+        flat = ids.reshape(-1).cpu()
+        k = torch.zeros(flat.numel(), self.dim, dtype=torch.float32, device=self.device)
+        v = torch.zeros_like(k)
+        for ring in (self.hot, self.warm):
+            sel = (flat >= ring.t0) & (flat < ring.t0 + ring.n)
+            if sel.any():
+                rk, rv = ring.rows(flat[sel])
+                where = sel.nonzero().squeeze(1).to(self.device)
+                k[where], v[where] = rk.to(self.device, torch.float32), rv.to(self.device, torch.float32)
+        sel = (flat >= 0) & (flat < self.n_cold)
+        if sel.any():
+            tt = flat[sel].numpy()
+            pos = sel.nonzero().squeeze(1).numpy()
+            starts = np.array([c.t0 for c in self.chunks])
+            which = np.searchsorted(starts, tt, side="right") - 1
+            for ci in np.unique(which):
+                c = self.chunks[ci]
+                m = which == ci
+                r = tt[m] - c.t0
+                if c.rows is not None:
+                    r = np.asarray(c.rows[r])
+                order = np.argsort(r)  # mmap reads in file order
+                rr = r[order]
+                dst = torch.from_numpy(pos[m][order]).to(self.device)
+                k[dst] = torch.from_numpy(np.asarray(c.k[rr], dtype=np.float32)).to(self.device)
+                v[dst] = torch.from_numpy(np.asarray(c.v[rr], dtype=np.float32)).to(self.device)
+        return k.view(*shape, self.dim), v.view(*shape, self.dim)
+
+    # -- search --------------------------------------------------------------------------
+    def search(self, q: Tensor, k: int, *, limit: int | None = None, coarse: bool = False, nprobe: int = 16) -> SearchResult:
+        """Top-``k`` traces by inner product for each query ``q`` (Q, dim), over every tier.
+
+        ``limit``: only traces with time index < limit. ``coarse``: in the cold tier read only
+        the ``nprobe`` lists whose centroids score highest (needs ``coarse_lists > 0``); the
+        hot and warm tiers are always searched exactly.
+        """
+        if q.dim() == 1:
+            q = q[None]
+        Q = q.shape[0]
+        limit = len(self) if limit is None else min(limit, len(self))
+        qd = q.detach().to(self.device, torch.float32)
+        best_s = torch.full((Q, k), float("-inf"), device=self.device)
+        best_i = torch.full((Q, k), -1, dtype=torch.int64, device=self.device)
+
+        def merge(scores: Tensor, ids: Tensor) -> None:  # scores (Q, n), ids (n,) or (Q, n)
+            nonlocal best_s, best_i
+            if ids.dim() == 1:
+                ids = ids[None].expand(Q, -1)
+            s = torch.cat([best_s, scores], 1)
+            i = torch.cat([best_i, ids.to(self.device)], 1)
+            top = s.topk(k, dim=1)
+            best_s, best_i = top.values, i.gather(1, top.indices)
+
+        for ring in (self.hot, self.warm):
+            for t0, kk, _ in ring.segments():
+                n = max(0, min(kk.shape[0], limit - t0))
+                for a in range(0, n, self.block):
+                    b = min(n, a + self.block)
+                    blk = kk[a:b].to(self.device, non_blocking=True).float()  # (n, dim)
+                    merge(qd @ blk.T, torch.arange(t0 + a, t0 + b, device=self.device))
+        use_coarse = coarse and self.centroids is not None
+        lists = None
+        if use_coarse:
+            probe = (qd @ self.centroids.T).topk(min(nprobe, self.centroids.shape[0]), dim=1).indices  # (Q, nprobe)
+            lists = torch.unique(probe).cpu().numpy()
+        for c in self.chunks:
+            if c.t0 >= limit:
+                break
+            if use_coarse and c.offsets is not None:
+                off = c.offsets
+                spans = [(int(off[j]), int(off[j + 1])) for j in lists if off[j + 1] > off[j]]
+            else:
+                spans = [(0, c.t1 - c.t0)]
+            for a0, b0 in spans:
+                for a in range(a0, b0, self.block):
+                    b = min(b0, a + self.block)
+                    blk = _tensor(c.k[a:b]).to(self.device).float()  # (n, dim)
+                    ids = _tensor(c.ids[a:b]) if c.ids is not None else torch.arange(c.t0 + a, c.t0 + b)
+                    sc = qd @ blk.T  # (Q, n)
+                    ids = ids.to(self.device)
+                    if c.t1 > limit:
+                        sc = sc.masked_fill(ids[None] >= limit, float("-inf"))
+                    merge(sc, ids)
+        best_i = torch.where(torch.isfinite(best_s), best_i, torch.full_like(best_i, -1))
+        keys, values = self.get(best_i)
+        return SearchResult(best_i, best_s, keys, values)
+
+
+def _nearest(x: Tensor, c: Tensor) -> Tensor:
+    """Index of the nearest centroid (L2) for each row of ``x``, in blocks."""
+    c2 = (c * c).sum(1)  # (n,)
+    return torch.cat([(c2 - 2 * x[a : a + 65536] @ c.T).argmin(1) for a in range(0, x.shape[0], 65536)])
+
+
+def _kmeans(x: Tensor, n: int, iters: int, seed: int) -> Tensor:
+    """Lloyd's k-means (L2) on ``x`` (N, d): centroids (n, d). Queries later probe the lists
+    whose centroids have the largest inner product with them."""
+    g = torch.Generator().manual_seed(seed)
+    n = min(n, x.shape[0])
+    c = x[torch.randperm(x.shape[0], generator=g)[:n]].clone()
+    for _ in range(iters):
+        assign = _nearest(x, c)  # (N,)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        cnt = torch.bincount(assign, minlength=n)[:, None]
+        c = torch.where(cnt > 0, sums / cnt.clamp(min=1), c)  # an empty list keeps its centroid
+    return c

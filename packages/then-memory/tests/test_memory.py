@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+import statelab
+from statelab.testing import check_memory, check_model
+from then_memory.memory import ThenMemory
+from then_memory.naive import naive_forward, trace_source_end
+from then_memory.store import TraceStore
+
+
+def small(mode, **kw):
+    args = dict(n_heads=2, chunk_size=3, trace_mode=mode, window=4, ring_size=5, top_k=3)
+    args.update(kw)
+    return ThenMemory(16, **args)
+
+
+@pytest.mark.parametrize("mode", ["token", "pooled"])
+def test_conformance(mode):
+    # ring_size 3 < traces written in 12 tokens: eviction happens inside the checks
+    check_memory(lambda: small(mode, ring_size=3, top_k=2), 16)
+
+
+@pytest.mark.parametrize("mode", ["token", "pooled"])
+def test_matches_naive_reference_in_random_pieces(mode):
+    torch.manual_seed(1)
+    mem = small(mode).eval()
+    x = torch.randn(2, 23, 16)
+    with torch.no_grad():
+        ref, reads = naive_forward(mem, x)
+        outs, state, t = [], None, 0
+        for n in [5, 1, 7, 3, 7]:  # pieces that cut chunks at every offset
+            y, state, _ = mem(x[:, t : t + n], state)
+            outs.append(y)
+            t += n
+    got = torch.cat(outs, 1)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    # the reference read traces, and none was written from the reading position or later
+    assert reads[0]
+    for row in reads:
+        for p, n in row:
+            assert trace_source_end(mem, n) < p
+    assert state["count"].tolist() == [(23 // 3) * (3 if mode == "token" else 1)] * 2
+    assert state["pos"].tolist() == [23, 23]
+
+
+def test_no_trace_is_readable_before_its_chunk_ends():
+    mem = ThenMemory(16, n_heads=2, chunk_size=4, window=4, ring_size=16, top_k=2).eval()
+    x = torch.randn(1, 9, 16)
+    with torch.no_grad():
+        _, _, aux = mem(x)
+    recall = aux["memory.recall"][0]  # (T, D)
+    assert torch.equal(recall[:4], torch.zeros_like(recall[:4]))  # chunk 0 is written after position 3
+    assert recall[4:].abs().sum(-1).gt(0).all()
+    assert set(aux) == {"memory.recall", "memory.gate"}
+    assert aux["memory.gate"].shape == (1, 9, 2)
+
+
+def test_gate_forcing_removes_traces():
+    mem = small("token").eval()
+    x = torch.randn(1, 12, 16)
+    with torch.no_grad():
+        y, _, _ = mem(x)
+        with statelab.intervene({"memory.recall": 0.0}):
+            y0, _, _ = mem(x)
+    assert not torch.allclose(y[:, 3:], y0[:, 3:])  # traces change the output after the first chunk
+    assert torch.allclose(y[:, :3], y0[:, :3])
+
+
+@pytest.mark.parametrize("mode", ["token", "pooled"])
+def test_store_backend_equals_ring_when_everything_fits(tmp_path, mode):
+    mem = small(mode, ring_size=64).eval()
+    x = torch.randn(1, 20, 16)
+    with torch.no_grad():
+        y_ring, s_ring, _ = mem(x)
+        store = TraceStore(tmp_path, 16, hot_budget=2, warm_budget=4, chunk_traces=2)  # all three tiers used
+        mem.attach_store(store)
+        ys, state = [], None
+        for a in range(0, 20, 6):
+            y, state, _ = mem(x[:, a : a + 6], state)
+            ys.append(y)
+        mem.attach_store(None)
+    # fp16 storage of the store's traces: outputs agree to fp16 precision
+    assert torch.allclose(torch.cat(ys, 1), y_ring, atol=2e-3)
+    n = int(s_ring["count"][0])
+    assert len(store) == n and store.n_cold > 0
+    k, v = store.fetch(0, n)
+    order = s_ring["ring_n"][0].argsort()[-n:]
+    assert torch.allclose(k, s_ring["ring_k"][0][order], atol=2e-3)
+
+
+def test_store_backend_refuses_batches_and_foreign_states(tmp_path):
+    mem = small("token")
+    mem.attach_store(TraceStore(None, 16, hot_budget=8, warm_budget=8, chunk_traces=8))
+    with pytest.raises(ValueError, match="one user at a time"):
+        mem(torch.randn(2, 4, 16))
+    state = mem.init_state(1)
+    state["count"] += 5
+    with pytest.raises(ValueError, match="different users"):
+        mem(torch.randn(1, 4, 16), state)
+
+
+def test_assembled_model_conformance(registry, then_spec):
+    check_model(lambda: statelab.build(then_spec(), registry=registry))
+    check_model(lambda: statelab.build(then_spec(trace_mode="pooled", ring_size=2), registry=registry))
+
+
+def test_window_must_cover_chunk(registry, then_spec):
+    with pytest.raises(statelab.SpecError, match="window"):
+        statelab.build(then_spec(window=2, chunk_size=4), registry=registry)
