@@ -72,7 +72,7 @@ def test_store_backend_equals_ring_when_everything_fits(tmp_path, mode):
     x = torch.randn(1, 20, 16)
     with torch.no_grad():
         y_ring, s_ring, _ = mem(x)
-        store = TraceStore(tmp_path, 16, hot_budget=2, warm_budget=4, chunk_traces=2)  # all three tiers used
+        store = TraceStore(tmp_path, 16, hot_budget=2, warm_budget=2, chunk_traces=2)  # all three tiers used
         mem.attach_store(store)
         ys, state = [], None
         for a in range(0, 20, 6):
