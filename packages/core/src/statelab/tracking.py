@@ -1,0 +1,187 @@
+"""mlflow tracking for training runs (imported lazily: mlflow takes a second to import).
+
+Every training run is an mlflow run in ``spec.tracking.experiment``. The tracking URI is
+``spec.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the
+working directory; for a SQLite store the artifacts go beside the database
+(``<dir>/mlartifacts``), so one directory holds the whole store. Logged: the flattened spec
+as params, plugin distributions and versions and the git revision as tags, metrics per
+step, and artifacts (spec, best weights, loss curve, samples, probe outputs).
+
+Calls are queued to a background thread, so a slow store never stalls the training loop;
+:meth:`Tracker.finish` drains the queue. A failing store prints one warning and training
+goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+__all__ = ["NullTracker", "Tracker", "client", "git_revision", "open_tracker", "resolve_uri"]
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).expanduser().absolute()
+
+
+def client(uri: str | None = None) -> Any:
+    """An ``mlflow.MlflowClient`` on ``uri`` (resolved as above); creates a SQLite store's directory."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from mlflow import MlflowClient
+
+    uri = resolve_uri(uri)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c: Any, name: str, uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    db = _sqlite_path(uri)
+    location = (db.parent / "mlartifacts" / name).as_uri() if db is not None else None
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - created concurrently by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_revision(cwd: str | os.PathLike | None = None) -> str | None:
+    """``<sha>`` or ``<sha>-dirty`` of the git checkout around ``cwd``; ``None`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class NullTracker:
+    """Tracking disabled: every call is a no-op."""
+
+    run_id: str | None = None
+    uri: str | None = None
+    enabled = False
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
+    def flush(self) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class Tracker(NullTracker):
+    """One mlflow run, written from a background thread."""
+
+    enabled = True
+
+    def __init__(self, c: Any, run_id: str, uri: str) -> None:
+        self._c = c
+        self.run_id = run_id
+        self.uri = uri
+        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._warned = False
+        self._thread = threading.Thread(target=self._work, name="statelab-mlflow", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            fn = self._q.get()
+            try:
+                if fn is None:
+                    return
+                fn()
+            except Exception as exc:  # noqa: BLE001 - tracking must not kill training
+                if not self._warned:
+                    print(f"statelab: mlflow logging failed ({type(exc).__name__}: {exc}); training continues",
+                          file=sys.stderr)
+                    self._warned = True
+            finally:
+                self._q.task_done()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            chunk = items[i : i + 1000]
+            self._q.put(lambda chunk=chunk: self._c.log_batch(self.run_id, metrics=chunk, synchronous=True))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            chunk = items[i : i + 100]
+            self._q.put(lambda chunk=chunk: self._c.log_batch(self.run_id, params=chunk, synchronous=True))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        if items:
+            self._q.put(lambda: self._c.log_batch(self.run_id, tags=items, synchronous=True))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        p = str(path)
+        if Path(p).is_dir():
+            self._q.put(lambda: self._c.log_artifacts(self.run_id, p, artifact_path))
+        else:
+            self._q.put(lambda: self._c.log_artifact(self.run_id, p, artifact_path))
+
+    def flush(self) -> None:
+        self._q.join()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._q.put(lambda: self._c.set_terminated(self.run_id, status=status))
+        self._q.put(None)
+        self._thread.join()
+
+
+def open_tracker(
+    tracking: Any, *, run_name: str, resume_run_id: str | None = None, enabled: bool = True
+) -> NullTracker:
+    """Start (or, with ``resume_run_id``, reopen) the mlflow run of a training run."""
+    if not enabled or not tracking.enabled:
+        return NullTracker()
+    uri = resolve_uri(tracking.uri)
+    c = client(uri)
+    if resume_run_id:
+        try:
+            run = c.get_run(resume_run_id)
+            c.update_run(resume_run_id, status="RUNNING")
+            return Tracker(c, run.info.run_id, uri)
+        except Exception:  # noqa: BLE001 - the store moved: start a new run
+            print(f"statelab: mlflow run {resume_run_id} not found in {uri}; starting a new run", file=sys.stderr)
+    exp = experiment_id(c, tracking.experiment, uri)
+    run = c.create_run(exp, run_name=tracking.run_name or run_name)
+    return Tracker(c, run.info.run_id, uri)
