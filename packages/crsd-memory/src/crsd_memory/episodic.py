@@ -1,0 +1,182 @@
+"""Episodic buffer: ``slots`` entries of (key, value, priority) per row, cosine recall.
+
+Config (``EpisodicParams`` in plugin.py): ``slots``, ``d_key``, ``temperature``, ``topk``,
+``window``, ``recency``, ``detach``, ``chunk_size``.
+
+Per-step semantics are defined in reference.py (:func:`~crsd_memory.reference.episodic_step`):
+each token's (key, value, importance) replaces the lowest-priority slot when its priority
+is at least that slot's, and recall attends over the filled slots. Since all slots age at
+the same rate, the buffer after token t is the set of the S highest-priority entries among
+the incoming slots and tokens ``<= t``. The fast form uses that to process a chunk of C
+tokens at once: among the N = S + C candidates (incoming slots, then the chunk's tokens),
+candidate j is in the buffer at chunk step tau iff it has been seen (j <= tau) and fewer
+than S seen candidates beat it::
+
+    beats[j, i] = u_i > u_j  or  (u_i == u_j and s_i > s_j)      (B, N, N)
+    rank[j, tau] = sum_i beats[j, i] * seen[i, tau]              (B, N, C)  one matmul
+    alive[tau, j] = seen[j, tau] and rank[j, tau] < S
+
+then recall is one masked attention (B, C, N) and the outgoing slots are the top S
+candidates in canonical order. Membership is decided by the same comparisons as the
+reference, so the buffer contents match it exactly; outputs match to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from statelab.interfaces import Aux, Memory, State
+from statelab.internals import publish
+
+from crsd_memory.reference import episodic_step, masked_softmax, slot_priority, sort_slots, unit
+
+STATE_KEYS = ("keys", "values", "prio", "slot_t", "t")
+
+
+class EpisodicRecall(nn.Module):
+    """The buffer itself, without the residual: ``x (B, T, d_in) -> recall (B, T, d_out)``.
+
+    State: ``keys, values`` (B, S, d_key) fp32, ``prio`` (B, S) fp32 (importance logit,
+    -inf = empty), ``slot_t`` (B, S) int64 (write time, -1 = empty), ``t`` (B,) int64
+    (tokens seen).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        slots: int = 32,
+        d_key: int | None = None,
+        temperature: float = 0.1,
+        topk: int | None = None,
+        window: int | None = None,
+        recency: float = 0.01,
+        detach: bool = False,
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.slots, self.d_key = slots, d_key or d_in
+        self.temperature, self.topk, self.window, self.recency = temperature, topk, window, recency
+        self.detach, self.chunk_size = detach, chunk_size
+        self.qkv = nn.Linear(d_in, 3 * self.d_key, bias=False)
+        self.importance = nn.Linear(d_in, 1)
+        self.out = nn.Linear(self.d_key, d_out, bias=False)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        S, d = self.slots, self.d_key
+        return {
+            "keys": torch.zeros(batch_size, S, d, device=device),
+            "values": torch.zeros(batch_size, S, d, device=device),
+            "prio": torch.full((batch_size, S), float("-inf"), device=device),
+            "slot_t": torch.full((batch_size, S), -1, device=device, dtype=torch.long),
+            "t": torch.zeros(batch_size, device=device, dtype=torch.long),
+        }
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(B, T, d_in) -> unit q, unit k, v (B, T, d_key) and importance z (B, T), fp32."""
+        q, k, v = self.qkv(x).float().chunk(3, dim=-1)  # (B, T, d) each
+        z = self.importance(x).float().squeeze(-1)  # (B, T)
+        q, k = unit(q), unit(k)
+        if self.detach:
+            k, v, z = k.detach(), v.detach(), z.detach()
+        return q, k, v, z
+
+    def _state(self, state: State | None, B: int, device) -> State:
+        s = dict(state) if state else self.init_state(B, device)
+        if self.detach:
+            s = {k: v.detach() for k, v in s.items()}
+        return s
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        B, T, _ = x.shape
+        s = self._state(state, B, x.device)
+        keys, values, prio, slot_t, t = (s[k] for k in STATE_KEYS)
+        S = self.slots
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, k, v, z = self._project(x)
+            outs = []
+            for c0 in range(0, T, self.chunk_size):
+                qc, kc, vc, zc = q[:, c0 : c0 + self.chunk_size], k[:, c0 : c0 + self.chunk_size], \
+                    v[:, c0 : c0 + self.chunk_size], z[:, c0 : c0 + self.chunk_size]
+                C = qc.shape[1]
+                N = S + C
+                tc = t[:, None] + torch.arange(C, device=x.device)  # (B, C) token times
+                ck = torch.cat([keys, kc], dim=1)  # (B, N, d)
+                cv = torch.cat([values, vc], dim=1)  # (B, N, d)
+                cz = torch.cat([prio, zc], dim=1)  # (B, N)
+                ct = torch.cat([slot_t, tc], dim=1)  # (B, N)
+                u = slot_priority(cz, ct, self.recency)  # (B, N)
+                beats = (u[:, None, :] > u[:, :, None]) | (
+                    (u[:, None, :] == u[:, :, None]) & (ct[:, None, :] > ct[:, :, None])
+                )  # (B, N_j, N_i): i beats j
+                seen = torch.ones(N, C, device=x.device)  # (N, C) candidate i seen by chunk step tau
+                seen[S:] = torch.tril(torch.ones(C, C, device=x.device)).T  # token c seen iff c <= tau
+                rank = beats.float() @ seen  # (B, N, C) exact small integers
+                alive = (rank < S) & (seen > 0) & torch.isfinite(u)[:, :, None]  # (B, N, C)
+                alive = alive.transpose(1, 2)  # (B, C, N)
+                if self.window is not None:
+                    alive = alive & ((tc[:, :, None] - ct[:, None, :]) < self.window)
+                logits = (qc @ ck.transpose(1, 2)) / self.temperature + F.logsigmoid(cz)[:, None, :]  # (B, C, N)
+                a = masked_softmax(logits, alive, self.topk)  # (B, C, N)
+                outs.append(a @ cv)  # (B, C, d)
+                keys, values, prio, slot_t = sort_slots(ck, cv, cz, ct, self.recency, S)
+                t = t + C
+            r = torch.cat(outs, dim=1)  # (B, T, d)
+        new = {"keys": keys, "values": values, "prio": prio, "slot_t": slot_t, "t": t}
+        return self.out(r.to(x.dtype)), new
+
+    def step(self, x_t: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        s = self._state(state, x_t.shape[0], x_t.device)
+        with torch.autocast(device_type=x_t.device.type, enabled=False):
+            q, k, v, z = (a[:, 0] for a in self._project(x_t.unsqueeze(1)))  # (B, d) / (B,)
+            r, new = episodic_step(
+                q, k, v, z, s, temperature=self.temperature, topk=self.topk, window=self.window, recency=self.recency
+            )
+        return self.out(r.to(x_t.dtype)), new
+
+
+class EpisodicMemory(Memory):
+    """``h_out = h + g * recall`` with ``recall = EpisodicRecall(LayerNorm(h))`` and a
+    per-channel gate ``g = sigmoid(W_g LayerNorm(h))``. Publishes ``memory.recall`` and
+    ``memory.gate``. State: see :class:`EpisodicRecall`."""
+
+    def __init__(self, d_model: int, **kw) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.norm = nn.LayerNorm(d_model)
+        self.core = EpisodicRecall(d_model, d_model, **kw)
+        self.gate = nn.Linear(d_model, d_model)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> State:
+        return self.core.init_state(batch_size, device)
+
+    def _out(self, h: Tensor, x: Tensor, r: Tensor) -> tuple[Tensor, Aux]:
+        aux: Aux = {}
+        r = publish(aux, "memory.recall", r)
+        g = publish(aux, "memory.gate", torch.sigmoid(self.gate(x)))
+        return h + g * r, aux
+
+    def forward(self, h: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
+        x = self.norm(h)  # (B, T, D)
+        r, s = self.core(x, state)
+        y, aux = self._out(h, x, r)
+        return y, s, aux
+
+    def step(self, h_t: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
+        x = self.norm(h_t)  # (B, D)
+        r, s = self.core.step(x, state)
+        y, aux = self._out(h_t, x, r)
+        return y, s, aux
+
+
+def episodic_kwargs(params) -> dict:
+    return dict(
+        slots=params.slots, d_key=params.d_key, temperature=params.temperature, topk=params.topk,
+        window=params.window, recency=params.recency, detach=params.detach, chunk_size=params.chunk_size,
+    )
+
+
+def build(params, ctx) -> EpisodicMemory:
+    return EpisodicMemory(ctx.d_model, **episodic_kwargs(params))
