@@ -2,11 +2,125 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
 from statelab.plugins import Component, hookimpl
 
 STATELAB_PLUGIN_API = 1
 
 
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TracesParams(_Params):
+    enabled: bool = Field(False, description="keep persistent attention traces and bias attention with them")
+    quota_per_head: int = Field(2048, ge=1, description="trace entries kept per head (the smallest are evicted)")
+    threshold: float = Field(0.05, ge=0, description="theta: salience above which a link is reinforced")
+    retention: float = Field(0.95, ge=0, le=1, description="lambda: M <- lambda M + (1 - lambda) S for salient links")
+    decay: float = Field(0.98, ge=0, le=1, description="gamma: M <- gamma M for the other links")
+    alpha: float = Field(0.1, description="initial bias strength alpha (per head)")
+    learn_alpha: bool = Field(True, description="make alpha a learnable per-head parameter")
+    alpha_warmup_steps: int = Field(500, ge=0, description="alpha ramps linearly from 0 over this many steps after warmup_steps")
+    update_interval: int = Field(100, ge=1, description="capture traces every N training steps")
+    warmup_steps: int = Field(1000, ge=0, description="first capture at this training step")
+    attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto", description="biased attention kernel: auto = FlexAttention on CUDA, SDPA with a float mask elsewhere"
+    )
+
+
+class CrystallizationParams(_Params):
+    enabled: bool = Field(False, description="log routing paths and crystallize motifs (needs ffn: moe)")
+    log_interval: int = Field(10, ge=1, description="log routing paths every N training steps")
+    max_log_tokens: int = Field(4096, ge=1, description="tokens sampled per logging step")
+    max_motif_len: int = Field(4, ge=2, description="longest path segment tracked (layers)")
+    max_nodes: int = Field(50_000, ge=16, description="trie nodes kept (the least frequent are pruned)")
+    max_motifs: int = Field(512, ge=1, description="most motifs at once")
+    min_frequency: float = Field(100, ge=0, description="tokens a segment must have been seen on")
+    min_utility: float = Field(0.05, description="utility (nats of loss) below which a path is not / no longer a motif")
+    max_entropy: float = Field(1.0, ge=0, description="router entropy (nats) above which a path is too unstable")
+    prune_interval: int = Field(1000, ge=1, description="every N steps: measure utility, crystallize, unfreeze, prune")
+    threshold: float = Field(4.0, description="crystallization score threshold")
+    w_frequency: float = Field(1.0, description="w1, weight of log f")
+    w_utility: float = Field(10.0, description="w2, weight of U (nats)")
+    w_entropy: float = Field(1.0, description="w3, weight of H (nats)")
+    w_age: float = Field(0.1, description="w4, weight of age (thousands of steps)")
+    freeze: bool = Field(True, description="freeze the experts of a motif (gradient masked)")
+
+
+class TransformerParams(_Params):
+    n_layers: int = Field(6, ge=1, description="decoder layers")
+    n_heads: int = Field(6, ge=1, description="attention heads (must divide d_model)")
+    mlp_ratio: float = Field(4.0, gt=0, description="feed-forward hidden width / d_model")
+    dropout: float = Field(0.0, ge=0, lt=1, description="attention, residual and feed-forward dropout")
+    bias: bool = Field(False, description="biases in linear layers and LayerNorms")
+    rotary_base: float = Field(10000.0, gt=0, description="rotary position embedding base")
+    max_seq_len: int = Field(1024, ge=1, description="context length the rotary tables are precomputed for")
+    ffn: Literal["mlp", "moe"] = Field("mlp", description="feed-forward: dense MLP or mixture of experts")
+    n_experts: int = Field(8, ge=1, description="experts per MoE layer")
+    top_k: int = Field(2, ge=1, description="experts per token")
+    traces: TracesParams = Field(default_factory=TracesParams, description="persistent attention traces")
+    crystallization: CrystallizationParams = Field(default_factory=CrystallizationParams, description="path logging and motifs")
+
+
+def _transformer_publishes(p: TransformerParams) -> list[str]:
+    out = []
+    if p.ffn == "moe":
+        out += ["router.probs", "router.experts"]
+    if p.traces.enabled:
+        out.append("traces.alpha")
+    return out
+
+
+class LoadBalanceParams(_Params):
+    pass
+
+
+class TraceUtilizationParams(_Params):
+    pass
+
+
+class CrystallizationRegParams(_Params):
+    pass
+
+
+class EWCParams(_Params):
+    fisher_decay: float = Field(0.99, ge=0, lt=1, description="EMA decay of the squared-gradient (diagonal Fisher) estimate")
+
+
+class MotifsProbeParams(_Params):
+    batches: int = Field(4, ge=1, description="validation batches measured")
+    batch_size: int = Field(8, ge=1, description="rows per batch")
+    seq_len: int = Field(128, ge=2, description="tokens per row")
+    crystallize: bool = Field(False, description="run one crystallization round on validation data first")
+
+
+class TracesProbeParams(_Params):
+    layer: int = Field(0, ge=0, description="layer of the heatmap")
+    head: int = Field(0, ge=0, description="head of the heatmap")
+    size: int = Field(64, ge=2, description="heatmap side (positions)")
+
+
 @hookimpl
 def statelab_components() -> list[Component]:
-    return []
+    m = "traces_crystallize"
+    return [
+        Component("backbone", "transformer", TransformerParams, f"{m}.transformer:build",
+                  "pre-norm decoder transformer (rotary, SDPA/flash, MLP or MoE) with persistent traces and motifs",
+                  publishes=_transformer_publishes),
+        Component("regularizer", "load-balance", LoadBalanceParams, f"{m}.regularizers:load_balance",
+                  "Switch-style auxiliary load-balancing loss", requires=["router.probs"]),
+        Component("regularizer", "trace-utilization", TraceUtilizationParams, f"{m}.regularizers:trace_utilization",
+                  "shrinks the bias strength of heads whose traces attention does not use", requires=["traces.alpha"]),
+        Component("regularizer", "crystallization", CrystallizationRegParams, f"{m}.regularizers:crystallization",
+                  "router-entropy loss; drives utility measurement, crystallization and unfreezing",
+                  requires=["router.probs"]),
+        Component("regularizer", "ewc", EWCParams, f"{m}.regularizers:ewc",
+                  "elastic weight consolidation anchoring crystallized experts", requires=["router.probs"]),
+        Component("probe", "motifs", MotifsProbeParams, f"{m}.probes:motifs",
+                  "motif table, FLOP reduction and routing flow plot", requires=["router.probs"]),
+        Component("probe", "traces", TracesProbeParams, f"{m}.probes:traces",
+                  "trace memory bytes per layer and a heatmap of one head", requires=["traces.alpha"]),
+    ]

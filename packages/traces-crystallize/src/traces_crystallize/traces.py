@@ -1,0 +1,167 @@
+"""Persistent attention traces: a sparse per-head memory of salient attention links.
+
+Indexing
+--------
+A link is a (query position i, key position j) pair with j <= i. Traces are stored by
+*relative offset* d = i - j, so one entry biases every link at that distance, wherever
+the sequence starts (a position-agnostic bias, like ALiBi but sparse and remembered).
+Per head the memory is COO: ``off[h, q]`` (int32 offsets, -1 = empty slot) and
+``val[h, q]`` (float32 values) for ``q < quota_per_head``. Both are buffers, so they are
+saved and loaded with the model (safetensors) and their footprint is fixed:
+``n_heads * quota * 8`` bytes per layer.
+
+Salience (the documented cheap estimator)
+-----------------------------------------
+The prototype's salience is ``S_ij = A_ij * |dL/dA_ij| * recurrence``. ``dL/dA_ij =
+<g_i, v_j>`` with ``g_i = dL/dy_i``, so by Cauchy-Schwarz ``|dL/dA_ij| <= |g_i| |v_j|``. The
+estimator drops the query-only factor ``|g_i|`` (no backward pass needed, so capture runs
+in a forward-only pass and works with gradient checkpointing) and uses
+``s_ij = A_ij * |v_j|``. Per head and offset it averages ``s`` over the queries of each
+sequence, giving ``s[b, h, d]``; then
+
+    S[h, d] = (mean_b s[b, h, d] / max_d mean_b s[b, h, d]) * r[h, d]
+
+where ``r[h, d]`` (recurrence) is the fraction of the batch's sequences in which offset
+``d`` is above that sequence's mean salience. ``S`` lies in [0, 1], so the threshold
+``theta`` is scale-free. ``reference.exact_salience`` computes the same aggregate with the
+true gradient; a test checks that the two rank offsets the same on a planted case.
+
+Update (every ``update_interval`` training steps after ``warmup_steps``)
+------------------------------------------------------------------------
+``M <- lambda M + (1 - lambda) S`` where ``S > theta``, else ``M <- gamma M``; then each
+head keeps its ``quota`` largest entries (the smallest are evicted).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from traces_crystallize.reference import offsets_matrix
+
+
+class TraceStore(nn.Module):
+    """The trace memory of one attention layer, and its bias strength ``alpha`` (per head).
+
+    Buffers: ``off`` (H, Q) int32, ``val`` (H, Q) float32, ``use`` (H,) the fraction of
+    attention mass that fell on traced links at the last capture. Parameter: ``alpha``
+    (H,) when ``learn_alpha``, else a buffer.
+    """
+
+    def __init__(
+        self,
+        n_heads: int,
+        quota: int,
+        *,
+        alpha: float = 0.1,
+        learn_alpha: bool = True,
+        threshold: float = 0.05,
+        retention: float = 0.95,
+        decay: float = 0.98,
+        alpha_warmup_steps: int = 500,
+        warmup_steps: int = 1000,
+        update_interval: int = 100,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.quota = n_heads, quota
+        self.threshold, self.retention, self.decay = threshold, retention, decay
+        self.alpha_warmup_steps, self.warmup_steps, self.update_interval = alpha_warmup_steps, warmup_steps, update_interval
+        self.register_buffer("off", torch.full((n_heads, quota), -1, dtype=torch.int32))
+        self.register_buffer("val", torch.zeros(n_heads, quota))
+        self.register_buffer("use", torch.zeros(n_heads))
+        a = torch.full((n_heads,), float(alpha))
+        if learn_alpha:
+            self.alpha = nn.Parameter(a)
+        else:
+            self.register_buffer("alpha", a)
+        self.n_live = 0  # python mirror of (off >= 0).sum(): picks the zero-overhead path without a device sync
+        self.register_load_state_dict_post_hook(lambda module, _: module.sync())
+
+    def sync(self) -> None:
+        self.n_live = int((self.off >= 0).sum())
+
+    def nbytes(self) -> int:
+        return self.off.numel() * self.off.element_size() + self.val.numel() * self.val.element_size()
+
+    def is_capture_step(self, step: int) -> bool:
+        return step >= self.warmup_steps and (step - self.warmup_steps) % self.update_interval == 0
+
+    def alpha_eff(self, step: Tensor | None) -> Tensor:
+        """``alpha`` times the warmup ramp ``clamp((step - warmup_steps) / alpha_warmup_steps, 0, 1)``, (H,)."""
+        if step is None:
+            return self.alpha
+        ramp = ((step.float() - self.warmup_steps) / max(1, self.alpha_warmup_steps)).clamp(0.0, 1.0)
+        return self.alpha * ramp
+
+    # -- dense views ------------------------------------------------------------------
+    def dense(self, length: int) -> Tensor:
+        """Trace values by offset, ``(H, length)``: ``out[h, d]`` (zero where no entry)."""
+        out = torch.zeros(self.n_heads, length + 1, device=self.val.device, dtype=self.val.dtype)
+        idx = self.off.long()
+        idx = torch.where((idx >= 0) & (idx < length), idx, torch.full_like(idx, length))  # out-of-range -> spill slot
+        out.scatter_add_(1, idx, self.val)
+        return out[:, :length]
+
+    def bias_vector(self, length: int, step: Tensor | None) -> Tensor:
+        """``alpha_eff[h] * M[h, d]`` for offsets ``d < length``, (H, length)."""
+        return self.alpha_eff(step)[:, None].to(self.val.dtype) * self.dense(length)
+
+    # -- capture ----------------------------------------------------------------------
+    @torch.no_grad()
+    def capture(self, q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
+        """One capture from a layer's (rotated) ``q (B, H, T, hd)``, ``k, v (B, H, Tk, hd)``,
+        where the queries sit at positions ``past .. past+T-1``. Updates ``use`` and the
+        memory; returns the salience ``S (H, Tk)`` by offset."""
+        B, H, T, hd = q.shape
+        Tk = k.shape[2]
+        off = offsets_matrix(T, Tk, past, q.device)  # (T, Tk), -1 above the diagonal
+        causal = off >= 0
+        bias = self.bias_vector(Tk, None) if self.n_live else None
+        logits = (q.float() @ k.float().transpose(-2, -1)) / hd**0.5  # (B, H, T, Tk)
+        if bias is not None:
+            logits = logits + bias[:, off.clamp(min=0)]  # (H, T, Tk) broadcast over B
+        A = logits.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, Tk)
+        if self.n_live:
+            traced = (self.dense(Tk) > 0)[:, off.clamp(min=0)] & causal  # (H, T, Tk)
+            self.use.copy_((A * traced).sum(-1).mean(dim=(0, 2)))
+        else:
+            self.use.zero_()
+        s = A * v.float().norm(dim=-1)[:, :, None, :]  # (B, H, T, Tk): A_ij * |v_j|
+        S = aggregate_by_offset(s, off, Tk)
+        self.update(S)
+        return S
+
+    @torch.no_grad()
+    def update(self, S: Tensor) -> None:
+        """Apply the update rule with salience ``S (H, L)`` (by offset), then the quota."""
+        L = max(S.shape[1], int(self.off.max()) + 1)
+        M = self.dense(L)  # (H, L)
+        S = torch.nn.functional.pad(S.to(M.dtype), (0, L - S.shape[1]))  # (H, L)
+        hit = S > self.threshold
+        M = torch.where(hit, self.retention * M + (1 - self.retention) * S, self.decay * M)
+        k = min(self.quota, L)
+        vals, idx = M.topk(k, dim=1)  # (H, k): the quota's largest entries survive
+        keep = vals > 0
+        self.off.fill_(-1)
+        self.val.zero_()
+        self.off[:, :k] = torch.where(keep, idx, torch.full_like(idx, -1)).to(torch.int32)
+        self.val[:, :k] = torch.where(keep, vals, torch.zeros_like(vals))
+        self.sync()
+
+
+def aggregate_by_offset(s: Tensor, off: Tensor, Tk: int) -> Tensor:
+    """Salience by offset from per-link salience ``s (B, H, T, Tk)`` (see the module doc)."""
+    B, H, T, _ = s.shape
+    valid = off >= 0  # (T, Tk)
+    idx = torch.where(valid, off, torch.full_like(off, Tk)).reshape(1, 1, T * Tk).expand(B, H, T * Tk)
+    tot = torch.zeros(B, H, Tk + 1, device=s.device, dtype=s.dtype)
+    tot.scatter_add_(2, idx, s.reshape(B, H, T * Tk))  # (B, H, Tk+1)
+    cnt = torch.zeros(Tk + 1, device=s.device, dtype=s.dtype)
+    cnt.scatter_add_(0, idx[0, 0], valid.reshape(-1).to(s.dtype))
+    per_seq = (tot / cnt.clamp(min=1))[:, :, :Tk]  # (B, H, Tk): mean over the queries at that offset
+    present = cnt[:Tk] > 0  # (Tk,)
+    mean_b = per_seq.mean(0)  # (H, Tk)
+    norm = mean_b / mean_b.amax(dim=1, keepdim=True).clamp(min=1e-12)
+    row_mean = (per_seq * present).sum(-1, keepdim=True) / present.sum().clamp(min=1)  # (B, H, 1)
+    recurrence = (per_seq > row_mean).float().mean(0)  # (H, Tk)
+    return norm * recurrence * present

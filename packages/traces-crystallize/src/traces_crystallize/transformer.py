@@ -1,0 +1,314 @@
+"""The `transformer` backbone: a pre-norm decoder with rotary positions, SDPA attention,
+an MLP or mixture-of-experts feed-forward, persistent attention traces and motifs.
+
+Config: :class:`traces_crystallize.plugin.TransformerParams` (n_layers, n_heads, mlp_ratio,
+dropout, bias, rotary_base, max_seq_len, ffn, n_experts, top_k, traces, crystallization).
+
+State (per layer, for ``step`` and chunked ``forward``): the KV cache ``k``, ``v`` of shape
+``(B, n_heads, T_cache, head_dim)`` (rotary already applied to ``k``) and ``pos (B,)``, the
+number of tokens consumed. A ``forward`` with a non-empty cache continues the sequence.
+
+Attention paths (per layer, per call):
+* traces disabled or empty: ``F.scaled_dot_product_attention(is_causal=True)`` (flash
+  kernels on GPU), exactly nanoGPT's path; with a cache, SDPA without a mask (one query)
+  or with a boolean causal mask offset by the cache length;
+* traces active: the bias ``alpha * M[h, i - j]`` is added to the scores. On CUDA
+  (``attention: auto|flex``) through FlexAttention with a ``score_mod`` that indexes a
+  precomputed ``alpha * M`` vector; elsewhere SDPA with a float mask built from it.
+
+How the periodic updates run (the trainer only calls the model's forward and the
+regularizers): the backbone keeps a step counter (buffer ``train_step``), incremented by layer 0
+at every forward in training mode when traces or crystallization are enabled. On a
+capture step each layer's attention computes its explicit attention weights under
+``no_grad`` and updates its trace memory; every ``crystallization.log_interval`` steps the
+MoE layers log the tokens' routing paths into the trie. Utility measurement and
+crystallization need the loss, so the ``crystallization`` regularizer drives them (see
+:mod:`traces_crystallize.crystallize`). Eval-mode forwards never update anything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from statelab.interfaces import Aux, Backbone, Layer, State
+from statelab.internals import publish
+from traces_crystallize.moe import MoE
+from traces_crystallize.paths import MotifTable, PathTrie
+from traces_crystallize.plugin import TransformerParams
+from traces_crystallize.reference import offsets_matrix
+from traces_crystallize.traces import TraceStore
+
+_compiled_flex = None
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, past: int) -> Tensor:
+    """Causal FlexAttention with ``score + bias[h, (past + i) - j]``; ``bias (H, >= Tk + 128)``."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    T, Tk = q.shape[2], k.shape[2]
+    n = bias.shape[1] - 1
+
+    def score_mod(score, b, h, qi, kj):
+        return score + bias[h, (qi + past - kj).clamp(0, n)]  # alpha * M is precomputed outside
+
+    def causal(b, h, qi, kj):
+        return qi + past >= kj
+
+    block_mask = create_block_mask(causal, None, None, T, Tk, device=q.device)
+    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def _rope_tables(length: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))  # (hd/2,)
+    ang = torch.arange(length, device=device).float()[:, None] * inv[None, :]  # (length, hd/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate halves of ``x (B, H, T, hd)`` by angles ``cos, sin (T, hd/2)``."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, hd/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class RunContext:
+    """Per-forward bookkeeping shared by the layers of one backbone (not a module)."""
+
+    def __init__(self, backbone: "TransformerBackbone") -> None:
+        self._backbone = [backbone]  # a list, so nn.Module does not register the backbone twice
+        self.step = 0  # python mirror of backbone.train_step
+        self.capture = False
+        self.log_now = False
+        self.match: Tensor | None = None
+        self.paths: list[Tensor] = []
+        self.entropy: list[Tensor] = []
+        self.reroute_layer: int | None = None  # utility control: re-route this MoE layer only
+        self.served: Tensor | None = None  # motif id per token served somewhere in this forward (recording)
+        self.record = False
+
+    @property
+    def backbone(self) -> "TransformerBackbone":
+        return self._backbone[0]
+
+    @torch.compiler.disable
+    def begin(self, training: bool) -> None:
+        bb = self.backbone
+        self.match, self.paths, self.entropy, self.served = None, [], [], None
+        self.capture = self.log_now = False
+        if not (training and bb.ticking):
+            return
+        bb.train_step.add_(1)
+        self.step += 1
+        self.capture = any(b.attn.traces is not None and b.attn.traces.is_capture_step(self.step) for b in bb.layers)
+        cr = bb.params.crystallization
+        self.log_now = cr.enabled and self.step % cr.log_interval == 0
+
+    @torch.compiler.disable
+    def log_paths(self) -> None:
+        bb = self.backbone
+        paths = torch.stack(self.paths, 1)  # (N, L)
+        ent = torch.stack(self.entropy, 1)  # (N, L)
+        cap = bb.params.crystallization.max_log_tokens
+        if paths.shape[0] > cap:
+            sel = torch.randperm(paths.shape[0], device=paths.device)[:cap]
+            paths, ent = paths[sel], ent[sel]
+        bb.trie.insert(paths, ent, self.step)
+        self.paths, self.entropy = [], []
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(d_model, hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, p: TransformerParams, d_model: int) -> None:
+        super().__init__()
+        if d_model % p.n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={p.n_heads}; pick n_heads dividing d_model")
+        self.n_heads, self.head_dim = p.n_heads, d_model // p.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary positions; change d_model or n_heads")
+        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=p.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(d_model, d_model, bias=p.bias)
+        self.dropout = p.dropout
+        self.resid_dropout = nn.Dropout(p.dropout)
+        self.rotary_base = p.rotary_base
+        self.attention = p.traces.attention
+        cos, sin = _rope_tables(p.max_seq_len, self.head_dim, p.rotary_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        t = p.traces
+        self.traces: TraceStore | None = None
+        if t.enabled:
+            self.traces = TraceStore(
+                p.n_heads, t.quota_per_head, alpha=t.alpha, learn_alpha=t.learn_alpha, threshold=t.threshold,
+                retention=t.retention, decay=t.decay, alpha_warmup_steps=t.alpha_warmup_steps,
+                warmup_steps=t.warmup_steps, update_interval=t.update_interval,
+            )
+
+    def _rope(self, past: int, T: int) -> tuple[Tensor, Tensor]:
+        if past + T > self.cos.shape[0]:  # beyond max_seq_len: grow the tables (generation past the context)
+            cos, sin = _rope_tables(2 * (past + T), self.head_dim, self.rotary_base, self.cos.device)
+            self.cos, self.sin = cos, sin
+        return self.cos[past : past + T], self.sin[past : past + T]
+
+    def forward(self, x: Tensor, state: State | None, step: Tensor | None, capture: bool) -> tuple[Tensor, Tensor, Tensor, Aux]:
+        B, T, D = x.shape
+        H, hd = self.n_heads, self.head_dim
+        q, k, v = self.c_attn(x).split(D, dim=2)  # (B, T, D) each
+        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, H, hd).transpose(1, 2)
+        v = v.view(B, T, H, hd).transpose(1, 2)
+        past = state["k"].shape[2] if state else 0
+        cos, sin = self._rope(past, T)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past:
+            k = torch.cat([state["k"].to(k.dtype), k], 2)  # (B, H, past + T, hd)
+            v = torch.cat([state["v"].to(v.dtype), v], 2)
+        Tk = past + T
+        aux: Aux = {}
+        tr = self.traces
+        if tr is not None and capture:
+            tr.capture(q.detach(), k.detach(), v.detach(), past)
+        p_drop = self.dropout if self.training else 0.0
+        if tr is None or tr.n_live == 0:
+            if tr is not None:
+                publish(aux, "traces.alpha", tr.alpha_eff(step))
+            if past == 0:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)
+            elif T == 1:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)
+            else:
+                mask = offsets_matrix(T, Tk, past, x.device) >= 0  # (T, Tk)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        else:
+            alpha = publish(aux, "traces.alpha", tr.alpha_eff(step))  # (H,)
+            use_flex = T > 1 and (self.attention == "flex" or (self.attention == "auto" and x.is_cuda))
+            if use_flex:
+                bias = alpha[:, None] * tr.dense(Tk + 129)  # (H, Tk + 129): room for padded blocks
+                y = _flex_attention(q, k, v, bias.to(torch.float32), past)
+            else:
+                bias = alpha[:, None] * tr.dense(Tk)  # (H, Tk)
+                off = offsets_matrix(T, Tk, past, x.device)  # (T, Tk)
+                mask = bias[:, off.clamp(min=0)].masked_fill(off < 0, float("-inf"))  # (H, T, Tk)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype)[None], dropout_p=p_drop)
+        y = y.transpose(1, 2).contiguous().view(B, T, D)  # (B, T, D)
+        return self.resid_dropout(self.c_proj(y)), k, v, aux
+
+
+class Block(Layer):
+    """One pre-norm decoder layer: ``x + attn(ln(x))``, then ``x + ffn(ln(x))``."""
+
+    def __init__(self, p: TransformerParams, d_model: int, index: int, ctx: RunContext) -> None:
+        super().__init__()
+        self.d_model, self.index = d_model, index
+        self.n_heads, self.head_dim = p.n_heads, d_model // p.n_heads
+        self.ln_1 = nn.LayerNorm(d_model, bias=p.bias)
+        self.attn = CausalSelfAttention(p, d_model)
+        self.ln_2 = nn.LayerNorm(d_model, bias=p.bias)
+        hidden = int(p.mlp_ratio * d_model)
+        self.moe = p.ffn == "moe"
+        if self.moe:
+            self.ffn: nn.Module = MoE(d_model, hidden, p.n_experts, p.top_k, p.n_layers)
+            self.ffn_dropout = nn.Dropout(p.dropout)
+        else:
+            self.ffn = MLP(d_model, hidden, p.bias, p.dropout)
+        self.last = index == p.n_layers - 1
+        self._ctx = ctx
+
+    def init_state(self, batch_size, device=None, dtype=None) -> State:
+        dtype = dtype or torch.float32
+        kv = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return {"k": kv, "v": kv.clone(), "pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
+        ctx = self._ctx
+        if self.index == 0:
+            ctx.begin(self.training)
+        B, T, _ = x.shape
+        step = ctx.backbone.train_step if ctx.backbone.ticking else None
+        a, k, v, aux = self.attn(self.ln_1(x), state, step, ctx.capture)
+        x = x + a
+        h = self.ln_2(x)
+        x = x + (self._moe(h, aux) if self.moe else self.ffn(h))
+        pos = state["pos"] + T if state else torch.full((B,), T, dtype=torch.long, device=x.device)
+        return x, {"k": k, "v": v, "pos": pos}, aux
+
+    def _moe(self, h: Tensor, aux: Aux) -> Tensor:
+        B, T, D = h.shape
+        ctx, moe = self._ctx, self.ffn
+        motifs = ctx.backbone.motifs
+        hf = h.reshape(B * T, D)  # (N, D)
+        probs = publish(aux, "router.probs", moe.probs(hf).view(B, T, -1))  # (B, T, E)
+        probs = probs.reshape(B * T, -1)  # (N, E)
+        serve = motifs.serving(ctx.match, self.index) if motifs is not None and motifs.n_active else None
+        y, idx = moe.dispatch(hf, probs, serve, reroute=ctx.reroute_layer == self.index)
+        publish(aux, "router.experts", idx.view(B, T, -1))
+        top1 = idx[:, 0]  # (N,): the expert used first (the served one for motif tokens)
+        if motifs is not None and motifs.n_active:
+            ctx.match = motifs.triggered(ctx.match, serve, self.index, top1)
+            if ctx.record:
+                m = ctx.match if serve is None else torch.where(serve >= 0, ctx.match, torch.full_like(top1, -1))
+                ctx.served = m if ctx.served is None else torch.where(m >= 0, m, ctx.served)
+        if ctx.log_now or ctx.record:
+            ctx.paths.append(top1.detach())
+            ctx.entropy.append(-(probs * probs.clamp(min=1e-9).log()).sum(-1).detach())  # (N,)
+            if self.last and ctx.log_now:
+                ctx.log_paths()
+        return self.ffn_dropout(y.view(B, T, D))
+
+
+class TransformerBackbone(Backbone):
+    """Stack of :class:`Block`; ``final_norm`` is a LayerNorm."""
+
+    def __init__(self, p: TransformerParams, d_model: int) -> None:
+        super().__init__(d_model)
+        self.params = p
+        self._ctx = RunContext(self)
+        self.layers = nn.ModuleList([Block(p, d_model, i, self._ctx) for i in range(p.n_layers)])
+        self.final_norm = nn.LayerNorm(d_model, bias=p.bias)
+        self.ticking = p.traces.enabled or p.crystallization.enabled
+        self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+        cr = p.crystallization
+        if cr.enabled and p.ffn != "moe":
+            raise ValueError("crystallization needs a mixture-of-experts feed-forward: set ffn: moe (or disable crystallization)")
+        self.motifs: MotifTable | None = MotifTable(p.n_layers, p.n_experts, cr.max_motifs) if cr.enabled else None
+        self.trie: PathTrie | None = PathTrie(p.n_layers, cr.max_motif_len, cr.max_nodes) if cr.enabled else None
+        self._init_weights(p)
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module._ctx, "step", int(module.train_step)))
+
+    def _init_weights(self, p: TransformerParams) -> None:
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                std = 0.02 / math.sqrt(2 * p.n_layers) if name.endswith("c_proj") else 0.02
+                nn.init.normal_(mod.weight, std=std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+
+    # -- reporting ----------------------------------------------------------------------
+    def trace_stores(self) -> list[TraceStore | None]:
+        return [b.attn.traces for b in self.layers]
+
+    def trace_nbytes(self) -> list[int]:
+        return [t.nbytes() if t is not None else 0 for t in self.trace_stores()]
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.layers if b.moe]
+
+
+def build(params: TransformerParams, ctx) -> TransformerBackbone:
+    return TransformerBackbone(params, ctx.d_model)
