@@ -1,0 +1,232 @@
+"""Passkey retrieval (the Landmark-attention protocol): find a number hidden in filler text.
+
+A document is, with ``\\n`` between the parts::
+
+    <filler, a tokens>
+    The pass key is K. Remember it. K is the pass key.
+    <filler, b tokens>
+    What is the pass key? The pass key is
+
+and the answer is `` K`` (``digits`` random digits, the first not 0). The filler repeats
+"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+and is cut at token level, so a document has exactly the requested number of tokens;
+``a = round(depth * (a + b))`` places the key line at ``depth`` (0: first, 1: last before the
+question). Each part is tokenized on its own, so the key's tokens are known exactly
+(``key_token_span``) whatever the tokenizer.
+
+Scoring is exact match: :func:`passkey_accuracy` compares the first number in each
+generated continuation with the key.
+
+The ``passkey`` data kind trains on documents of ``seq_len + 1`` tokens with random depth
+and key; the loss counts only the positions that predict the answer tokens (``Batch.mask``),
+so its validation accuracy is the per-token accuracy of the answer. Mixed into text
+(``data.passkey.mix``), documents replace random windows and every token counts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from statelab.data.base import TRAIN, VAL, Batch, DataError, DataSource, rank_rows, rng_for
+from statelab.tokenizers import CharTokenizer, Tokenizer, alphabet, make_tokenizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from statelab.spec import PasskeySpec, TokenizerSpec
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+KEY_LINE = ("The pass key is ", ". Remember it. ", " is the pass key.")  # around the two copies of the key
+QUESTION = "What is the pass key? The pass key is"
+SEP = "\n"
+#: Characters a char tokenizer needs to write passkey documents.
+PASSKEY_ALPHABET = alphabet(FILLER + "".join(KEY_LINE) + QUESTION + SEP + "0123456789")
+#: Validation documents of the ``passkey`` data kind (depths cycle through ``spec.depths``).
+VAL_EXAMPLES = 256
+
+
+@dataclass
+class PasskeyExample:
+    """A passkey prompt: ``ids`` (exactly the requested length) ends with the question; the
+    model should continue with ``answer_ids`` (`` K``). ``tokenizer.decode(ids[s:e]) == key``
+    for ``(s, e) = key_token_span`` (the key's first occurrence)."""
+
+    ids: list[int]
+    key: str
+    key_token_span: tuple[int, int]
+    prompt_text: str
+    answer_ids: list[int] = field(default_factory=list)
+    depth: float = 0.0
+
+
+class _Parts:
+    """A tokenizer's encodings of the fixed pieces of a document (computed once per tokenizer)."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        try:
+            enc = lambda s: np.asarray(tok.encode(s), dtype=np.int64)  # noqa: E731
+            self.filler = enc(FILLER)
+            self.sep = enc(SEP)
+            self.pre, self.mid, self.post = (enc(s) for s in KEY_LINE)
+            self.question = enc(QUESTION)
+            self.space = enc(" ")
+        except ValueError as exc:
+            raise DataError(f"this tokenizer cannot write passkey documents: {exc}") from None
+        self.fixed = 3 * len(self.sep) + len(self.pre) + len(self.mid) + len(self.post) + len(self.question)
+
+    def filler_tokens(self, n: int) -> np.ndarray:
+        reps = n // len(self.filler) + 1
+        return np.tile(self.filler, reps)[:n]
+
+
+def _parts(tok: Tokenizer) -> _Parts:
+    parts = getattr(tok, "_statelab_passkey_parts", None)
+    if parts is None:
+        parts = _Parts(tok)
+        tok._statelab_passkey_parts = parts  # type: ignore[attr-defined]
+    return parts
+
+
+def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def random_key(rng: np.random.Generator, digits: int) -> str:
+    return str(int(rng.integers(10 ** (digits - 1), 10**digits)))
+
+
+def _build(tok: Tokenizer, length: int, depth: float, key: str, answer_len: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """Prompt ids of exactly ``length - answer_len`` tokens and the span of the key's first copy."""
+    p = _parts(tok)
+    key_ids = np.asarray(tok.encode(key), dtype=np.int64)
+    fixed = p.fixed + 2 * len(key_ids)
+    n_filler = length - answer_len - fixed
+    if n_filler < 0:
+        raise DataError(
+            f"a passkey document needs at least {fixed + answer_len} tokens with this tokenizer; "
+            f"{length} were asked for (raise the length, e.g. train.seq_len or data.passkey.lengths)"
+        )
+    if not 0.0 <= depth <= 1.0:
+        raise DataError(f"passkey depth must be in [0, 1], got {depth}")
+    a = int(round(depth * n_filler))
+    pieces = [p.filler_tokens(a), p.sep, p.pre]
+    start = sum(len(x) for x in pieces)
+    pieces += [key_ids, p.mid, key_ids, p.post, p.sep, p.filler_tokens(n_filler - a), p.sep, p.question]
+    return np.concatenate(pieces), (start, start + len(key_ids))
+
+
+def make_passkey_example(
+    tokenizer: Tokenizer, length_tokens: int, depth: float, rng: np.random.Generator | int | None, digits: int = 5
+) -> PasskeyExample:
+    """A prompt of exactly ``length_tokens`` tokens with a random ``digits``-digit key at ``depth``."""
+    key = random_key(_rng(rng), digits)
+    ids, span = _build(tokenizer, length_tokens, depth, key)
+    answer = tokenizer.encode(" " + key)
+    return PasskeyExample(ids.tolist(), key, span, tokenizer.decode(ids.tolist()), answer, depth)
+
+
+def passkey_document(
+    tokenizer: Tokenizer, length_tokens: int, depth: float, rng: np.random.Generator | int | None, digits: int = 5
+) -> tuple[np.ndarray, int]:
+    """A training document: prompt and answer, exactly ``length_tokens`` ids, and the number
+    of answer tokens at its end."""
+    key = random_key(_rng(rng), digits)
+    answer = np.asarray(tokenizer.encode(" " + key), dtype=np.int64)
+    prompt, _ = _build(tokenizer, length_tokens, depth, key, answer_len=len(answer))
+    return np.concatenate([prompt, answer]), len(answer)
+
+
+def extract_key(prediction: str) -> str | None:
+    """The first run of digits in a generated continuation (leading spaces allowed), or None."""
+    m = re.match(r"\s*(\d+)", prediction)
+    return m.group(1) if m else None
+
+
+def passkey_accuracy(predictions: Sequence[str], keys: Sequence[str]) -> float:
+    """Exact-match accuracy: a prediction is right when its first number equals the key
+    (``" 12345. The grass"`` matches ``"12345"``; ``" 1234"`` or ``" 123456"`` do not)."""
+    if len(predictions) != len(keys):
+        raise ValueError(f"{len(predictions)} predictions for {len(keys)} keys")
+    if not keys:
+        raise ValueError("passkey_accuracy needs at least one prediction")
+    return sum(extract_key(p) == str(k) for p, k in zip(predictions, keys)) / len(keys)
+
+
+def passkey_eval_set(
+    tokenizer: Tokenizer, spec: "PasskeySpec", *, seed: int, per_cell: int = 5
+) -> list[PasskeyExample]:
+    """``per_cell`` examples for every (length, depth) of the spec, deterministic from ``seed``."""
+    out = []
+    for li, length in enumerate(spec.lengths):
+        for di, depth in enumerate(spec.depths):
+            for i in range(per_cell):
+                out.append(make_passkey_example(tokenizer, length, depth, rng_for(seed, VAL, li, di, i), spec.digits))
+    return out
+
+
+def passkey_tokenizer(spec: "TokenizerSpec") -> Tokenizer:
+    """The tokenizer of the ``passkey`` data kind: ``char`` uses the passkey alphabet."""
+    if spec.kind == "char":
+        return CharTokenizer(PASSKEY_ALPHABET)
+    return make_tokenizer(spec)
+
+
+class PasskeyData(DataSource):
+    """Passkey documents of ``seq_len + 1`` tokens; loss on the answer tokens (see the module doc)."""
+
+    kind = "passkey"
+
+    def __init__(self, tokenizer: Tokenizer, spec: "PasskeySpec", *, seed: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+        self.spec = spec
+        self.seed = seed
+        sample, _ = passkey_document(tokenizer, 512 + _parts(tokenizer).fixed, 0.5, 0, spec.digits)
+        self.bytes_per_token = len(tokenizer.decode(sample.tolist()).encode("utf-8")) / len(sample)
+
+    def _rows(self, docs: list[tuple[np.ndarray, int]], seq_len: int) -> Batch:
+        xy = torch.from_numpy(np.stack([d for d, _ in docs]))  # (B, T+1)
+        mask = torch.zeros(len(docs), seq_len, dtype=torch.bool)
+        for i, (_, n_answer) in enumerate(docs):
+            mask[i, seq_len - n_answer :] = True  # the positions whose targets are answer tokens
+        return Batch(xy[:, :-1], xy[:, 1:], mask)
+
+    def train_batch(
+        self, step: int, batch_size: int, seq_len: int, *, mode: str = "random", rank: int = 0, world_size: int = 1
+    ) -> Batch:
+        self._check_mode(mode, ("random",))
+        rows = rank_rows(batch_size, rank, world_size)
+        docs = []
+        for b in range(rows.start, rows.stop):
+            r = rng_for(self.seed, TRAIN, step, b)
+            docs.append(passkey_document(self.tokenizer, seq_len + 1, float(r.random()), r, self.spec.digits))
+        return self._rows(docs, seq_len)
+
+    def val_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator[Batch]:
+        n = VAL_EXAMPLES if max_batches is None else min(VAL_EXAMPLES, max_batches * batch_size)
+        depths = self.spec.depths
+        for lo in range(0, n, batch_size):
+            docs = [
+                passkey_document(self.tokenizer, seq_len + 1, depths[i % len(depths)], rng_for(self.seed, VAL, i),
+                                 self.spec.digits)
+                for i in range(lo, min(n, lo + batch_size))
+            ]
+            yield self._rows(docs, seq_len)
+
+
+__all__ = [
+    "FILLER",
+    "PASSKEY_ALPHABET",
+    "PasskeyData",
+    "PasskeyExample",
+    "QUESTION",
+    "extract_key",
+    "make_passkey_example",
+    "passkey_accuracy",
+    "passkey_document",
+    "passkey_eval_set",
+    "passkey_tokenizer",
+]
