@@ -182,3 +182,16 @@ def test_store_survives_sigkill_mid_ingest(tmp_path):
     assert torch.equal(k, fp16(K[:n])) and torch.equal(v, fp16(V[:n]))
     s.append(K[n : n + 5], V[n : n + 5])
     assert len(s) == n + 5
+
+
+@pytest.mark.parametrize("n", [0, 7, 16, 40, 57, 99])
+def test_truncate_drops_the_tail_across_tiers(tmp_path, n):
+    K, V = traces(100, 8)
+    s = make(tmp_path)
+    s.append(K, V)
+    s.truncate(n)
+    assert len(s) == n and torch.equal(s.fetch(0, n)[0], fp16(K[:n]))
+    s.append(K[n:], V[n:])
+    s.close()
+    s = make(tmp_path)
+    assert len(s) == 100 and torch.equal(s.fetch(0, 100)[1], fp16(V))

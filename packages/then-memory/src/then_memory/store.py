@@ -327,12 +327,7 @@ class TraceStore:
                 os.close(self._log_fd)
             self._log_fd = os.open(self.root / f"log_{seg:012d}.bin", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._log_t0 = seg
-        kv = torch.stack([k, v], 1).cpu().numpy()  # (m, 2, dim) fp16
-        recs = bytearray()
-        for j in range(kv.shape[0]):
-            payload = kv[j].tobytes()
-            recs += self._rec.pack(t + j, payload, zlib.crc32(payload))
-        os.write(self._log_fd, bytes(recs))
+        os.write(self._log_fd, self._records(t, k, v))
         if self.durable:
             os.fsync(self._log_fd)
 
@@ -376,6 +371,57 @@ class TraceStore:
             os.close(self._log_fd)
             self._log_fd = None
         log.unlink(missing_ok=True)
+
+    def truncate(self, n: int) -> None:
+        """Drop every trace with time index >= ``n`` (undoes an ingest that crashed after its
+        traces were logged but before the user's state recorded them). Crash-safe: the kept
+        part of a cut chunk is logged before the index forgets the chunk."""
+        if n >= len(self):
+            return
+        if self.root is None or self.read_only:
+            raise RuntimeError("truncate needs a writable store with a directory")
+        root = self.root
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+        cut = [c for c in self.chunks if c.t1 > n]
+        for c in cut:
+            if c.t0 < n:  # the kept head of this chunk goes back to a log
+                k, v = self.get(torch.arange(c.t0, n))
+                self._write_log_file(c.t0, k.to(self.dtype), v.to(self.dtype))
+        kept = [(c.t0, c.t1) for c in self.chunks if c.t1 <= n]
+        meta = {"dim": str(self.dim), "chunk_traces": str(self.chunk_traces), "format": "then-trace-store/1"}
+        atomic_write_bytes(root / "index.safetensors",
+                           st_save({"spans": torch.tensor(kept, dtype=torch.int64).reshape(-1, 2)}, metadata=meta))
+        for c in cut:
+            c.path.unlink(missing_ok=True)
+        for log in root.glob("log_*.bin"):
+            t0 = int(log.stem.split("_")[1])
+            if t0 >= n and not any(c.t0 == t0 and c.t0 < n for c in cut):
+                log.unlink()
+            elif t0 < n < t0 + self.chunk_traces and not any(c.t0 == t0 for c in cut):
+                with open(log, "r+b") as f:
+                    f.truncate((n - t0) * self._rec.size)
+        self._reload()
+
+    def _write_log_file(self, t0: int, k: Tensor, v: Tensor) -> None:
+        atomic_write_bytes(self.root / f"log_{t0:012d}.bin", self._records(t0, k, v))
+
+    def _records(self, t0: int, k: Tensor, v: Tensor) -> bytes:
+        """Log records of traces t0, t0 + 1, ...: time, fp16 key and value, crc32 of both."""
+        kv = torch.stack([k, v], 1).cpu().numpy()  # (m, 2, dim) fp16
+        recs = bytearray()
+        for j in range(kv.shape[0]):
+            payload = kv[j].tobytes()
+            recs += self._rec.pack(t0 + j, payload, zlib.crc32(payload))
+        return bytes(recs)
+
+    def _reload(self) -> None:
+        pin = torch.cuda.is_available()
+        self.hot = _Ring(self.hot.cap, self.dim, self.device, self.dtype, pin=False)
+        self.warm = _Ring(self.warm.cap, self.dim, torch.device("cpu"), self.dtype, pin=pin)
+        self.chunks = []
+        self._open()
 
     def close(self) -> None:
         if self._log_fd is not None:
