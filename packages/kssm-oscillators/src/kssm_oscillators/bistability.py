@@ -1,0 +1,133 @@
+"""K-SSM v3's algebraic bistability constraints, and the `bistability` regularizer.
+
+The ten parameters ``[a, b, c, d, e, f, g, h, i, j]`` are read from a layer's hidden state.
+They are the coefficients of the prototype's three-equation system
+
+    a x^2 + b y + c z = d
+    e x^2 + f y + g z = h
+    i x^2 + j y +   z = 0
+
+Eliminating ``z`` from the first two equations gives ``(a g - c e) x^2 + Delta y = d g - c h``;
+the prototype's reduced variable is its ``y = 0`` solution for ``u = x^2``:
+
+    u     = (d g - c h) / (a g - c e)      two real equilibria x = +-sqrt(u) exist iff u > 0
+    Delta = b g - c f                      the (y, z) subsystem is invertible iff Delta != 0
+
+``i`` and ``j`` belong to the framework but enter neither ``u`` nor ``Delta`` (as in the
+prototype); they are computed and left unused.
+
+Guards, so that nothing is ever NaN or infinite whatever the hidden state:
+
+* the ten parameters are soft-bounded, ``p <- s * tanh(p / s)`` (``s = param_scale``), so
+  every product above is at most ``s^2``;
+* the denominator is pushed away from zero keeping its sign: ``|den| >= den_eps``;
+* ``u`` is hard-clamped to ``[u_min, u_max]`` (default ``[0.1, 10]``) unless the ablation
+  turns the clamp off, in which case ``|u| <= 2 s^2 / den_eps`` still holds.
+
+The regularizer is the prototype's log barrier ``-log(u + eps)`` averaged over every site
+that publishes ``kssm.u``. On its own the barrier pushes ``u`` up; it has no gradient past
+the clamp, so the clamp is what bounds it. With the clamp off, ``u`` can be negative and
+the barrier is evaluated at ``max(u, 0)`` (a floor: finite, no gradient below zero).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from statelab.interfaces import Aux, Regularizer
+from statelab.internals import select
+
+#: names of the ten parameters, in the order a linear map produces them
+PARAM_NAMES = ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j")
+
+#: a bias for the ten-parameter map that starts every layer at u = 1 and Delta = 1
+#: (a = b = d = g = 1, the rest 0): the middle of the clamp, an invertible subsystem.
+INIT_BIAS = (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
+
+
+def guard_denominator(den: Tensor, eps: float) -> Tensor:
+    """``den`` with ``|den| >= eps``, keeping its sign (zero counts as positive)."""
+    return torch.where(den >= 0, den.clamp_min(eps), den.clamp_max(-eps))
+
+
+def bistable_terms(
+    params: Tensor,
+    *,
+    clamp: bool = True,
+    u_min: float = 0.1,
+    u_max: float = 10.0,
+    den_eps: float = 1e-3,
+    param_scale: float = 4.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``params (..., 10)`` -> ``(u, u_raw, delta)``, each ``(...)``; always finite.
+
+    ``u`` is ``u_raw`` clamped to ``[u_min, u_max]`` when ``clamp`` (the v3 architecture),
+    else ``u_raw`` itself (the ablation).
+    """
+    if params.shape[-1] != 10:
+        raise ValueError(f"bistable_terms: expected 10 parameters [a..j] in the last dim, got shape {tuple(params.shape)}")
+    p = param_scale * torch.tanh(params / param_scale)  # (..., 10), each in (-s, s)
+    a, b, c, d, e, f, g, h, _i, _j = p.unbind(-1)
+    num = d * g - c * h
+    den = guard_denominator(a * g - c * e, den_eps)
+    u_raw = num / den
+    u = u_raw.clamp(u_min, u_max) if clamp else u_raw
+    delta = b * g - c * f
+    return u, u_raw, delta
+
+
+def log_barrier(u: Tensor, eps: float) -> Tensor:
+    """``-log(max(u, 0) + eps)`` elementwise: the prototype's barrier, finite for any ``u``."""
+    return -torch.log(u.clamp_min(0.0) + eps)
+
+
+class BistabilityRegularizer(Regularizer):
+    """``mean_sites mean(-log(u + eps))`` over every ``kssm.u``, plus optionally
+    ``delta_weight * mean(-log(|Delta| + eps))`` keeping ``Delta`` away from zero.
+
+    Metrics (detached scalars): u's mean, std, min, max and the fraction of positions at a
+    clamp bound; ``|Delta|`` mean; and, when the model publishes ``kssm.R``, R's mean and std.
+    """
+
+    def __init__(self, eps: float = 1e-4, delta_weight: float = 0.0, u_bounds: tuple[float, float] = (0.1, 10.0)) -> None:
+        super().__init__()
+        self.eps = eps
+        self.delta_weight = delta_weight
+        self.u_bounds = u_bounds
+        self.requires = ("kssm.u", "kssm.delta") if delta_weight > 0 else ("kssm.u",)
+
+    def forward(self, aux: Aux, model=None) -> tuple[Tensor, dict[str, Tensor]]:
+        us = list(select(aux, "kssm.u").values())
+        if not us:
+            raise KeyError(
+                "bistability regularizer: no 'kssm.u' in the model's internals; it needs the 'kssm' backbone "
+                f"(internals present: {sorted(aux) or 'none'})"
+            )
+        loss = torch.stack([log_barrier(u.float(), self.eps).mean() for u in us]).mean()
+        flat_u = torch.cat([u.detach().float().reshape(-1) for u in us])
+        lo, hi = self.u_bounds
+        metrics: dict[str, Tensor] = {
+            "u_mean": flat_u.mean(),
+            "u_std": flat_u.std(unbiased=False),
+            "u_min": flat_u.min(),
+            "u_max": flat_u.max(),
+            "u_at_bound": ((flat_u <= lo) | (flat_u >= hi)).float().mean(),
+        }
+        deltas = list(select(aux, "kssm.delta").values())
+        if deltas:
+            flat_d = torch.cat([d.detach().float().reshape(-1) for d in deltas])
+            metrics["delta_abs_mean"] = flat_d.abs().mean()
+            if self.delta_weight > 0:
+                d_loss = torch.stack([-torch.log(d.float().abs() + self.eps).mean() for d in deltas]).mean()
+                loss = loss + self.delta_weight * d_loss
+        rs = list(select(aux, "kssm.R").values())
+        if rs:
+            flat_r = torch.cat([r.detach().float().reshape(-1) for r in rs])
+            metrics["R_mean"] = flat_r.mean()
+            metrics["R_std"] = flat_r.std(unbiased=False)
+        return loss, metrics
+
+
+def build_regularizer(params, ctx) -> BistabilityRegularizer:
+    return BistabilityRegularizer(eps=params.eps, delta_weight=params.delta_weight)

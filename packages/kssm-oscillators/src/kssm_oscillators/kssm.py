@@ -1,0 +1,203 @@
+"""K-SSM: a Kuramoto state-space backbone where order parameters are the only path to the output.
+
+One layer, for each token ``x_t`` (B, D):
+
+1. Drive (computed for the whole sequence with one matmul, before the recurrence):
+   ``[a_t, F^re_t, F^im_t, p_t] = W LayerNorm(x_t) + b`` gives a frequency shift ``a_t``
+   (B, N), a complex forcing ``F_t = F^re_t + i F^im_t`` (B, N) and the ten bistability
+   parameters ``p_t`` (B, 10), from which ``u_t`` (B,) (see :mod:`kssm_oscillators.bistability`).
+2. Kuramoto dynamics, ``substeps`` Euler steps of ``dt = token_time / substeps``:
+
+       dtheta_i/dt = omega_i + a_ti + K_i u_t R sin(psi - theta_i) + |F_ti| sin(arg F_ti - theta_i)
+
+   with learnable natural frequencies ``omega`` and couplings ``K`` (N,). The coupling term
+   is the mean field form of ``(K_i u_t / N) sum_j sin(theta_j - theta_i)``: O(N) per step
+   (the O(N^2) sum is in :mod:`kssm_oscillators.naive`). Phases are wrapped to [-pi, pi)
+   after each token. ``u_t`` scales the coupling: u = 1 is the plain Kuramoto model.
+3. Multi-scale order parameters of the phases after the token, for harmonics
+   ``k = 1..K`` and oscillator groups at several scales (``group_levels = [1, 4, 16]``:
+   the whole population, 4 groups, 16 groups): ``R e^{i psi} = mean_group e^{i k theta}``.
+4. Output ``y_t = readout([R, R cos psi, R sin psi])``: the next layer and the head see
+   nothing else. There is no residual connection around the oscillators.
+
+Named internals (per layer, qualified by site in an assembled model):
+``kssm.u`` (B, T), ``kssm.delta`` (B, T), ``kssm.theta`` (B, T, N) the phases the readout
+reads, ``kssm.R`` and ``kssm.psi`` (B, T, G, K) with ``G = sum(group_levels)`` groups
+(index 0 is the whole population when ``group_levels[0] == 1``) and K harmonics.
+Forcing ``kssm.u`` changes the dynamics; forcing ``kssm.R``/``kssm.psi``/``kssm.theta``
+changes the readout.
+
+State: ``{"theta": (B, N)}``, the phases after the last token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from statelab.interfaces import Aux, Backbone, Layer, State
+from statelab.internals import publish
+
+from kssm_oscillators.bistability import INIT_BIAS, bistable_terms
+
+TWO_PI = 2.0 * math.pi
+
+
+def wrap_phase(theta: Tensor) -> Tensor:
+    """Phases to [-pi, pi)."""
+    return torch.remainder(theta + math.pi, TWO_PI) - math.pi
+
+
+def mean_field_substep(theta: Tensor, rate: Tensor, coupling: Tensor, f_re: Tensor, f_im: Tensor, dt: float) -> Tensor:
+    """One Euler step of the driven Kuramoto model through the mean field, O(N).
+
+    All tensors (B, N) (``coupling`` may be (B, 1)). ``rate = omega + a``.
+    ``(K/N) sum_j sin(theta_j - theta_i) = K (Im Z cos theta_i - Re Z sin theta_i)`` with
+    ``Z = mean_j e^{i theta_j}``; the forcing adds ``Im(F e^{-i theta_i})``.
+    """
+    c, s = torch.cos(theta), torch.sin(theta)  # (B, N)
+    field_re = coupling * c.mean(-1, keepdim=True) + f_re  # (B, N)
+    field_im = coupling * s.mean(-1, keepdim=True) + f_im  # (B, N)
+    return theta + dt * (rate + field_im * c - field_re * s)
+
+
+def order_parameters(theta: Tensor, n_harmonics: int, group_levels: list[int], eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
+    """``theta (B, T, N)`` -> ``(R, cos psi, sin psi)``, each (B, T, G, K).
+
+    Group level ``g`` splits the N oscillators into ``g`` contiguous groups of ``N / g``.
+    ``R = sqrt(re^2 + im^2 + eps)`` (never exactly 0, so the direction is defined).
+    """
+    B, T, N = theta.shape
+    g_max = max(group_levels)
+    k = torch.arange(1, n_harmonics + 1, device=theta.device, dtype=theta.dtype)  # (K,)
+    kt = theta.unsqueeze(-1) * k  # (B, T, N, K)
+    re = torch.cos(kt).view(B, T, g_max, N // g_max, n_harmonics).mean(3)  # (B, T, g_max, K)
+    im = torch.sin(kt).view(B, T, g_max, N // g_max, n_harmonics).mean(3)  # (B, T, g_max, K)
+    res, ims = [], []
+    for g in group_levels:  # coarser groups average whole finer ones (equal sizes)
+        res.append(re.view(B, T, g, g_max // g, n_harmonics).mean(3))  # (B, T, g, K)
+        ims.append(im.view(B, T, g, g_max // g, n_harmonics).mean(3))
+    re, im = torch.cat(res, 2), torch.cat(ims, 2)  # (B, T, G, K)
+    R = torch.sqrt(re * re + im * im + eps)
+    return R, re / R, im / R
+
+
+class KuramotoLayer(Layer):
+    def __init__(
+        self,
+        d_model: int,
+        n_oscillators: int = 128,
+        n_harmonics: int = 4,
+        group_levels: tuple[int, ...] = (1, 4, 16),
+        substeps: int = 2,
+        token_time: float = 1.0,
+        coupling_init: float = 0.5,
+        freq_spread: float = 1.0,
+        readout_mult: int = 2,
+        clamp_u: bool = True,
+        u_min: float = 0.1,
+        u_max: float = 10.0,
+        den_eps: float = 1e-3,
+        param_scale: float = 4.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if any(n_oscillators % g or max(group_levels) % g for g in group_levels):
+            raise ValueError(
+                f"group_levels {list(group_levels)} must each divide n_oscillators ({n_oscillators}) and the largest level"
+            )
+        self.d_model, self.N, self.K = d_model, n_oscillators, n_harmonics
+        self.group_levels = list(group_levels)
+        self.G = sum(group_levels)
+        self.substeps, self.dt = substeps, token_time / substeps
+        self.bistable = dict(clamp=clamp_u, u_min=u_min, u_max=u_max, den_eps=den_eps, param_scale=param_scale)
+        N = n_oscillators
+        self.norm = nn.LayerNorm(d_model)
+        self.drive = nn.Linear(d_model, 3 * N + 10)  # [a | F_re | F_im | a..j]
+        nn.init.normal_(self.drive.weight, std=1.0 / math.sqrt(d_model))
+        with torch.no_grad():
+            self.drive.weight[3 * N :].mul_(0.02)  # the ten parameters start near INIT_BIAS: u ~ 1
+            self.drive.bias.zero_()
+            self.drive.bias[3 * N :] = torch.tensor(INIT_BIAS)
+        self.omega = nn.Parameter(torch.linspace(-freq_spread, freq_spread, N))
+        self.coupling = nn.Parameter(torch.full((N,), coupling_init))
+        n_feat = 3 * self.G * n_harmonics
+        hidden = readout_mult * d_model
+        self.readout_lin = nn.Linear(n_feat, d_model)
+        self.readout_mlp = (
+            nn.Sequential(nn.Linear(n_feat, hidden), nn.GELU(), nn.Linear(hidden, d_model)) if readout_mult > 0 else None
+        )
+        # initial phases: spread over the circle, fixed per layer (a buffer, not learned)
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("theta0", (torch.rand(N, generator=g) * 2 - 1) * math.pi, persistent=True)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> State:
+        theta = self.theta0.to(device=device if device is not None else self.theta0.device)
+        return {"theta": theta.unsqueeze(0).expand(batch_size, -1).clone()}  # (B, N)
+
+    def normed(self, x: Tensor) -> Tensor:
+        """LayerNorm of ``x``, pre-scaled so rows up to fp32's largest values cannot overflow
+        its variance (LayerNorm is scale-invariant up to its eps)."""
+        return self.norm(x / x.detach().abs().amax(-1, keepdim=True).clamp_min(1.0))
+
+    def integrate(self, theta: Tensor, rate: Tensor, coupling: Tensor, f_re: Tensor, f_im: Tensor) -> Tensor:
+        """The sequential part: phases after each token, (B, T, N). Inputs (B, T, N) except
+        ``theta`` (B, N) and ``coupling`` (B, T, N)."""
+        out = []
+        for t in range(rate.shape[1]):
+            r, k, fr, fi = rate[:, t], coupling[:, t], f_re[:, t], f_im[:, t]  # (B, N)
+            for _ in range(self.substeps):
+                theta = mean_field_substep(theta, r, k, fr, fi, self.dt)
+            theta = wrap_phase(theta)
+            out.append(theta)
+        return torch.stack(out, 1)  # (B, T, N)
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
+        B, T, _ = x.shape
+        N = self.N
+        theta = state["theta"] if state else self.init_state(B, x.device)["theta"]
+        drive = self.drive(self.normed(x))  # (B, T, 3N + 10): the whole sequence at once
+        a, f_re, f_im, p = drive.split([N, N, N, 10], dim=-1)
+        aux: Aux = {}
+        work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # the recurrence never runs in half
+        u, _, delta = bistable_terms(p.to(work), **self.bistable)  # (B, T)
+        u = publish(aux, "kssm.u", u)
+        publish(aux, "kssm.delta", delta)
+        rate = self.omega.to(work) + a.to(work)  # (B, T, N)
+        coupling = self.coupling.to(work) * u.unsqueeze(-1)  # (B, T, N)
+        thetas = self.integrate(theta.to(work), rate, coupling, f_re.to(work), f_im.to(work))  # (B, T, N)
+        new_state = {"theta": thetas[:, -1]}
+        read = publish(aux, "kssm.theta", thetas)
+        R, cos_psi, sin_psi = order_parameters(read, self.K, self.group_levels)  # (B, T, G, K)
+        R = publish(aux, "kssm.R", R)
+        psi = publish(aux, "kssm.psi", torch.atan2(sin_psi, cos_psi))
+        feat = torch.cat([R, R * torch.cos(psi), R * torch.sin(psi)], -1).view(B, T, -1)  # (B, T, 3GK)
+        y = self.readout_lin(feat)
+        if self.readout_mlp is not None:
+            y = y + self.readout_mlp(feat)
+        return y.to(x.dtype), new_state, aux
+
+    def step(self, x_t: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
+        y, new_state, aux = self.forward(x_t.unsqueeze(1), state)  # (B, 1, D): the same math, one token
+        return y.squeeze(1), new_state, {k: v.squeeze(1) for k, v in aux.items()}
+
+
+class KSSM(Backbone):
+    """A stack of :class:`KuramotoLayer` and a final LayerNorm. Not steerable: a planner's
+    gated interpolation of phases is not meaningful on the circle, so no injectable keys."""
+
+    def __init__(self, d_model: int, n_layers: int = 4, **layer_kw) -> None:
+        super().__init__(d_model)
+        self.layers = nn.ModuleList([KuramotoLayer(d_model, seed=i, **layer_kw) for i in range(n_layers)])
+        self.final_norm = nn.LayerNorm(d_model)
+
+
+def build(params, ctx) -> KSSM:
+    kw = params.model_dump()
+    n_layers = kw.pop("n_layers")
+    return KSSM(ctx.d_model, n_layers, **kw)
+
+
+__all__ = ["KSSM", "KuramotoLayer", "build", "mean_field_substep", "order_parameters", "wrap_phase"]
