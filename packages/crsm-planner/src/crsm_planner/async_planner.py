@@ -1,0 +1,251 @@
+"""Asynchronous planning during generation: a background worker and the generation hook.
+
+Timeline of one plan (``statelab.generate`` calls the hook after every step)::
+
+    step t      hook: snapshot (clone) of the injectable state + logits -> request queue
+    ...         generation continues; the worker thread searches on the snapshot
+    step t+lag  hook: the result is taken from the result queue and applied with
+                a = alpha * lag_decay**lag, or dropped if lag > max_lag
+
+Guarantees, each tested:
+
+* **Generation never waits.** Requests go in with ``put_nowait`` (a full queue skips the
+  request and counts it), results come out with ``get_nowait``. The worker runs at one
+  intra-op thread (``torch.set_num_threads`` is per thread) and, on CUDA, on its own
+  stream, synchronised with events rather than with the host.
+* **Nothing crosses generations.** Every request and result carries its
+  ``generation_id``; the hook drops any result whose id is not the current generation's
+  (a late result of generation A arriving during B), and on ``finished`` it discards the
+  results still pending. The worker skips queued requests of generations already finished.
+* **Stale results are dropped** past ``max_lag`` steps.
+
+The worker is shared by all generations of one planner (``MCTSPlanner.worker()``);
+a failure in it is re-raised in the generating thread at its next hook call.
+
+``PlanningHook(..., inline=True)`` (or ``asynchronous: false`` in the params) plans in
+the calling thread and applies each result exactly ``sync_lag`` steps later: the same
+protocol, deterministic, for probes and tests.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import traceback
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from statelab.interfaces import PlanRequest, PlanResult, State, StepContext, prefix_state, unprefix_state
+from statelab.internals import publish
+
+PlanFn = Callable[[Any, PlanRequest], PlanResult]
+
+
+class PlanWorker:
+    """One background thread that turns :class:`PlanRequest` into :class:`PlanResult`."""
+
+    def __init__(self, planner, queue_size: int = 1) -> None:
+        self.planner = planner
+        self.requests: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.results: queue.Queue = queue.Queue()
+        self.finished_generations: set[int] = set()
+        self.error: BaseException | None = None
+        self.error_trace = ""
+        self.busy = threading.Event()
+        self._streams: dict[Any, Any] = {}
+        self.thread = threading.Thread(target=self._loop, name="crsm-planner-worker", daemon=True)
+        self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def submit(self, model, request: PlanRequest, plan_fn: PlanFn, event: Any = None) -> bool:
+        """Queue a request without waiting; False when the queue is full."""
+        try:
+            self.requests.put_nowait((model, request, plan_fn, event))
+            return True
+        except queue.Full:
+            return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        try:
+            self.requests.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self.thread.join(timeout)
+
+    def _stream(self, device: torch.device):
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        return self._streams[device]
+
+    def _loop(self) -> None:
+        torch.set_num_threads(1)  # per-thread: generation keeps its own intra-op threads
+        while True:
+            item = self.requests.get()
+            if item is None:
+                return
+            model, request, plan_fn, event = item
+            if request.generation_id in self.finished_generations:
+                continue  # its generation ended while it waited
+            self.busy.set()
+            try:
+                with torch.no_grad():
+                    dev = request.logits.device
+                    if dev.type == "cuda":
+                        stream = self._stream(dev)
+                        with torch.cuda.device(dev), torch.cuda.stream(stream):
+                            if event is not None:
+                                stream.wait_event(event)  # the snapshot's clone is done
+                            for t in [*request.state.values(), request.logits]:
+                                t.record_stream(stream)
+                            result = plan_fn(model, request)
+                            done = torch.cuda.Event()
+                            done.record(stream)
+                            result.info["_cuda_event"] = done
+                    else:
+                        result = plan_fn(model, request)
+                self.results.put(result)
+            except BaseException as e:  # surfaced in the generating thread
+                self.error, self.error_trace = e, traceback.format_exc()
+                return
+            finally:
+                self.busy.clear()
+
+
+class PlanningHook:
+    """The generation hook of an :class:`~crsm_planner.planner.MCTSPlanner`.
+
+    ``plan_fn`` replaces ``planner.plan`` (the random-injection ablation wraps it);
+    ``alpha_fn`` transforms the applied gate (the stability probe forces a floor).
+    Statistics of the current generation are in :attr:`stats` and are written to the
+    generation's stats under ``planner.*``.
+    """
+
+    def __init__(self, planner, model, *, inline: bool | None = None, plan_fn: PlanFn | None = None,
+                 alpha_fn: Callable[[Tensor], Tensor] | None = None, plan_every: int | None = None,
+                 simulations: int | None = None) -> None:
+        p = planner.params
+        self.planner, self.model = planner, model
+        self.inline = (not p.asynchronous) if inline is None else inline
+        sims = simulations
+        self.plan_fn: PlanFn = plan_fn or (lambda m, r: planner.plan(m, r, simulations=sims))
+        self.alpha_fn = alpha_fn
+        self.plan_every = plan_every or p.plan_every
+        self.max_lag, self.lag_decay, self.sync_lag = p.max_lag, p.lag_decay, p.sync_lag
+        self.worker = None if self.inline else planner.worker()
+        self.generation_id: int | None = None
+        self._pending: list[PlanResult] = []  # inline mode: results waiting for their step
+        self.aux: dict[str, Tensor] = {}
+        self.stats: dict[str, float] = {}
+        self.lags: list[int] = []
+        self.alphas: list[float] = []
+
+    # -- protocol ------------------------------------------------------------------
+    def __call__(self, ctx: StepContext) -> State | None:
+        if self.worker is not None and self.worker.error is not None:
+            raise RuntimeError(f"the planner's background worker failed:\n{self.worker.error_trace}") from self.worker.error
+        if ctx.generation_id != self.generation_id:
+            self._begin(ctx)
+        new_state = None
+        result = self._take(ctx)
+        if result is not None:
+            new_state = self._apply(ctx, result)
+        if ctx.finished:
+            self._end(ctx)
+        elif ctx.step % self.plan_every == 0:
+            self._request(ctx, new_state if new_state is not None else ctx.state)
+        self._publish_stats(ctx)
+        return new_state
+
+    def _begin(self, ctx: StepContext) -> None:
+        if self.generation_id is not None and self.worker is not None:
+            self.worker.finished_generations.add(self.generation_id)
+        self.generation_id = ctx.generation_id
+        self._pending.clear()
+        self.stats = {k: 0.0 for k in ("requested", "applied", "dropped_stale", "dropped_foreign",
+                                       "discarded_at_end", "skipped_busy")}
+        self.lags, self.alphas = [], []
+        self.planner.ensure_ready(self.model, ctx.state)  # shapes the codec in this thread, not the worker's
+
+    def _request(self, ctx: StepContext, state: State) -> None:
+        keys = self.planner.codec.keys
+        snap = {k: state[k].detach().clone() for k in keys}
+        req = PlanRequest(snap, ctx.logits.detach().clone(), ctx.step, ctx.generation_id)
+        self.stats["requested"] += 1
+        if self.inline:
+            self._pending.append(self.plan_fn(self.model, req))
+            return
+        event = None
+        if ctx.logits.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        if not self.worker.submit(self.model, req, self.plan_fn, event):
+            self.stats["requested"] -= 1
+            self.stats["skipped_busy"] += 1
+
+    def _arrived(self, ctx: StepContext) -> list[PlanResult]:
+        if self.inline:
+            ready = [r for r in self._pending if ctx.step - r.step >= self.sync_lag]
+            self._pending = [r for r in self._pending if ctx.step - r.step < self.sync_lag]
+            return ready
+        out = []
+        while True:
+            try:
+                out.append(self.worker.results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _take(self, ctx: StepContext) -> PlanResult | None:
+        """The newest valid result for this generation; everything else is counted and dropped."""
+        best = None
+        for r in self._arrived(ctx):
+            if r.generation_id != ctx.generation_id:
+                self.stats["dropped_foreign"] += 1
+            elif ctx.finished:
+                self.stats["discarded_at_end"] += 1
+            elif ctx.step - r.step > self.max_lag:
+                self.stats["dropped_stale"] += 1
+            else:
+                if best is not None:
+                    self.stats["dropped_stale"] += 1  # superseded by a newer plan
+                best = r if best is None or r.step >= best.step else best
+        return best
+
+    def _apply(self, ctx: StepContext, r: PlanResult) -> State | None:
+        ev = r.info.pop("_cuda_event", None)
+        if ev is not None:
+            torch.cuda.current_stream().wait_event(ev)
+            for t in r.target.values():
+                t.record_stream(torch.cuda.current_stream())
+        if any(ctx.state[k].shape != v.shape for k, v in r.target.items()):
+            self.stats["dropped_foreign"] += 1  # a different batch: cannot belong here
+            return None
+        lag = ctx.step - r.step
+        alpha = r.alpha * (self.lag_decay**lag)
+        if self.alpha_fn is not None:
+            alpha = self.alpha_fn(alpha)
+        alpha = publish(self.aux, "planner.alpha", alpha)
+        bb = unprefix_state("backbone", ctx.state)
+        new_bb = self.model.backbone.inject(bb, unprefix_state("backbone", r.target), alpha)
+        state = dict(ctx.state)
+        state.update(prefix_state("backbone", new_bb))
+        self.stats["applied"] += 1
+        self.lags.append(lag)
+        self.alphas.append(float(alpha.float().mean()) if isinstance(alpha, Tensor) else float(alpha))
+        return state
+
+    def _end(self, ctx: StepContext) -> None:
+        if self.worker is not None:
+            self.worker.finished_generations.add(ctx.generation_id)
+        self.stats["discarded_at_end"] += len(self._pending)
+        self._pending.clear()
+
+    def _publish_stats(self, ctx: StepContext) -> None:
+        self.stats["mean_lag"] = sum(self.lags) / len(self.lags) if self.lags else float("nan")
+        self.stats["mean_alpha"] = sum(self.alphas) / len(self.alphas) if self.alphas else 0.0
+        if isinstance(ctx.stats, dict):
+            ctx.stats.update({f"planner.{k}": v for k, v in self.stats.items()})

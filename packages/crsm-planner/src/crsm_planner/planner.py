@@ -1,0 +1,319 @@
+"""The `mcts` planner: PUCT search over a learned latent model of a steerable backbone.
+
+    plan(model, request)   snapshot -> search -> PlanResult(target state, confidence, alpha)
+    fit(model, batches)    distil the codec, dynamics, value and prior heads from real
+                           rollouts of the trained backbone, then fit the injection gate
+    generation_hook(model) asynchronous planning during statelab.generate (async_planner.py)
+
+The target of a plan is ``s + D(z_best) - D(z_root)``: the snapshot moved by the change
+the decoder attributes to going from the root latent to the chosen child's, so the
+part of the state the latent cannot represent is kept as it is. The gate is
+``a = a_max * sigmoid(gate) * confidence``; ``gate`` is fitted on the realised loss of
+the backbone after injection (see :meth:`MCTSPlanner._fit_gate`), and the confidence
+comes from the search (see :mod:`crsm_planner.search`), so an uncertain value head or a
+flat search gives ``a ~ 0``. ``Backbone.inject`` (``gated_inject``) clamps ``a`` to
+``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from statelab.interfaces import Planner, PlanRequest, PlanResult, State, prefix_state, unprefix_state
+
+from crsm_planner.dynamics import LatentDynamics, StateCodec
+from crsm_planner.planner_params import MCTSParams
+from crsm_planner.search import PUCTSearch
+from crsm_planner.value import PriorHead, ValueHead
+
+# background workers live outside the module so that models stay picklable / deep-copyable
+_WORKERS: "weakref.WeakKeyDictionary[MCTSPlanner, Any]" = weakref.WeakKeyDictionary()
+
+
+class MCTSPlanner(Planner):
+    def __init__(self, params: MCTSParams, vocab_size: int, d_model: int) -> None:
+        super().__init__()
+        self.params = params
+        p = params
+        self.codec = StateCodec(p.d_latent)
+        self.dynamics = LatentDynamics(vocab_size, p.d_latent, p.d_token, p.d_hidden)
+        self.value_head = ValueHead(p.d_latent, p.d_hidden)
+        self.prior_head = PriorHead(p.d_latent, p.d_hidden, d_model)
+        self.gate = nn.Parameter(torch.tensor(float(p.gate_init)))
+        self.register_buffer("fitted", torch.zeros(()))  # 1.0 once fit() has run
+        # the backbone trains without the planner: its parts get no gradient from the LM loss
+        for prm in self.parameters():
+            prm.requires_grad_(False)
+
+    # -- state view ----------------------------------------------------------------
+    def ensure_ready(self, model, state: State) -> None:
+        """Bind the codec to this model's injectable state (weights get their shape on first use)."""
+        with torch.no_grad():
+            if not self.codec.is_materialized:
+                keys = [f"backbone.{k}" for k in model.backbone.injectable_keys()]
+                dim = sum(int(math.prod(state[k].shape[1:])) for k in keys if k in state)
+                if dim:
+                    self.codec.materialize(dim)
+            self.codec.bind(model, state)
+
+    def alpha_from(self, confidence: Tensor) -> Tensor:
+        return self.params.alpha_max * torch.sigmoid(self.gate) * confidence
+
+    # -- planning ------------------------------------------------------------------
+    def _value_fn(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = self.value_head(z)
+        return -mean, logvar.exp()  # value = -predicted loss
+
+    def make_search(self, model, simulations: int | None = None) -> PUCTSearch:
+        p = self.params
+        return PUCTSearch(
+            self.dynamics,
+            self._value_fn,
+            lambda z: self.prior_head(z, model.head),
+            simulations=simulations or p.simulations,
+            depth=p.depth,
+            c_puct=p.c_puct,
+            top_k=p.top_k,
+            max_nodes=p.max_nodes,
+            root_noise=p.root_noise,
+        )
+
+    @torch.no_grad()
+    def plan(self, model, request: PlanRequest, *, simulations: int | None = None) -> PlanResult:
+        """Search from ``request.state`` and propose a target for the injectable entries."""
+        self.ensure_ready(model, request.state)
+        s = self.codec.flatten(request.state)  # (B, S)
+        z0 = self.codec.encode(s)  # (B, L)
+        gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + request.step)
+        res = self.make_search(model, simulations).run(z0, request.logits, gen)
+        target_flat = s + self.codec.decode_delta(res.best_latent, z0)  # (B, S)
+        target = self.codec.unflatten(target_flat, request.state)
+        conf = res.confidence * self.fitted  # an unfitted planner never injects
+        return PlanResult(
+            target=target,
+            confidence=conf,
+            alpha=self.alpha_from(conf).detach(),
+            step=request.step,
+            generation_id=request.generation_id,
+            info={
+                "best_token": res.best_token,
+                "root_visits": res.root_visits,
+                "nodes": res.nodes_used,
+                "simulations": res.simulations,
+            },
+        )
+
+    def generation_hook(self, model):
+        from crsm_planner.async_planner import PlanningHook
+
+        return PlanningHook(self, model)
+
+    def worker(self):
+        """The background worker of this planner (started on first use, shared by generations)."""
+        from crsm_planner.async_planner import PlanWorker
+
+        w = _WORKERS.get(self)
+        if w is None or not w.alive:
+            w = PlanWorker(self, queue_size=self.params.queue_size)
+            _WORKERS[self] = w
+        return w
+
+    def shutdown(self) -> None:
+        w = _WORKERS.pop(self, None)
+        if w is not None:
+            w.stop()
+
+    # -- fitting -------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, model, tokens: Tensor) -> dict[str, Tensor]:
+        """Run the backbone token by token over ``tokens (B, T)``: injectable states after
+        each token ``s (B, T, S)``, next-token logits ``(B, T, V)``, per-token losses
+        ``(B, T-1)`` (loss of predicting ``tokens[:, t+1]`` from the state after ``t``)."""
+        B, T = tokens.shape
+        state = model.init_state(B, tokens.device)
+        self.ensure_ready(model, state)
+        ss, ls = [], []
+        for t in range(T):
+            logits, state, _ = model.step(tokens[:, t], state)  # (B, V)
+            ss.append(self.codec.flatten(state))
+            ls.append(logits.float())
+        s = torch.stack(ss, 1)  # (B, T, S)
+        logits = torch.stack(ls, 1)  # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
+        return {"tokens": tokens, "s": s, "logits": logits, "loss": loss.view(B, T - 1)}
+
+    def _losses(self, model, roll: dict[str, Tensor], metrics: bool = False) -> tuple[Tensor, dict[str, float]]:
+        p = self.params
+        x, logits, loss_tok = roll["tokens"], roll["logits"], roll["loss"]
+        B, T = x.shape
+        m, k = p.fit_multistep, p.value_horizon
+        sn = self.codec.normalize(roll["s"])  # (B, T, S)
+        z = F.linear(sn, self.codec.enc_weight)  # (B, T, L)
+        rec = F.mse_loss(self.codec.decode_normalized(z), sn)
+        # k-step latent rollouts from every start t in [0, T-m)
+        zh = z[:, : T - m]  # (B, T-m, L)
+        dyn_state, dyn_latent, zh1 = [], [], None
+        for j in range(1, m + 1):
+            zh = self.dynamics(zh, x[:, j : T - m + j])  # (B, T-m, L): latent after token t+j
+            if j == 1:
+                zh1 = zh
+            dyn_state.append(F.mse_loss(self.codec.decode_normalized(zh), sn[:, j : T - m + j]))
+            dyn_latent.append(F.mse_loss(zh, z[:, j : T - m + j]))
+        dyn = torch.stack(dyn_state).mean() + torch.stack(dyn_latent).mean()
+        # value: mean loss of the next k tokens from the state after token t
+        vt = loss_tok.unfold(1, k, 1).mean(-1)  # (B, T-k)
+        n0 = vt.shape[1]
+        vm, vlv = self.value_head(z[:, :n0])
+        n1 = min(T - m, n0 - 1)
+        vm1, vlv1 = self.value_head(zh1[:, :n1])  # predicted latents at positions 1..n1
+        val = ValueHead.loss(vm, vlv, vt) + ValueHead.loss(vm1, vlv1, vt[:, 1 : 1 + n1])
+        # prior: distil the LM's next-token distribution (from encoded and predicted latents)
+        target_p = torch.softmax(logits, dim=-1)  # (B, T, V)
+        lp = torch.log_softmax(self.prior_head(z, model.head).float(), dim=-1)
+        lp1 = torch.log_softmax(self.prior_head(zh1, model.head).float(), dim=-1)  # positions 1..T-m
+        ent = (target_p * torch.log(target_p.clamp_min(1e-12))).sum(-1)  # (B, T): -entropy
+        kl = (ent - (target_p * lp).sum(-1)).mean()
+        kl1 = (ent[:, 1 : T - m + 1] - (target_p[:, 1 : T - m + 1] * lp1).sum(-1)).mean()
+        total = rec + dyn + val + kl + kl1
+        out: dict[str, float] = {}
+        if metrics:
+            copy1 = F.mse_loss(sn[:, : T - m], sn[:, 1 : T - m + 1])
+            copyk = F.mse_loss(sn[:, : T - m], sn[:, m:])
+            lat_copy1 = F.mse_loss(z[:, : T - m], z[:, 1 : T - m + 1])
+            pred, tgt = vm.flatten(), vt.flatten()
+            pc, tc = pred - pred.mean(), tgt - tgt.mean()
+            corr = (pc * tc).sum() / (pc.norm() * tc.norm()).clamp_min(1e-12)
+            out = {
+                "dyn/recon_mse": rec.item(),
+                "dyn/one_step_mse": dyn_state[0].item(),
+                "dyn/one_step_copy_mse": copy1.item(),
+                "dyn/one_step_ratio": (dyn_state[0] / copy1.clamp_min(1e-12)).item(),
+                "dyn/k_step_mse": dyn_state[-1].item(),
+                "dyn/k_step_copy_mse": copyk.item(),
+                "dyn/k_step_ratio": (dyn_state[-1] / copyk.clamp_min(1e-12)).item(),
+                "dyn/k": float(m),
+                "dyn/latent_one_step_mse": dyn_latent[0].item(),
+                "dyn/latent_one_step_copy_mse": lat_copy1.item(),
+                "value/corr": corr.item(),
+                "value/mse": F.mse_loss(pred, tgt).item(),
+                "value/const_mse": tgt.var(unbiased=False).item(),
+                "value/pred_std": vlv.mul(0.5).exp().mean().item(),
+                "prior/kl": kl.item(),
+                "prior/top1_agree": (lp.argmax(-1) == logits.argmax(-1)).float().mean().item(),
+            }
+        return total, out
+
+    def fit(self, model, batches: Callable[[], Tensor], *, steps: int = 200, batch_size: int | None = None,
+            seq_len: int | None = None, lr: float = 1e-3, seed: int | None = None, **kw: Any) -> dict[str, float]:
+        """Distil the latent model from the backbone's own rollouts on ``batches()`` (each a
+        ``(B, T)`` token tensor) and fit the gate; returns held-out metrics (a batch never
+        optimised on): one-step and k-step state errors against the "state does not change"
+        predictor, the value head's correlation with realised loss, the prior's KL."""
+        p = self.params
+        was = model.training
+        model.eval()
+        dev = model.embed.weight.device
+        gen = torch.Generator().manual_seed(p.seed if seed is None else seed)
+        try:
+            n_roll = max(1, min(p.fit_rollout_batches, steps))
+            first = batches().to(dev)
+            T = first.shape[1]
+            need = max(p.value_horizon, p.fit_multistep) + 2
+            if T < need:
+                raise ValueError(f"planner fit needs sequences of at least {need} tokens (value_horizon={p.value_horizon}, "
+                                 f"fit_multistep={p.fit_multistep}); got seq_len={T}: raise train.planner_fit.seq_len")
+            heldout = self.rollout(model, batches().to(dev))
+            roll = self.rollout(model, first)
+            if self.fitted.item() == 0:
+                self.codec.set_normalization(roll["s"].flatten(0, 1))
+                self.value_head.net[-1].bias[0] = roll["loss"].mean()  # start from the mean loss
+            learn = [*self.codec.parameters(), *self.dynamics.parameters(), *self.value_head.parameters(),
+                     *self.prior_head.parameters()]
+            for prm in learn:
+                prm.requires_grad_(True)
+            opt = torch.optim.Adam(learn, lr=lr)
+            per = math.ceil(steps / n_roll)
+            losses = []
+            token_batches = [first]
+            with torch.enable_grad():
+                for i in range(steps):
+                    if i > 0 and i % per == 0:
+                        nxt = batches().to(dev)
+                        token_batches.append(nxt)
+                        roll = self.rollout(model, nxt)
+                    loss, _ = self._losses(model, roll)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(learn, 1.0)
+                    opt.step()
+                    losses.append(loss.item())
+            for prm in learn:
+                prm.requires_grad_(False)
+            self.fitted.fill_(1.0)
+            with torch.no_grad():
+                _, metrics = self._losses(model, heldout, metrics=True)
+            metrics["fit/loss_first"] = losses[0] if losses else float("nan")
+            metrics["fit/loss_last"] = losses[-1] if losses else float("nan")
+            metrics.update(self._fit_gate(model, token_batches, gen, lr=0.05))
+            return metrics
+        finally:
+            model.train(was)
+
+    def _fit_gate(self, model, token_batches: list[Tensor], gen: torch.Generator, lr: float) -> dict[str, float]:
+        """Fit the gate on the backbone's realised loss after an injection: plan from the
+        state after token ``t0``, let ``sync_lag`` tokens pass, inject with
+        ``a = a_max * sigmoid(gate) * confidence * lag_decay**lag`` and score the next
+        ``value_horizon`` predictions. Only the gate moves (gradients flow through the
+        backbone's forward, its weights are not touched)."""
+        p = self.params
+        lag, k = p.sync_lag, p.value_horizon
+        deltas, alphas = [], []
+        self.gate.requires_grad_(True)
+        opt = torch.optim.Adam([self.gate], lr=lr)
+        try:
+            for i in range(p.gate_steps):
+                x = token_batches[i % len(token_batches)]
+                T = x.shape[1]
+                hi = T - lag - k - 2
+                if hi < 1:
+                    break
+                t0 = int(torch.randint(0, hi, (1,), generator=gen))
+                with torch.no_grad():
+                    logits, st, _ = model(x[:, : t0 + 1])  # state after token t0
+                    res = self.plan(model, PlanRequest({k_: v.clone() for k_, v in st.items()}, logits[:, -1], t0, -1))
+                    _, st2, _ = model(x[:, t0 + 1 : t0 + 1 + lag], st)  # lag tokens later
+                a0 = t0 + lag + 1
+                alpha = self.alpha_from(res.confidence) * p.lag_decay**lag  # (B,) with grad to the gate
+                bb = unprefix_state("backbone", st2)
+                injected = dict(st2)
+                injected.update(prefix_state("backbone", model.backbone.inject(bb, unprefix_state("backbone", res.target), alpha)))
+                with torch.enable_grad():
+                    lg, _, _ = model(x[:, a0 : a0 + k], injected)  # (B, k, V)
+                    loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), x[:, a0 + 1 : a0 + k + 1].reshape(-1))
+                    (g,) = torch.autograd.grad(loss, [self.gate], allow_unused=True)
+                with torch.no_grad():
+                    lb, _, _ = model(x[:, a0 : a0 + k], st2)
+                    base = F.cross_entropy(lb.reshape(-1, lb.shape[-1]).float(), x[:, a0 + 1 : a0 + k + 1].reshape(-1))
+                deltas.append(loss.item() - base.item())
+                alphas.append(alpha.mean().item())
+                if g is not None:
+                    opt.zero_grad(set_to_none=True)
+                    self.gate.grad = g
+                    opt.step()
+        finally:
+            self.gate.requires_grad_(False)
+        out = {"gate/sigmoid": torch.sigmoid(self.gate).item()}
+        if deltas:
+            out["gate/loss_delta"] = sum(deltas) / len(deltas)
+            out["gate/alpha_mean"] = sum(alphas) / len(alphas)
+        return out
+
+
+def build_planner(params: MCTSParams, ctx) -> MCTSPlanner:
+    return MCTSPlanner(params, ctx.vocab_size, ctx.d_model)
