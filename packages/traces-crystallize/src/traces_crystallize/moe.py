@@ -11,8 +11,11 @@ as a routed token); it skips the ``top_k - 1`` other experts, which is the FLOP 
 Re-routed control (utility measurement): ``reroute=True`` drops each token's first choice
 and uses choices ``2..top_k+1`` instead.
 
-Frozen experts (``frozen[e]``): their gradients are masked to zero by a hook (the EWC
-regularizer additionally anchors them against weight decay and optimiser momentum).
+Crystallized experts (``crystal[e]``: on an active motif). With ``hard_freeze`` they are
+frozen exactly: a hook masks their gradients, and :meth:`restore_frozen` (run at every
+training forward) copies back the weights snapshotted at freezing, undoing any drift from
+weight decay or optimiser momentum. Without it they stay trainable and the ``ewc``
+regularizer anchors them softly.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ class MoE(nn.Module):
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.w1 = nn.Parameter(torch.randn(n_experts, d_model, hidden) * 0.02)
         self.w2 = nn.Parameter(torch.randn(n_experts, hidden, d_model) * (0.02 / math.sqrt(2 * n_layers)))
-        self.register_buffer("frozen", torch.zeros(n_experts, dtype=torch.bool))
-        self.n_frozen = 0  # python mirror of frozen.sum()
+        self.register_buffer("crystal", torch.zeros(n_experts, dtype=torch.bool))
+        self.hard_freeze = True
+        self.n_frozen = 0  # experts frozen now (python side; anchors are re-taken after a load)
+        self._anchors: dict[int, tuple[Tensor, Tensor]] = {}
         self.expert_calls = 0  # token-expert evaluations since the last reset (counted when counting is on)
         self.routed_tokens = 0
         self.counting = False
@@ -43,16 +48,37 @@ class MoE(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _: module.sync())
 
     def sync(self) -> None:
-        self.n_frozen = int(self.frozen.sum())
+        self._anchors = {}
+        if self.hard_freeze:
+            for e in self.crystal.nonzero().flatten().tolist():
+                self._anchors[e] = (self.w1.detach()[e].clone(), self.w2.detach()[e].clone())
+        self.n_frozen = len(self._anchors)
 
-    def set_frozen(self, expert: int, value: bool) -> None:
-        self.frozen[expert] = value
-        self.sync()
+    def set_crystal(self, expert: int, value: bool) -> None:
+        """Mark an expert as on (or off) an active motif; freezes (unfreezes) it with ``hard_freeze``."""
+        self.crystal[expert] = value
+        if value and self.hard_freeze and expert not in self._anchors:
+            self._anchors[expert] = (self.w1.detach()[expert].clone(), self.w2.detach()[expert].clone())
+        if not value:
+            self._anchors.pop(expert, None)
+        self.n_frozen = len(self._anchors)
+
+    @torch.no_grad()
+    def restore_frozen(self) -> None:
+        for e, (a1, a2) in self._anchors.items():
+            self.w1[e].copy_(a1)
+            self.w2[e].copy_(a2)
+
+    def frozen_mask(self) -> Tensor:
+        m = torch.zeros(self.n_experts, dtype=torch.bool, device=self.w1.device)
+        if self._anchors:
+            m[list(self._anchors)] = True
+        return m
 
     def _mask_grad(self, g: Tensor) -> Tensor:
         if self.n_frozen == 0:
             return g
-        return g * (~self.frozen).to(g.dtype).view(-1, 1, 1)  # (E, 1, 1)
+        return g * (~self.frozen_mask()).to(g.dtype).view(-1, 1, 1)  # (E, 1, 1)
 
     def probs(self, x: Tensor) -> Tensor:
         """Router probabilities ``(N, E)`` in float32 for tokens ``x (N, D)``."""

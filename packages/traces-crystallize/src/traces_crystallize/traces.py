@@ -87,10 +87,10 @@ class TraceStore(nn.Module):
         return step >= self.warmup_steps and (step - self.warmup_steps) % self.update_interval == 0
 
     def alpha_eff(self, step: Tensor | None) -> Tensor:
-        """``alpha`` times the warmup ramp ``clamp((step - warmup_steps) / alpha_warmup_steps, 0, 1)``, (H,)."""
+        """``alpha`` times the warmup ramp ``clamp((step - warmup_steps + 1) / alpha_warmup_steps, 0, 1)``, (H,)."""
         if step is None:
             return self.alpha
-        ramp = ((step.float() - self.warmup_steps) / max(1, self.alpha_warmup_steps)).clamp(0.0, 1.0)
+        ramp = ((step.float() - self.warmup_steps + 1) / max(1, self.alpha_warmup_steps)).clamp(0.0, 1.0)
         return self.alpha * ramp
 
     # -- dense views ------------------------------------------------------------------

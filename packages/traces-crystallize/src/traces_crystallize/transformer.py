@@ -106,6 +106,9 @@ class RunContext:
             return
         bb.train_step.add_(1)
         self.step += 1
+        for moe in bb.moe_layers():
+            if moe.n_frozen:
+                moe.restore_frozen()
         self.capture = any(b.attn.traces is not None and b.attn.traces.is_capture_step(self.step) for b in bb.layers)
         cr = bb.params.crystallization
         self.log_now = cr.enabled and self.step % cr.log_interval == 0
@@ -197,7 +200,9 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
         else:
             alpha = publish(aux, "traces.alpha", tr.alpha_eff(step))  # (H,)
-            use_flex = T > 1 and (self.attention == "flex" or (self.attention == "auto" and x.is_cuda))
+            # FlexAttention has no CPU backward: "flex" off CUDA is used only without gradient
+            flex_ok = x.is_cuda or not (torch.is_grad_enabled() and q.requires_grad)
+            use_flex = T > 1 and flex_ok and (self.attention == "flex" or (self.attention == "auto" and x.is_cuda))
             if use_flex:
                 bias = alpha[:, None] * tr.dense(Tk + 129)  # (H, Tk + 129): room for padded blocks
                 y = _flex_attention(q, k, v, bias.to(torch.float32), past)
@@ -256,13 +261,14 @@ class Block(Layer):
         probs = publish(aux, "router.probs", moe.probs(hf).view(B, T, -1))  # (B, T, E)
         probs = probs.reshape(B * T, -1)  # (N, E)
         serve = motifs.serving(ctx.match, self.index) if motifs is not None and motifs.n_active else None
-        y, idx = moe.dispatch(hf, probs, serve, reroute=ctx.reroute_layer == self.index)
+        reroute = ctx.reroute_layer == self.index  # utility control: served tokens are re-routed too
+        y, idx = moe.dispatch(hf, probs, None if reroute else serve, reroute=reroute)
         publish(aux, "router.experts", idx.view(B, T, -1))
         top1 = idx[:, 0]  # (N,): the expert used first (the served one for motif tokens)
         if motifs is not None and motifs.n_active:
             ctx.match = motifs.triggered(ctx.match, serve, self.index, top1)
-            if ctx.record:
-                m = ctx.match if serve is None else torch.where(serve >= 0, ctx.match, torch.full_like(top1, -1))
+            if ctx.record:  # motif id per token (the last motif it triggered)
+                m = ctx.match
                 ctx.served = m if ctx.served is None else torch.where(m >= 0, m, ctx.served)
         if ctx.log_now or ctx.record:
             ctx.paths.append(top1.detach())
@@ -286,6 +292,8 @@ class TransformerBackbone(Backbone):
         cr = p.crystallization
         if cr.enabled and p.ffn != "moe":
             raise ValueError("crystallization needs a mixture-of-experts feed-forward: set ffn: moe (or disable crystallization)")
+        for moe in self.moe_layers():
+            moe.hard_freeze = cr.freeze
         self.motifs: MotifTable | None = MotifTable(p.n_layers, p.n_experts, cr.max_motifs) if cr.enabled else None
         self.trie: PathTrie | None = PathTrie(p.n_layers, cr.max_motif_len, cr.max_nodes) if cr.enabled else None
         self._init_weights(p)

@@ -1,0 +1,193 @@
+"""Regularizers: load-balance, trace-utilization, crystallization, ewc.
+
+* ``load-balance`` (Switch Transformer): per MoE layer ``E * sum_e f_e P_e`` with ``f_e`` the
+  fraction of tokens whose first expert is ``e`` and ``P_e`` the mean router probability;
+  1.0 when perfectly balanced. Averaged over layers.
+* ``trace-utilization``: ``mean_h alpha_h^2 (1 - u_h)`` where ``u_h`` is the fraction of
+  head ``h``'s attention mass that fell on traced links at the last capture: it shrinks the
+  bias strength of heads whose traces attention does not use.
+* ``crystallization``: the mean router entropy divided by ``log E`` (stable routing lets
+  paths crystallize). It also *drives* crystallization: it keeps the last training batch's
+  tokens (a forward pre-hook on the model's embedding) and every ``prune_interval`` steps
+  runs :func:`traces_crystallize.crystallize.crystallize_round` on them.
+* ``ewc``: ``sum over crystallized experts of mean(F* (w - w*)^2)`` with ``w*`` the weights
+  when the expert crystallized and ``F*`` the diagonal Fisher (an EMA of squared gradients,
+  normalised to mean 1) at that moment. With ``crystallization.freeze`` the experts are
+  frozen exactly and the penalty stays ~0; without it, it is what protects them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from statelab.interfaces import Aux, Regularizer
+from statelab.internals import key_name, select
+
+
+def _layer_of(key: str) -> int | None:
+    site = key.rsplit(":", 1)[0]
+    parts = site.split(".")
+    return int(parts[-1]) if len(parts) >= 3 and parts[-2] == "layers" and parts[-1].isdigit() else None
+
+
+class LoadBalance(Regularizer):
+    requires = ("router.probs",)
+
+    def forward(self, aux: Aux, model: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+        probs = select(aux, "router.probs")
+        if not probs:
+            raise ValueError("load-balance: no router.probs in aux; use a transformer backbone with ffn: moe")
+        experts = {k.rsplit(":", 1)[0]: v for k, v in select(aux, "router.experts").items()}
+        losses, max_load = [], []
+        for key, p in probs.items():
+            E = p.shape[-1]
+            p = p.reshape(-1, E).float()  # (N, E)
+            ex = experts.get(key.rsplit(":", 1)[0])
+            first = ex.reshape(-1, ex.shape[-1])[:, 0] if ex is not None else p.argmax(-1)  # (N,)
+            f = torch.bincount(first.clamp(min=0), minlength=E).float() / first.numel()  # (E,)
+            losses.append(E * (f * p.mean(0)).sum())
+            max_load.append(f.max())
+        return torch.stack(losses).mean(), {"max_load": float(torch.stack(max_load).max())}
+
+
+class TraceUtilization(Regularizer):
+    requires = ("traces.alpha",)
+
+    def forward(self, aux: Aux, model: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+        alphas = select(aux, "traces.alpha")
+        if not alphas:
+            raise ValueError("trace-utilization: no traces.alpha in aux; enable traces on a transformer backbone")
+        layers = list(model.backbone.layers) if model is not None and hasattr(model, "backbone") else None
+        losses, uses, fills = [], [], []
+        for key, a in alphas.items():
+            i = _layer_of(key)
+            store = layers[i].attn.traces if layers is not None and i is not None else None
+            use = store.use if store is not None else torch.zeros_like(a)
+            losses.append((a.pow(2) * (1 - use)).mean())
+            uses.append(float(use.mean()))
+            if store is not None:
+                fills.append(store.n_live / store.off.numel())
+        metrics = {"utilization": sum(uses) / len(uses)}
+        if fills:
+            metrics["fill"] = sum(fills) / len(fills)
+        return torch.stack(losses).mean(), metrics
+
+
+class Crystallization(Regularizer):
+    requires = ("router.probs",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tokens: Tensor | None = None
+        self._hooked: int | None = None
+        self._last_round = -1
+        self.last_round: dict[str, float] = {}
+
+    def _hook(self, model: nn.Module) -> None:
+        if self._hooked == id(model) or not hasattr(model, "embed"):
+            return
+
+        def keep(module, args):
+            if module.training and args and isinstance(args[0], Tensor) and args[0].dim() == 2:
+                self._tokens = args[0].detach()
+
+        model.embed.register_forward_pre_hook(keep)
+        self._hooked = id(model)
+
+    def forward(self, aux: Aux, model: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+        probs = select(aux, "router.probs")
+        if not probs:
+            raise ValueError("crystallization: no router.probs in aux; use a transformer backbone with ffn: moe")
+        ents = []
+        for p in probs.values():
+            p = p.float()
+            ents.append(-(p * p.clamp(min=1e-9).log()).sum(-1).mean() / math.log(p.shape[-1]))
+        loss = torch.stack(ents).mean()
+        metrics: dict[str, float] = {}
+        bb = getattr(model, "backbone", None) if model is not None else None
+        if bb is not None and getattr(bb, "motifs", None) is not None:
+            self._hook(model)
+            step = bb._ctx.step
+            interval = bb.params.crystallization.prune_interval
+            if model.training and step > 0 and step % interval == 0 and step != self._last_round and self._tokens is not None:
+                from traces_crystallize.crystallize import crystallize_round
+
+                self._last_round = step
+                self.last_round = crystallize_round(model, self._tokens, step)
+            metrics["motifs"] = float(bb.motifs.n_active)
+            metrics["trie_nodes"] = float(len(bb.trie))
+        return loss, metrics
+
+
+class EWC(Regularizer):
+    requires = ("router.probs",)
+
+    def __init__(self, fisher_decay: float = 0.99) -> None:
+        super().__init__()
+        self.fisher_decay = fisher_decay
+        self._fisher: dict[tuple[int, str], Tensor] = {}  # (layer, "w1"/"w2") -> EMA of grad^2 (not saved)
+        self._anchor: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # (layer, e) -> w1*, w2*, F1*, F2*
+        self._hooked: int | None = None
+
+    def _hook(self, model: nn.Module) -> None:
+        if self._hooked == id(model):
+            return
+        for i, block in enumerate(model.backbone.layers):
+            if getattr(block, "moe", False):
+                for name in ("w1", "w2"):
+                    param = getattr(block.ffn, name)
+
+                    def ema(g: Tensor, key=(i, name)) -> None:
+                        f = self._fisher.get(key)
+                        g2 = g.detach().float().pow(2)
+                        self._fisher[key] = g2 if f is None else f.mul_(self.fisher_decay).add_(g2, alpha=1 - self.fisher_decay)
+
+                    param.register_hook(ema)
+        self._hooked = id(model)
+
+    def forward(self, aux: Aux, model: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+        if model is None or not hasattr(model, "backbone"):
+            raise ValueError("ewc: needs the model (a transformer backbone with ffn: moe)")
+        self._hook(model)
+        terms = []
+        live = set()
+        for i, block in enumerate(model.backbone.layers):
+            if not getattr(block, "moe", False):
+                continue
+            moe = block.ffn
+            for e in moe.crystal.nonzero().flatten().tolist():
+                live.add((i, e))
+                if (i, e) not in self._anchor:
+                    f1 = self._fisher.get((i, "w1"))
+                    f2 = self._fisher.get((i, "w2"))
+                    f1 = f1[e] / f1[e].mean().clamp(min=1e-20) if f1 is not None else torch.ones_like(moe.w1[e])
+                    f2 = f2[e] / f2[e].mean().clamp(min=1e-20) if f2 is not None else torch.ones_like(moe.w2[e])
+                    self._anchor[(i, e)] = (moe.w1.detach()[e].clone(), moe.w2.detach()[e].clone(), f1, f2)
+                w1s, w2s, f1, f2 = self._anchor[(i, e)]
+                terms.append((f1 * (moe.w1[e] - w1s).pow(2)).mean() + (f2 * (moe.w2[e] - w2s).pow(2)).mean())
+        for k in list(self._anchor):
+            if k not in live:
+                del self._anchor[k]
+        if not terms:
+            ref = next(model.parameters())
+            return ref.sum() * 0.0, {"protected": 0.0}
+        return torch.stack(terms).sum(), {"protected": float(len(terms))}
+
+
+def load_balance(params, ctx) -> LoadBalance:
+    return LoadBalance()
+
+
+def trace_utilization(params, ctx) -> TraceUtilization:
+    return TraceUtilization()
+
+
+def crystallization(params, ctx) -> Crystallization:
+    return Crystallization()
+
+
+def ewc(params, ctx) -> EWC:
+    return EWC(params.fisher_decay)
