@@ -83,10 +83,11 @@ class Tokenizer:
         blob = json.dumps(self.to_json(), sort_keys=True, ensure_ascii=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def _ids(self, ids: Sequence[int]) -> list[int]:
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()  # tensors and arrays
-        return [int(i) for i in ids]
+    def _ids(self, ids: Sequence[int]) -> np.ndarray:
+        """Any sequence of ids (list, tensor, array) as a 1-D int64 array."""
+        if hasattr(ids, "detach"):
+            ids = ids.detach().cpu().numpy()  # a torch tensor
+        return np.asarray(ids, dtype=np.int64).reshape(-1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -108,6 +109,7 @@ class CharTokenizer(Tokenizer):
         self.stoi = {c: i for i, c in enumerate(chars)}
         codes = np.array([ord(c) for c in chars], dtype=np.int64)
         # code point -> id lookup table, -1 for characters outside the vocabulary
+        self._codes = codes
         self._lut = np.full(int(codes.max()) + 2, -1, dtype=np.int64)
         self._lut[codes] = np.arange(len(chars))
 
@@ -131,8 +133,9 @@ class CharTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        chars, n = self.chars, self.vocab_size
-        return "".join(chars[i] if 0 <= i < n else REPLACEMENT for i in self._ids(ids))
+        ids = self._ids(ids)
+        cps = np.where((ids >= 0) & (ids < self.vocab_size), self._codes[np.clip(ids, 0, self.vocab_size - 1)], 0xFFFD)
+        return cps.astype("<u4").tobytes().decode("utf-32-le")
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "char", "chars": "".join(self.chars)}
@@ -149,16 +152,16 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = self._ids(ids)
-        if all(0 <= i < 256 for i in ids):
-            return bytes(ids).decode("utf-8", errors="replace")
-        parts, run = [], []
-        for i in ids:  # rare: out-of-range ids (a padded model vocabulary) stay visible as U+FFFD
-            if 0 <= i < 256:
-                run.append(i)
-            else:
-                parts.append(bytes(run).decode("utf-8", errors="replace") + REPLACEMENT)
-                run = []
-        return "".join(parts) + bytes(run).decode("utf-8", errors="replace")
+        bad = (ids < 0) | (ids >= 256)
+        if not bad.any():
+            return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+        # rare: out-of-range ids (a padded model vocabulary) stay visible as U+FFFD
+        cuts = np.flatnonzero(bad)
+        parts, prev = [], 0
+        for c in cuts.tolist():
+            parts.append(ids[prev:c].astype(np.uint8).tobytes().decode("utf-8", errors="replace") + REPLACEMENT)
+            prev = c + 1
+        return "".join(parts) + ids[prev:].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "byte"}
@@ -187,7 +190,7 @@ class IdsTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(str(i) if 0 <= i < self.vocab_size else REPLACEMENT for i in self._ids(ids))
+        return " ".join(str(i) if 0 <= i < self.vocab_size else REPLACEMENT for i in self._ids(ids).tolist())
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "ids", "vocab_size": self.vocab_size}
@@ -228,7 +231,7 @@ class BPETokenizer(Tokenizer):
         return np.concatenate([np.asarray(o, dtype=np.int64) for o in out])
 
     def decode(self, ids: Sequence[int]) -> str:
-        ids = self._ids(ids)
+        ids = self._ids(ids).tolist()
         if all(0 <= i < self.vocab_size for i in ids):
             return self.encoding.decode(ids, errors="replace")
         parts, run = [], []

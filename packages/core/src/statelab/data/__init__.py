@@ -30,7 +30,7 @@ def make_data(spec: "RunSpec", *, seed: int | None = None) -> DataSource:
     """The data source of a run spec (``seed`` defaults to ``spec.seed``)."""
     from statelab.spec import parse_spec
 
-    spec = parse_spec(spec)
+    spec = parse_spec(getattr(spec, "spec", spec))  # a RunSpec, a ResolvedSpec or a spec document
     seed = spec.seed if seed is None else seed
     kind = spec.data.kind
     if kind == "text":
@@ -52,7 +52,7 @@ def corpus_vocab_size(spec: "RunSpec") -> int:
     """The vocabulary size the spec's data will have (reads the corpus, cached, for ``char``)."""
     from statelab.spec import parse_spec
 
-    spec = parse_spec(spec)
+    spec = parse_spec(getattr(spec, "spec", spec))
     kind = spec.data.kind
     if kind == "mqar":
         return spec.data.mqar.vocab_size

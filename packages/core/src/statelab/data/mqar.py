@@ -85,7 +85,7 @@ def mqar_examples(
     seq[:, 1 : 2 * P : 2] = values
     qpos = 2 * P + 2 * gaps  # (n, P): query positions, all < T - 1
     np.put_along_axis(seq, qpos, keys, axis=1)
-    x = seq[:, :-1].copy()  # (n, T)
+    x = seq[:, :-1]  # (n, T) view
     y = seq[:, 1:].copy()  # (n, T)
     np.put_along_axis(y, qpos, values, axis=1)
     mask = np.zeros((n, T), dtype=bool)
@@ -124,13 +124,14 @@ class MQARData(DataSource):
         xs, ys, ms = [], [], []
         chunk_of = index // CHUNK
         for c in np.unique(chunk_of).tolist():
-            sel = index[chunk_of == c] - c * CHUNK
+            sel = torch.from_numpy(index[chunk_of == c] - c * CHUNK)
             x, y, m = self._chunk(split, c)
-            xs.append(x[sel])
-            ys.append(y[sel])
-            ms.append(m[sel])
-        order = np.argsort(np.argsort(chunk_of, kind="stable"), kind="stable")  # back to the order of index
-        return Batch(torch.cat(xs)[order], torch.cat(ys)[order], torch.cat(ms)[order])
+            xs.append(x.index_select(0, sel))  # (n_c, T)
+            ys.append(y.index_select(0, sel))
+            ms.append(m.index_select(0, sel))
+        # back to the order of index
+        order = torch.from_numpy(np.argsort(np.argsort(chunk_of, kind="stable"), kind="stable"))
+        return Batch(*(torch.cat(t).index_select(0, order) for t in (xs, ys, ms)))
 
     def _check_len(self, seq_len: int) -> None:
         if seq_len != self.spec.seq_len:
