@@ -156,9 +156,9 @@ class _Ring:
 class _Chunk:
     """One sealed, memory-mapped cold chunk."""
 
-    def __init__(self, path: Path, t0: int, t1: int) -> None:
+    def __init__(self, path: Path | None, t0: int, t1: int, arrays: dict[str, np.ndarray] | None = None) -> None:
         self.path, self.t0, self.t1 = path, t0, t1
-        arrs = read_safetensors_mmap(path)
+        arrs = arrays if arrays is not None else read_safetensors_mmap(path)
         self.k, self.v = arrs["k"], arrs["v"]
         if self.k.shape[0] != t1 - t0:
             raise ValueError(f"{path}: holds {self.k.shape[0]} traces, the index says {t1 - t0}")
@@ -222,7 +222,7 @@ class TraceStore:
     def memory_bytes(self) -> dict[str, int]:
         """Bytes allocated per in-memory tier (fixed by the budgets) and on disk."""
         per = 2 * self.dim * 2
-        disk = sum(c.path.stat().st_size for c in self.chunks)
+        disk = sum(c.path.stat().st_size for c in self.chunks if c.path is not None)
         return {"hot": self.hot.cap * per, "warm": self.warm.cap * per, "cold_disk": disk}
 
     # -- opening and recovery ---------------------------------------------------------
@@ -333,15 +333,17 @@ class TraceStore:
 
     def _seal(self) -> None:
         """Move the oldest ``chunk_traces`` warm traces into an immutable cold chunk."""
-        if self.root is None or self.read_only:
+        if self.root is None:
             raise RuntimeError(
                 f"trace store over budget: {len(self)} traces exceed hot {self.hot.cap} + warm {self.warm.cap}, "
-                + ("and this incognito/read-only store writes nothing to disk" if self.read_only
-                   else "and the store has no directory for a cold tier; give it a root directory")
+                "and the store has no directory for a cold tier; give it a root directory"
             )
         t0 = self.warm.t0
         k, v = self.warm.pop(self.chunk_traces, torch.device("cpu"))
         t1 = t0 + k.shape[0]
+        if self.read_only:  # incognito: the overflow stays in RAM (beyond the budgets) and is never written
+            self.chunks.append(_Chunk(None, t0, t1, arrays={"k": k.numpy(), "v": v.numpy()}))
+            return
         tensors = {"k": k.contiguous(), "v": v.contiguous()}
         if self.coarse_lists > 0:
             if self.centroids is None:

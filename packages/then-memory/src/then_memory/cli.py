@@ -1,0 +1,94 @@
+"""``statelab memory``: per-user live memory from the command line.
+
+    statelab memory ingest --user U --model CKPT FILES... [--incognito]
+    statelab memory query  --user U --model CKPT "prompt" [--max-new-tokens N] [--incognito]
+    statelab memory wipe   --user U
+    statelab memory list
+
+``--root DIR`` (every command) is the users' directory; default ``$STATELAB_MEMORY_ROOT`` or
+``~/.local/share/statelab/users``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="memory_command", metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser, user: bool = True) -> None:
+        p.add_argument("--root", default=None, help="users' directory (default $STATELAB_MEMORY_ROOT or "
+                       "~/.local/share/statelab/users)")
+        if user:
+            p.add_argument("--user", required=True, help="user id: lowercase letters, digits, '.', '_', '-'")
+
+    def model(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="checkpoint (or run directory) of a model with a 'then' memory")
+        p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+        p.add_argument("--incognito", action="store_true", help="read the user's memory but write nothing")
+        p.add_argument("--segment-len", type=int, default=256, help="tokens per forward pass")
+
+    p = sub.add_parser("ingest", help="read files into a user's memory (the model stays frozen)")
+    common(p)
+    model(p)
+    p.add_argument("files", nargs="+", help="UTF-8 text files")
+    p = sub.add_parser("query", help="answer a prompt from a user's memory (greedy)")
+    common(p)
+    model(p)
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    p = sub.add_parser("wipe", help="remove everything of a user")
+    common(p)
+    p = sub.add_parser("list", help="list the users with a memory")
+    common(p, user=False)
+
+
+def _service(args):
+    import statelab
+    from then_memory.users import MemoryService
+
+    model = statelab.load(args.model, map_location=args.device)
+    return MemoryService(model, args.root, segment_len=args.segment_len)
+
+
+def run(args: argparse.Namespace) -> int:
+    from then_memory.users import UserIdError, validate_user_id
+
+    action = getattr(args, "memory_command", None)
+    if action is None:
+        print("statelab memory: give an action: ingest, query, wipe or list (see statelab memory -h)", file=sys.stderr)
+        return 2
+    try:
+        if getattr(args, "user", None) is not None:
+            validate_user_id(args.user)
+        if action == "list":
+            from then_memory.users import UserDirectories
+
+            print("\n".join(UserDirectories(args.root).users()))
+            return 0
+        if action == "wipe":
+            from then_memory.users import UserDirectories
+
+            existed = UserDirectories(args.root).wipe(args.user)  # wiping needs no model
+            print(f"wiped {args.user}" if existed else f"{args.user}: no memory to wipe")
+            return 0
+        if action == "ingest":
+            missing = [f for f in args.files if not Path(f).is_file()]
+            if missing:
+                print(f"statelab memory ingest: no such file: {', '.join(missing)}", file=sys.stderr)
+                return 2
+            stats = _service(args).ingest(args.user, [Path(f) for f in args.files], incognito=args.incognito)
+            print(json.dumps({"user": args.user, "incognito": args.incognito, **stats}))
+            return 0
+        if action == "query":
+            print(_service(args).query(args.user, args.prompt, max_new_tokens=args.max_new_tokens,
+                                       incognito=args.incognito))
+            return 0
+    except (UserIdError, ValueError, RuntimeError) as exc:
+        print(f"statelab memory {action}: {exc}", file=sys.stderr)
+        return 2
+    return 2
