@@ -131,12 +131,15 @@ def save(
     tokenizer: Any = None,
     trainer_state: Mapping[str, Any] | None = None,
     trainer_tensors: Mapping[str, Tensor] | None = None,
+    extra_meta: Mapping[str, str] | None = None,
     _crash_after: str | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (a crash leaves the previous one intact).
 
     ``trainer_state`` (JSON-serialisable) and ``trainer_tensors`` hold what resuming needs;
-    leave both ``None`` for a weights-only checkpoint. ``_crash_after`` (tests only) raises
+    leave both ``None`` for a weights-only checkpoint. ``extra_meta`` adds string entries to
+    the safetensors metadata (the trainer records ``statelab.mlflow_run_id`` and
+    ``statelab.mlflow_uri`` there, so later commands can log into the same run). ``_crash_after`` (tests only) raises
     after writing the named file, to simulate a crash mid-write.
     """
     from safetensors.torch import save_file
@@ -149,7 +152,9 @@ def save(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-        save_file(weights, str(tmp / MODEL_FILE), metadata=model_metadata(raw, aliases))
+        meta = model_metadata(raw, aliases)
+        meta.update({k: str(v) for k, v in (extra_meta or {}).items()})
+        save_file(weights, str(tmp / MODEL_FILE), metadata=meta)
         if _crash_after == MODEL_FILE:
             raise RuntimeError("simulated crash while writing a checkpoint")
         tok = tokenizer if tokenizer is not None else getattr(raw, "tokenizer", None)

@@ -37,6 +37,12 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]).expanduser().absolute()
 
 
+def absolute_uri(uri: str) -> str:
+    """A SQLite URI with an absolute path (so it still works from another directory)."""
+    db = _sqlite_path(uri)
+    return f"sqlite:///{db}" if db is not None else uri
+
+
 def client(uri: str | None = None) -> Any:
     """An ``mlflow.MlflowClient`` on ``uri`` (resolved as above); creates a SQLite store's directory."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -93,6 +99,7 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
     def flush(self) -> None: ...
+    def close(self) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -104,7 +111,7 @@ class Tracker(NullTracker):
     def __init__(self, c: Any, run_id: str, uri: str) -> None:
         self._c = c
         self.run_id = run_id
-        self.uri = uri
+        self.uri = absolute_uri(uri)
         self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._warned = False
         self._thread = threading.Thread(target=self._work, name="statelab-mlflow", daemon=True)
@@ -161,10 +168,15 @@ class Tracker(NullTracker):
     def flush(self) -> None:
         self._q.join()
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self._q.put(lambda: self._c.set_terminated(self.run_id, status=status))
+    def close(self) -> None:
+        """Drain the queue and stop the writer, leaving the run's status alone."""
         self._q.put(None)
         self._thread.join()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run ended (FINISHED, FAILED or KILLED) and stop the writer."""
+        self._q.put(lambda: self._c.set_terminated(self.run_id, status=status))
+        self.close()
 
 
 def open_tracker(

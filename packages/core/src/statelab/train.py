@@ -608,6 +608,8 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
                   f"{prec}{', compiled' if cfg.compile else ''}; run dir {run_dir}"
                   + (f"; resuming at step {start_step}" if resume else ""))
 
+    ck_meta = {"statelab.mlflow_run_id": run_id, "statelab.mlflow_uri": tracker.uri} if run_id else {}
+
     # -- helpers closing over the run -------------------------------------------------------
     pending: list[tuple[int, Tensor]] = []
     last_metrics: dict[str, float] = {}
@@ -669,7 +671,8 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
             "history": history,
         }
         path = ck_dir / f"step-{step:07d}"
-        ckpt.save(path, model, tokenizer=data.tokenizer, trainer_state=state, trainer_tensors=tensors)
+        ckpt.save(path, model, tokenizer=data.tokenizer, trainer_state=state, trainer_tensors=tensors,
+                  extra_meta=ck_meta)
         tmp_link = run_dir / f".last.{os.getpid()}"
         tmp_link.unlink(missing_ok=True)
         os.symlink(os.path.relpath(path, run_dir), tmp_link)
@@ -695,7 +698,7 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
         improved = best_val is None or m["val/loss"] < best_val
         if improved:
             best_val, best_step = m["val/loss"], step
-            ckpt.save(run_dir / "best", model, tokenizer=data.tokenizer)
+            ckpt.save(run_dir / "best", model, tokenizer=data.tokenizer, extra_meta=ck_meta)
         m["best/val_loss"] = best_val
         m["best/val_bpc"] = min(h["val/bpc"] for h in history["val"] + [m])
         history["val"].append({"step": step, **m})
@@ -891,7 +894,7 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
                 tracker.log_metrics(pm, step)
                 last_metrics.update(pm)
                 if (run_dir / "best").exists():
-                    ckpt.save(run_dir / "best", model, tokenizer=data.tokenizer)
+                    ckpt.save(run_dir / "best", model, tokenizer=data.tokenizer, extra_meta=ck_meta)
             if probes:
                 last_metrics.update(_run_probes(model, probes, data, run_dir, device, spec.seed, tracker, prog, step))
         _finish_artifacts(run_dir, history, tracker)

@@ -1,0 +1,41 @@
+"""``statelab train SPEC [--resume] [--out DIR] [--set key=value ...]`` (also under torchrun)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def configure(parser) -> None:
+    parser.add_argument("spec", help="YAML or JSON run spec")
+    parser.add_argument("--resume", action="store_true", help="continue the run from <out>/<name>/last exactly")
+    parser.add_argument("--out", default=None, help="directory of runs (default: the spec's train.out_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set train.steps=100 (repeatable; values are YAML)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def run(args) -> int:
+    from statelab.checkpoint import CheckpointError
+    from statelab.train import ResumeError, RunLockedError, TrainingDiverged, train
+
+    try:
+        res = train(args.spec, resume=args.resume, out_dir=args.out, overrides=args.overrides,
+                    progress=False if args.quiet else None)
+    except (RunLockedError, ResumeError, TrainingDiverged, CheckpointError) as exc:
+        print(f"statelab train: {exc}", file=sys.stderr)
+        return 1
+    if not _is_main():
+        return 0
+    best = f"{res.best_val_loss:.4f}" if res.best_val_loss is not None else "-"
+    bpc = res.metrics.get("best/val_bpc")
+    print(f"{res.status} at step {res.step}: best val loss {best}"
+          + (f", best bpc {bpc:.4f}" if bpc is not None else "")
+          + f", {res.tokens_per_s:,.0f} tok/s; run dir {res.run_dir}"
+          + (f"; mlflow run {res.mlflow_run_id}" if res.mlflow_run_id else ""))
+    return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

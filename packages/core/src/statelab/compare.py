@@ -1,0 +1,139 @@
+"""``statelab compare``: the runs of one mlflow experiment side by side.
+
+For each run: name, a spec summary (backbone, memories, planner), parameter count, best
+validation loss and bits per char/byte, training tokens/s, and probe verdicts; plus an
+overlay plot of the validation-loss curves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunRow", "collect", "format_table", "plot_curves"]
+
+
+@dataclass
+class RunRow:
+    run_id: str
+    name: str
+    status: str
+    summary: str
+    parameters: int | None
+    best_val_loss: float | None
+    best_val_bpc: float | None
+    tokens_per_s: float | None
+    probes: dict[str, str] = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _summary(params: dict[str, str], tags: dict[str, str]) -> str:
+    parts = [params.get("model.backbone.kind") or tags.get("statelab.backbone", "?")]
+    mems = []
+    j = 0
+    while f"model.memories.{j}.kind" in params:
+        mems.append(f"{params[f'model.memories.{j}.kind']}@{params.get(f'model.memories.{j}.after_layer', '?')}")
+        j += 1
+    if mems:
+        parts.append("+".join(mems))
+    planner = params.get("model.planner.kind")
+    if planner and planner != "null":
+        parts.append(f"planner {planner}")
+    return " ".join(parts)
+
+
+def collect(experiment: str, uri: str | None = None, *, curves: bool = True) -> list[RunRow]:
+    """Read the runs of ``experiment`` (newest first)."""
+    from statelab.tracking import client, resolve_uri
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in c.search_experiments()]
+        raise ValueError(f"no experiment {experiment!r} in {resolve_uri(uri)}; experiments there: "
+                         f"{', '.join(names) or '(none)'}")
+    rows = []
+    for run in c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000):
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        probes = {}
+        for k, v in tags.items():
+            if k.startswith("probe.") and k.endswith(".verdict"):
+                probes[k[len("probe."):-len(".verdict")]] = v
+        for k, v in tags.items():
+            if k.startswith("probe.") and k.endswith(".passed"):
+                kind = k[len("probe."):-len(".passed")]
+                probes[kind] = (probes.get(kind, "") + (" " if kind in probes else "") + ("pass" if v == "true" else "FAIL"))
+        n = params.get("model.parameters")
+        curve: list[tuple[int, float]] = []
+        if curves:
+            curve = [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, "val/loss")]
+            curve.sort()
+        tok = metrics.get("train/tok_per_s_mean", metrics.get("train/tok_per_s"))
+        rows.append(
+            RunRow(
+                run_id=run.info.run_id,
+                name=run.info.run_name or run.info.run_id[:8],
+                status=run.info.status,
+                summary=_summary(params, tags),
+                parameters=int(n) if n and n.isdigit() else None,
+                best_val_loss=metrics.get("best/val_loss"),
+                best_val_bpc=metrics.get("best/val_bpc"),
+                tokens_per_s=tok,
+                probes=probes,
+                curve=curve,
+            )
+        )
+    return rows
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list[RunRow]) -> str:
+    head = ["run", "model", "params", "best val loss", "best bpc", "tok/s", "probes", "status"]
+    body = [
+        [
+            r.name,
+            r.summary,
+            _fmt(r.parameters, ","),
+            _fmt(r.best_val_loss, ".4f"),
+            _fmt(r.best_val_bpc, ".4f"),
+            _fmt(r.tokens_per_s, ",.0f"),
+            ", ".join(f"{k}: {v}" for k, v in sorted(r.probes.items())) or "-",
+            r.status.lower(),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def plot_curves(rows: list[RunRow], path: str | os.PathLike, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        if r.curve:
+            ax.plot([s for s, _ in r.curve], [v for _, v in r.curve], "o-", ms=3, label=f"{r.name} ({r.summary})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if any(r.curve for r in rows):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

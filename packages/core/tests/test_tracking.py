@@ -1,0 +1,126 @@
+"""mlflow tracking into a temporary store, `statelab compare`, and the checkpoint commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import yaml
+
+from statelab import cli
+from statelab.compare import collect, format_table
+from statelab.plugins import set_registry
+from statelab.testing.toys import toy_registry, toy_spec
+from statelab.tracking import client
+from statelab.train import train
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Two short toy runs tracked in one temporary SQLite store (shared by the tests here)."""
+    root = tmp_path_factory.mktemp("tracking")
+    old_cache = os.environ.get("STATELAB_CACHE_DIR")
+    os.environ["STATELAB_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "statelab-cache")
+    set_registry(toy_registry())
+    uri = f"sqlite:///{root}/mlflow.db"
+    from statelab.data import bundled_corpus_path
+
+    corpus = root / "small.txt"  # a small corpus keeps whole-split evaluation quick
+    corpus.write_text(bundled_corpus_path().read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    results = {}
+    for name, extra in [("plain", {}), ("with-ema", {"memories": [{"kind": "toy-ema", "after_layer": 0}]})]:
+        spec = toy_spec(**extra)
+        spec["name"] = name
+        spec["probes"] = [{"kind": "toy-norm", "batches": 1}]
+        spec["data"] = {"kind": "text", "path": str(corpus)}
+        spec["tracking"] = {"enabled": True, "uri": uri, "experiment": "exp-test"}
+        spec["train"].update(steps=10, eval_interval=5, checkpoint_interval=10)
+        results[name] = train(spec, out_dir=root / "runs", progress=False)
+    yield root, uri, results
+    set_registry(None)
+    if old_cache is None:
+        os.environ.pop("STATELAB_CACHE_DIR", None)
+    else:
+        os.environ["STATELAB_CACHE_DIR"] = old_cache
+
+
+def test_a_run_logs_params_tags_metrics_and_artifacts(store):
+    root, uri, results = store
+    res = results["with-ema"]
+    c = client(uri)
+    run = c.get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "with-ema"
+    p = run.data.params
+    assert p["model.backbone.kind"] == "toy-rnn" and p["model.memories.0.kind"] == "toy-ema"
+    assert p["train.steps"] == "10" and int(p["model.parameters"]) > 0
+    t = run.data.tags
+    assert json.loads(t["statelab.distributions"]) == {"statelab-toys": "0"}
+    assert t["plugin.statelab-toys"] == "0"
+    assert t["probe.toy-norm.verdict"] == "finite" and t["probe.toy-norm.passed"] == "true"
+    assert "statelab.git_revision" in t  # the tests run inside the repository's checkout
+    m = run.data.metrics
+    assert m["best/val_loss"] == pytest.approx(res.best_val_loss)
+    assert m["probe/toy-norm/hidden_norm"] > 0 and m["probe/toy-norm/passed"] == 1.0
+    hist = c.get_metric_history(res.mlflow_run_id, "val/loss")
+    assert sorted(h.step for h in hist) == [5, 10]
+    train_hist = c.get_metric_history(res.mlflow_run_id, "train/loss")
+    assert sorted(h.step for h in train_hist) == [5, 10]
+    arts = {a.path for a in c.list_artifacts(res.mlflow_run_id)}
+    assert {"spec.yaml", "loss_curve.png", "samples.txt", "best", "metrics.jsonl"} <= arts
+    assert [a.path for a in c.list_artifacts(res.mlflow_run_id, "best")] == ["best/model.safetensors"]
+    # the store is self-contained: artifacts live beside the database
+    assert (root / "mlartifacts").is_dir()
+    local = c.download_artifacts(res.mlflow_run_id, "spec.yaml", str(root))
+    assert yaml.safe_load(open(local))["name"] == "with-ema"
+
+
+def test_compare_lists_both_runs_and_plots_their_curves(store, capsys, tmp_path):
+    root, uri, results = store
+    rows = collect("exp-test", uri)
+    assert {r.name for r in rows} == {"plain", "with-ema"}
+    by = {r.name: r for r in rows}
+    assert by["with-ema"].summary == "toy-rnn toy-ema@0"
+    assert by["plain"].best_val_loss == pytest.approx(results["plain"].best_val_loss)
+    assert by["plain"].best_val_bpc == pytest.approx(results["plain"].best_val_loss / math.log(2))
+    assert by["plain"].parameters < by["with-ema"].parameters
+    assert by["plain"].probes == {"toy-norm": "finite pass"}
+    table = format_table(rows)
+    assert "toy-rnn toy-ema@0" in table and f"{results['plain'].best_val_loss:.4f}" in table
+    out = tmp_path / "cmp.png"
+    assert cli.main(["compare", "--experiment", "exp-test", "--uri", uri, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "with-ema" in printed and "plain" in printed and "best val loss" in printed
+    assert out.stat().st_size > 5000
+    assert cli.main(["compare", "--experiment", "nope", "--uri", uri]) == 1
+
+
+def test_checkpoint_commands(store, capsys):
+    root, uri, results = store
+    run_dir = results["plain"].run_dir
+    assert cli.main(["eval", str(run_dir), "--json", "--batches", "2"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["val/loss"] == pytest.approx(results["plain"].best_val_loss, rel=1e-5)  # same 2 batches as training
+    assert cli.main(["eval", str(run_dir)]) == 0  # the whole validation split
+    out = capsys.readouterr().out
+    assert "val loss" in out and "tokens" in out
+    assert cli.main(["generate", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert cli.main(["probe", str(run_dir), "--probe", "toy-norm", "--param", "batches=1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verdict"] == "finite" and doc["metrics"]["hidden_norm"] > 0
+    # the probe was logged into the run that wrote the checkpoint
+    run = client(uri).get_run(results["plain"].mlflow_run_id)
+    assert run.data.tags["probe.toy-norm.verdict"] == "finite"
+    assert cli.main(["planner", "fit", str(run_dir)]) == 1  # no planner in this model
+    assert "has no planner" in capsys.readouterr().err
+
+
+def test_tracking_disabled_writes_no_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = toy_spec()
+    spec["train"].update(steps=2, eval_interval=100, sample_tokens=0)
+    res = train(spec, registry=toy_registry(), out_dir=tmp_path / "runs", progress=False)
+    assert res.mlflow_run_id is None
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
