@@ -1,0 +1,155 @@
+"""The `mcts` planner: building, fitting (dynamics, value, prior), planning, gating, loading."""
+
+import pytest
+import torch
+
+import statelab
+from statelab.interfaces import PlanRequest
+from statelab.spec import SpecError
+
+from crsm_planner.planner import MCTSPlanner
+from crsm_planner.planner_params import MCTSParams
+from crsm_planner.planner_testing import mode_switch_tokens, planner_model, trained_planner_model, window_batches
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a thread pool only adds overhead on a loaded 2-core runner
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return trained_planner_model()
+
+
+def _request(model, tokens, step=0, gid=7):
+    with torch.no_grad():
+        logits, state, _ = model(tokens)
+    return PlanRequest({k: v.clone() for k, v in state.items()}, logits[:, -1], step, gid)
+
+
+def test_registered_planner_builds_and_needs_a_steerable_backbone():
+    model = planner_model()
+    assert isinstance(model.planner, MCTSPlanner)
+    assert not any(p.requires_grad for p in model.planner.parameters())  # backbone training leaves it alone
+    with pytest.raises(SpecError, match="injectable_state"):
+        planner_model(backbone={"kind": "toy-mlp", "n_layers": 1})
+
+
+def test_params_are_validated_with_a_clear_message():
+    with pytest.raises(ValueError, match="max_nodes=8 cannot hold the root and its 8 children"):
+        MCTSParams(max_nodes=8, top_k=8)
+    with pytest.raises(ValueError, match="extra"):
+        MCTSParams(simulation=3)
+
+
+def test_unfitted_planner_proposes_but_never_injects():
+    model = planner_model(simulations=8)
+    req = _request(model, torch.randint(0, 256, (3, 10)))
+    res = model.planner.plan(model, req)
+    keys = {f"backbone.layers.{i}.h" for i in range(2)}
+    assert set(res.target) == keys
+    for k in keys:
+        assert res.target[k].shape == req.state[k].shape and torch.isfinite(res.target[k]).all()
+    assert res.alpha.shape == (3,) and torch.equal(res.alpha, torch.zeros(3))
+    assert (res.step, res.generation_id) == (0, 7)
+
+
+def test_fit_beats_trivial_predictors_on_heldout_rollouts(trained):
+    _, m, _ = trained
+    # dynamics: one-step and k-step errors well below "the state does not change"
+    assert m["dyn/one_step_mse"] < 0.5 * m["dyn/one_step_copy_mse"]
+    assert m["dyn/k_step_mse"] < 0.5 * m["dyn/k_step_copy_mse"]
+    assert m["dyn/k"] == 4
+    # value head: tracks the realised loss of the next k tokens on a batch it never trained on
+    assert m["value/corr"] > 0.5
+    assert m["value/mse"] < 0.8 * m["value/const_mse"]
+    # prior head: mostly agrees with the LM's top token
+    assert m["prior/top1_agree"] > 0.5
+    assert m["fit/loss_last"] < m["fit/loss_first"]
+    assert 0 < m["gate/sigmoid"] < 1 and "gate/loss_delta" in m
+
+
+def test_fit_refuses_too_short_sequences():
+    model = planner_model(value_horizon=8)
+    with pytest.raises(ValueError, match="at least 10 tokens .* raise train.planner_fit.seq_len"):
+        model.planner.fit(model, window_batches(mode_switch_tokens(500), 2, 6), steps=2)
+
+
+def test_plan_is_deterministic_and_alpha_follows_the_gate_formula(trained):
+    model, _, tokens = trained
+    req = _request(model, tokens[:64].view(2, 32))
+    a = model.planner.plan(model, req)
+    b = model.planner.plan(model, req)
+    assert all(torch.equal(a.target[k], b.target[k]) for k in a.target)
+    assert torch.equal(a.alpha, b.alpha)
+    p = model.planner.params
+    expected = p.alpha_max * torch.sigmoid(model.planner.gate) * a.confidence
+    torch.testing.assert_close(a.alpha, expected)
+    assert ((0 <= a.confidence) & (a.confidence <= 1)).all()
+    assert (a.alpha <= p.alpha_max).all()
+
+
+def test_flat_value_head_gives_alpha_zero(trained):
+    model, _, tokens = trained
+    with torch.no_grad():  # a value head that says the same thing everywhere: nothing to prefer
+        model.planner.value_head.net[-1].weight.zero_()
+    res = model.planner.plan(model, _request(model, tokens[:64].view(2, 32)))
+    assert res.alpha.abs().max().item() < 1e-6
+
+
+def test_uncertain_value_head_gives_alpha_near_zero(trained):
+    model, _, tokens = trained
+    req = _request(model, tokens[:96].view(3, 32))
+    sure = model.planner.plan(model, req)
+    with torch.no_grad():  # same mean predictions, enormous predicted variance
+        model.planner.value_head.net[-1].bias[1] += 30.0
+    unsure = model.planner.plan(model, req)
+    assert (unsure.alpha <= sure.alpha + 1e-9).all()
+    assert unsure.alpha.max().item() < 1e-4
+
+
+def test_fitted_planner_survives_a_state_dict_round_trip(trained):
+    model, _, tokens = trained
+    fresh = planner_model(simulations=16, d_latent=16, gate_steps=10, seed=123)
+    assert fresh.planner.codec.state_dim == 0  # shaped lazily
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    req = _request(model, tokens[:64].view(2, 32))
+    a, b = model.planner.plan(model, req), fresh.planner.plan(fresh, req)
+    assert all(torch.equal(a.target[k], b.target[k]) for k in a.target)
+    assert torch.equal(a.alpha, b.alpha) and fresh.planner.fitted.item() == 1.0
+
+
+def test_planner_refuses_a_backbone_of_another_shape(trained):
+    model, _, _ = trained
+    other = planner_model(backbone={"kind": "toy-rnn", "n_layers": 3, "d_state": 16})
+    st = other.init_state(1)
+    with pytest.raises(ValueError, match="fitted on states of 32 features, but the backbone's injectable state has 48"):
+        model.planner.ensure_ready(other, st)
+
+
+def test_target_is_the_snapshot_moved_by_the_decoded_latent_change(trained):
+    model, _, tokens = trained
+    pl = model.planner
+    req = _request(model, tokens[:64].view(2, 32))
+    res = pl.plan(model, req)
+    s = pl.codec.flatten(req.state)
+    z0 = pl.codec.encode(s)
+    t = pl.codec.flatten(res.target)
+    # the change lies in the decoder's column space (scaled per feature by the std)
+    delta = (t - s) / pl.codec.std
+    coef = torch.linalg.lstsq(pl.codec.dec_weight, delta.T).solution  # (L, B)
+    torch.testing.assert_close(pl.codec.dec_weight @ coef, delta.T, atol=1e-4, rtol=1e-3)
+    assert z0.shape == (2, 16)
+
+
+def test_statelab_generate_runs_the_planner_hook(trained):
+    model, _, tokens = trained
+    model.planner.params = model.planner.params.model_copy(update={"asynchronous": False, "plan_every": 2})
+    res = statelab.generate(model, tokens[:40].view(2, 20), max_new_tokens=30, seed=0)
+    st = res.stats
+    assert st["planner.requested"] >= 14 and st["planner.applied"] >= 13
+    assert st["planner.mean_lag"] == 1.0
