@@ -73,48 +73,17 @@ def crystallize_round(model: nn.Module, tokens: Tensor, step: int | None = None)
     if len(trie) == 0:  # nothing logged yet (direct use): log these tokens' paths
         trie.insert(m["paths"], m["entropy"], step)
     trie.add_utility(m["paths"], m["delta"])
-    moes = bb.moe_layers()
-    dissolved = 0
+    motif_util = {}
     for mid in motifs.active.nonzero().flatten().tolist():
         on = m["motif"] == mid
-        if not on.any():
-            continue
-        layers = (motifs.path[mid] >= 0).nonzero().flatten()
-        util = float(m["delta"][on][:, layers].sum(1).mean())
-        motifs.util[mid] = util
-        if util < cr.min_utility:
-            motifs.remove(mid)
-            dissolved += 1
-    used = motifs.experts_used()
-    for layer, moe in enumerate(moes):
-        for e in moe.crystal.nonzero().flatten().tolist():
-            if (layer, e) not in used:
-                moe.set_crystal(e, False)
-    w = (cr.w_frequency, cr.w_utility, cr.w_entropy, cr.w_age)
-    cands = []
-    for key in trie.nodes:
-        start, seg = key
-        if len(seg) < 2:
-            continue
-        st = trie.stats(key, step)
-        if not (st["f"] >= cr.min_frequency and st["U"] >= cr.min_utility and st["H"] <= cr.max_entropy):
-            continue  # (a NaN utility, never measured, fails the comparison)
-        score = crystallization_score(st["f"], st["U"], st["H"], st["age"], w)
-        if score >= cr.threshold:
-            cands.append((score, key, st))
-    cands.sort(key=lambda c: -c[0])
-    formed = 0
-    for score, (start, seg), st in cands:
-        if motifs.n_active >= cr.max_motifs:
-            break
-        if motifs.add(start, seg, st, score) is not None:
-            formed += 1
-            for j, e in enumerate(seg):
-                moes[start + j].set_crystal(e, True)
+        if on.any():
+            layers = (motifs.path[mid] >= 0).nonzero().flatten()
+            motif_util[mid] = float(m["delta"][on][:, layers].sum(1).mean())
+    formed, dissolved, n_cands = update_motifs(bb, motif_util, step)
     pruned = trie.prune()
     return {
         "motifs": float(motifs.n_active), "formed": float(formed), "dissolved": float(dissolved),
-        "candidates": float(len(cands)), "trie_nodes": float(len(trie)), "trie_bytes": float(trie.nbytes()),
+        "candidates": float(n_cands), "trie_nodes": float(len(trie)), "trie_bytes": float(trie.nbytes()),
         "pruned": float(pruned), "ce": float(m["ce"].mean()),
     }
 
@@ -150,3 +119,50 @@ def ffn_flops(model: nn.Module, tokens: Tensor, motifs_on: bool = True) -> dict[
         if bb.motifs is not None:
             bb.motifs.n_active = saved
         model.train(was)
+
+
+def update_motifs(bb, motif_util: dict[int, float], step: int) -> tuple[int, int, int]:
+    """The decisions of a round, from the trie's statistics and re-measured motif utilities:
+    dissolve motifs whose utility fell below ``min_utility`` (unfreezing experts no other
+    motif uses), then crystallize the best-scoring candidates within the limits.
+    Returns ``(formed, dissolved, candidates)``."""
+    cr = bb.params.crystallization
+    trie, motifs = bb.trie, bb.motifs
+    moes = bb.moe_layers()
+    dissolved = 0
+    for mid, util in motif_util.items():
+        motifs.util[mid] = util
+        node = trie.nodes.get((int(motifs.start[mid]), tuple(e for e in motifs.path[mid].tolist() if e >= 0)))
+        if node is not None:  # the re-measured utility is the latest evidence on that segment
+            node.util_n = max(node.util_n, 1.0)
+            node.util_sum = util * node.util_n
+        if util < cr.min_utility:
+            motifs.remove(mid)
+            dissolved += 1
+    used = motifs.experts_used()
+    for layer, moe in enumerate(moes):
+        for e in moe.crystal.nonzero().flatten().tolist():
+            if (layer, e) not in used:
+                moe.set_crystal(e, False)
+    w = (cr.w_frequency, cr.w_utility, cr.w_entropy, cr.w_age)
+    cands = []
+    for key in trie.nodes:
+        start, seg = key
+        if len(seg) < 2:
+            continue
+        st = trie.stats(key, step)
+        if not (st["f"] >= cr.min_frequency and st["U"] >= cr.min_utility and st["H"] <= cr.max_entropy):
+            continue  # (a NaN utility, never measured, fails the comparison)
+        score = crystallization_score(st["f"], st["U"], st["H"], st["age"], w)
+        if score >= cr.threshold:
+            cands.append((score, key, st))
+    cands.sort(key=lambda c: -c[0])
+    formed = 0
+    for score, (start, seg), st in cands:
+        if motifs.n_active >= cr.max_motifs:
+            break
+        if motifs.add(start, seg, st, score) is not None:
+            formed += 1
+            for j, e in enumerate(seg):
+                moes[start + j].set_crystal(e, True)
+    return formed, dissolved, len(cands)
