@@ -235,3 +235,25 @@ def test_text_data_on_numpy_arrays_directly():
     ds = TextData(tok, ids[:200], ids[200:], seed=0, bytes_per_token=1.0)
     b = ds.train_batch(0, 3, 10)
     assert b.x.shape == (3, 10)
+
+
+def test_cache_write_is_atomic_under_a_crash(tmp_path, monkeypatch):
+    import statelab.data.text as text_mod
+
+    s = spec(tmp_path, path=small_corpus(tmp_path))
+    real, calls = text_mod._save_npy, []
+
+    def crash_on_second(path, arr):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while writing val.npy")
+        real(path, arr)
+
+    monkeypatch.setattr(text_mod, "_save_npy", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_data(s)
+    tokens = tmp_path / "cache" / "tokens"
+    assert not [p for p in tokens.iterdir() if not p.name.startswith(".")]  # no half-written entry is visible
+    monkeypatch.undo()
+    ds = make_data(s)
+    assert len(ds.train) > 0 and [p.name for p in tokens.iterdir() if not p.name.startswith(".")]

@@ -70,6 +70,16 @@ def test_char_round_trip_on_corpus_and_nanogpt_vocabulary(corpus):
     assert tok.encode(corpus[:100]) == [tok.stoi[c] for c in corpus[:100]]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_char_vectorised_encode_matches_a_dict_lookup(seed):
+    rng = np.random.default_rng(seed)
+    text = random_unicode(rng, 3000)
+    tok = CharTokenizer.from_corpus(text)
+    assert tok.chars == sorted(set(text))
+    assert tok.encode(text) == [tok.stoi[c] for c in text]
+    assert tok.decode(tok.encode(text)) == text
+
+
 def test_char_unknown_character_error_says_what_to_do():
     tok = CharTokenizer("abc ")
     with pytest.raises(TokenizerError, match=r"1 character\(s\) are not in this char tokenizer's vocabulary of 4.*'z'.*"
