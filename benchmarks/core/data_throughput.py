@@ -15,6 +15,7 @@ Prints a markdown section (and writes it to --out when given).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -100,6 +101,8 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     md = "\n".join([
         f"### Tokenizers and data ({args.device}: {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        "",
+        f"Machine load average during the run: {os.getloadavg()[0]:.1f} (times are best of 3; a loaded machine inflates them).",
         "",
         "| what | time | throughput |",
         "|---|---|---|",
