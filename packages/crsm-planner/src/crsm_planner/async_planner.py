@@ -143,6 +143,8 @@ class PlanningHook:
         self.stats: dict[str, float] = {}
         self.lags: list[int] = []
         self.alphas: list[float] = []
+        #: (generation_id, plan step, applied step) of every result applied, all generations
+        self.applied_log: list[tuple[int, int, int]] = []
 
     # -- protocol ------------------------------------------------------------------
     def __call__(self, ctx: StepContext) -> State | None:
@@ -234,6 +236,7 @@ class PlanningHook:
         state = dict(ctx.state)
         state.update(prefix_state("backbone", new_bb))
         self.stats["applied"] += 1
+        self.applied_log.append((r.generation_id, r.step, ctx.step))
         self.lags.append(lag)
         self.alphas.append(float(alpha.float().mean()) if isinstance(alpha, Tensor) else float(alpha))
         return state

@@ -1,0 +1,172 @@
+"""Asynchronous planning in generation: never waiting, generation ids, lag, decay, gating."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+import statelab
+from statelab.interfaces import PlanResult, StepContext
+
+from crsm_planner.async_planner import PlanningHook
+from crsm_planner.planner_testing import single_thread, trained_planner_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture
+def model():
+    m = trained_planner_model()[0]  # a fresh copy per test (trained once per session)
+    yield m
+    m.planner.shutdown()
+
+
+def _slow(planner, seconds):
+    real = planner.plan
+
+    def slow_plan(model, request, **kw):
+        time.sleep(seconds)
+        return real(model, request, **kw)
+
+    planner.plan = slow_plan
+
+
+def _sleepy(seconds):
+    def hook(ctx):
+        time.sleep(seconds)
+
+    return hook
+
+
+def test_generation_never_waits_for_a_slow_planner(model):
+    _slow(model.planner, 0.3)
+    prompts = torch.randint(97, 101, (2, 8))
+    res = statelab.generate(model, prompts, max_new_tokens=60, seed=0)
+    st = res.stats
+    assert st["planner.requested"] >= 1 and st["planner.skipped_busy"] >= 1
+    # one plan takes 0.3 s; no step ever took a noticeable part of that
+    assert max(st["step_times_s"]) < 0.1
+    assert sum(st["step_times_s"]) < 0.3 * st["planner.requested"]
+
+
+def test_a_late_result_from_another_generation_is_never_applied(model):
+    _slow(model.planner, 0.3)
+    hook = PlanningHook(model.planner, model, inline=False)
+    # A lasts long enough for the worker to start on its plan (a request still queued when A
+    # ends is skipped altogether), not long enough to get it back
+    a = statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=3, hooks=[hook, _sleepy(0.05)],
+                          use_planner=False, seed=0)
+    gid_a = a.stats["generation_id"]
+    assert hook.stats["requested"] >= 1 and hook.stats["applied"] == 0  # A ended before its plan came back
+    # B outlives A's plan (0.02 s per step); A's late result arrives during B
+    b = statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=40, seed=1,
+                          hooks=[hook, _sleepy(0.02)], use_planner=False)
+    gid_b = b.stats["generation_id"]
+    assert gid_a != gid_b
+    assert b.stats["planner.dropped_foreign"] >= 1
+    assert all(g == gid_b for g, _, _ in hook.applied_log)
+
+
+def test_a_forged_foreign_result_is_dropped(model):
+    hook = PlanningHook(model.planner, model, inline=False)
+    injected = []
+
+    def forge(ctx):
+        if ctx.step == 2:  # a result claiming to be from generation -5, with a full-strength gate
+            tgt = {k: torch.full_like(ctx.state[k], 1e3) for k in model.planner.codec.keys}
+            hook.worker.results.put(PlanResult(tgt, torch.ones(2), torch.ones(2), ctx.step - 1, -5))
+            injected.append(ctx.step)
+
+    res = statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=10, hooks=[forge, hook],
+                            use_planner=False, seed=0)
+    assert injected == [2]
+    assert res.stats["planner.dropped_foreign"] >= 1
+    assert max(v.abs().max().item() for k, v in res.state.items()) < 1e2
+
+
+def test_results_past_max_lag_are_dropped(model):
+    model.planner.params = model.planner.params.model_copy(update={"max_lag": 2, "plan_every": 1})
+    _slow(model.planner, 0.1)
+    res = statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=40, seed=0,
+                            hooks=[_sleepy(0.02)])
+    st = res.stats
+    assert st["planner.dropped_stale"] >= 1
+    assert st["planner.applied"] == 0
+
+
+def test_applied_results_have_bounded_lag(model):
+    model.planner.params = model.planner.params.model_copy(update={"max_lag": 8, "plan_every": 4})
+    release = threading.Event()
+
+    def gated_plan(m, request):  # the first plan finishes only once generation reached step 3
+        release.wait(5.0)
+        return _fixed_plan(m, request)
+
+    def clock(ctx):
+        if ctx.step >= 3:
+            release.set()
+            time.sleep(0.03)  # leave the worker time to deliver
+
+    hook = PlanningHook(model.planner, model, inline=False, plan_fn=gated_plan)
+    res = statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=20, seed=0, hooks=[clock, hook],
+                            use_planner=False)
+    st = res.stats
+    assert st["planner.applied"] >= 1
+    assert 1 <= st["planner.mean_lag"] <= 8
+    assert all(1 <= applied - planned <= 8 for _, planned, applied in hook.applied_log)
+
+
+def test_pending_results_are_discarded_at_the_end_of_a_generation(model):
+    hook = PlanningHook(model.planner, model, inline=True, plan_every=1)
+    hook.sync_lag = 3
+    res = statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=12, hooks=[hook],
+                            use_planner=False, seed=0)
+    st = res.stats
+    assert st["planner.discarded_at_end"] == 3  # the last three plans were never due
+    assert st["planner.applied"] + st["planner.discarded_at_end"] + st["planner.dropped_stale"] == st["planner.requested"]
+    assert st["planner.mean_lag"] == 3.0
+
+
+def _ctx(model, step, state, gid=1, finished=False):
+    return StepContext(model=model, step=step, generation_id=gid, tokens=torch.zeros(2, step, dtype=torch.long),
+                       logits=torch.zeros(2, 256), state=state, finished=finished, stats={})
+
+
+def _fixed_plan(model, request):
+    tgt = {k: torch.zeros_like(v) for k, v in request.state.items()}
+    return PlanResult(tgt, torch.ones(2), torch.full((2,), 0.5), request.step, request.generation_id)
+
+
+def test_injection_is_gated_interpolation_decayed_by_lag_and_publishes_alpha(model):
+    model.planner.params = model.planner.params.model_copy(update={"lag_decay": 0.8, "sync_lag": 2})
+    state = model.init_state(2)
+    state = {k: torch.randn_like(v) for k, v in state.items()}
+    hook = PlanningHook(model.planner, model, inline=True, plan_fn=_fixed_plan, plan_every=100)
+    assert hook(_ctx(model, 0, state)) is None  # request at step 0
+    assert hook(_ctx(model, 1, state)) is None  # not due yet
+    out = hook(_ctx(model, 2, state))
+    a = 0.5 * 0.8**2
+    for k in model.planner.codec.keys:
+        torch.testing.assert_close(out[k], (1 - a) * state[k])
+    torch.testing.assert_close(hook.aux["planner.alpha"], torch.full((2,), a))
+    # planner.alpha is a named internal: forcing it to 0 turns the injection off
+    hook2 = PlanningHook(model.planner, model, inline=True, plan_fn=_fixed_plan, plan_every=100)
+    with statelab.intervene({"planner.alpha": 0.0}):
+        hook2(_ctx(model, 0, state))
+        hook2(_ctx(model, 1, state))
+        out2 = hook2(_ctx(model, 2, state))
+    assert all(torch.equal(out2[k], state[k]) for k in state)
+
+
+def test_worker_failure_is_raised_in_the_generating_thread(model):
+    def broken(m, request, **kw):
+        raise ValueError("boom in the search")
+
+    model.planner.plan = broken
+    with pytest.raises(RuntimeError, match="(?s)background worker failed.*boom in the search"):
+        statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=50, seed=0, hooks=[_sleepy(0.01)])
