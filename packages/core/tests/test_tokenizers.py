@@ -57,6 +57,17 @@ def test_byte_and_bpe_round_trip_arbitrary_unicode(bpe, seed):
         assert tok.encode_array(text).tolist() == ids
 
 
+def test_bpe_long_texts_encode_in_pieces_to_the_same_ids(corpus, monkeypatch):
+    # indented lines and trailing spaces: whitespace chunks that span a newline ("\n    ")
+    text = corpus[:20_000].replace("\n", "\n    ").replace(",", ",  ") + UNICODE
+    tok = BPETokenizer(train_bpe(text, 320))
+    assert any(t.startswith(b"\n ") for t in tok.ranks)
+    whole = tok.encoding.encode_ordinary(text)
+    monkeypatch.setattr(tok, "long_text_chars", 1000)
+    monkeypatch.setattr(tok, "piece_chars", 97)
+    assert tok.encode_array(text).tolist() == whole
+
+
 def test_byte_ids_are_utf8_bytes():
     assert ByteTokenizer().encode("aé") == [0x61, 0xC3, 0xA9]
 

@@ -80,8 +80,11 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: equal fingerprints encode identically."""
-        blob = json.dumps(self.to_json(), sort_keys=True, ensure_ascii=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        fp = self.__dict__.get("_fingerprint")
+        if fp is None:  # tokenizers are immutable once made
+            blob = json.dumps(self.to_json(), sort_keys=True, ensure_ascii=True).encode()
+            fp = self.__dict__["_fingerprint"] = hashlib.sha256(blob).hexdigest()
+        return fp
 
     def _ids(self, ids: Sequence[int]) -> np.ndarray:
         """Any sequence of ids (list, tensor, array) as a 1-D int64 array."""
@@ -200,6 +203,9 @@ class BPETokenizer(Tokenizer):
     """Byte-level BPE encoded by tiktoken from mergeable ranks (no special tokens)."""
 
     kind = "bpe"
+    #: texts longer than this are encoded in pieces of about ``piece_chars`` characters
+    long_text_chars = 1 << 20
+    piece_chars = 1 << 18
 
     def __init__(self, ranks: dict[bytes, int], *, name: str = "bpe", pattern: str | None = None) -> None:
         import tiktoken
@@ -217,13 +223,15 @@ class BPETokenizer(Tokenizer):
         return self.encoding.encode_ordinary(text)
 
     def encode_array(self, text: str) -> np.ndarray:
-        # tiktoken is fastest on moderate pieces; split on line boundaries (never inside a chunk
-        # of the pattern, which cannot span "\n" followed by a non-space)
-        if len(text) < 1 << 20:
+        if len(text) < self.long_text_chars:
             return np.asarray(self.encoding.encode_ordinary(text), dtype=np.int64)
-        pieces, start, step = [], 0, 1 << 18
+        # long texts: encode pieces in parallel, cut after a "\n" between two non-space characters,
+        # where no chunk of the pre-tokenization pattern can span the cut, so the ids are the same
+        pieces, start, step = [], 0, self.piece_chars
         while start < len(text):
             end = text.find("\n", start + step)
+            while 0 <= end < len(text) - 1 and (text[end - 1].isspace() or text[end + 1].isspace()):
+                end = text.find("\n", end + 1)
             end = len(text) if end < 0 else end + 1
             pieces.append(text[start:end])
             start = end
