@@ -174,9 +174,9 @@ class ThenMemory(Memory):
             v_all = torch.cat([state["ring_v"].to(v.dtype), nv], 1)  # (B, M, D), M = S + N
             v_all = v_all[:, None].expand(B, T, -1, D)  # (B, T, M, D) (a view)
         else:
-            ok_old, s_old, v_old = self._store_candidates(q, count0)
+            ok_old, s_old, v_old = self._store_candidates(q, count0)  # per-query candidates (B, T, K0, ...)
             ok_new = can
-            v_all = torch.cat([v_old, nv[:, None].expand(B, T, -1, D)], 2)  # (B, T, M, D)
+            v_all = None
         s_new = torch.einsum("bthd,bnhd->bhtn", qh, nk.view(B, -1, H, dh))  # (B, H, T, N)
         s = torch.cat([s_old, s_new], -1) * scale  # (B, H, T, M)
         ok = torch.cat([ok_old, ok_new], -1)  # (B, T, M)
@@ -189,7 +189,14 @@ class ThenMemory(Memory):
         sk = s.gather(-1, idx[:, None].expand(B, H, T, K))  # (B, H, T, K)
         sk = sk.masked_fill(~okk[:, None], torch.finfo(sk.dtype).min)
         wts = sk.softmax(-1) * okk[:, None].to(sk.dtype)  # (B, H, T, K); all zero when nothing to read
-        vk = v_all.gather(2, idx[..., None].expand(B, T, K, D)).view(B, T, K, H, dh)  # (B, T, K, H, dh)
+        if v_all is not None:
+            vk = v_all.gather(2, idx[..., None].expand(B, T, K, D))  # (B, T, K, D)
+        else:  # chosen among the store's candidates (index < K0) or this call's new traces
+            K0 = v_old.shape[2]
+            vo = v_old.gather(2, idx.clamp(max=K0 - 1)[..., None].expand(B, T, K, D))  # (B, T, K, D)
+            vn = nv[:, None].expand(B, T, -1, D).gather(2, (idx - K0).clamp(min=0)[..., None].expand(B, T, K, D))
+            vk = torch.where((idx < K0)[..., None], vo, vn)  # (B, T, K, D)
+        vk = vk.view(B, T, K, H, dh)  # (B, T, K, H, dh)
         recall = torch.einsum("bhtk,btkhd->bthd", wts, vk)  # (B, T, H, dh)
 
         aux: Aux = {}

@@ -133,19 +133,23 @@ class _Ring:
         return [s for s in segs if s[1].shape[0] > 0]
 
     def pop(self, m: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Remove the oldest ``m`` rows and return copies of them on ``device``."""
+        """Remove the oldest ``m`` rows and return them on ``device`` (views when possible:
+        consume them before the next ``push``)."""
         ks, vs, got = [], [], 0
         for _, k, v in self.segments():
             take = min(m - got, k.shape[0])
             if take <= 0:
                 break
-            ks.append(k[:take].to(device, copy=True))
-            vs.append(v[:take].to(device, copy=True))
+            ks.append(k[:take])
+            vs.append(v[:take])
             got += take
+        # one segment: hand out views (valid until the next push, which callers do after consuming)
+        k = ks[0].to(device) if len(ks) == 1 else torch.cat([x.to(device) for x in ks])
+        v = vs[0].to(device) if len(vs) == 1 else torch.cat([x.to(device) for x in vs])
         self.start = (self.start + m) % self.cap
         self.n -= m
         self.t0 += m
-        return torch.cat(ks), torch.cat(vs)
+        return k, v
 
     def rows(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Rows of the time indices ``t`` (all inside this ring)."""
@@ -199,15 +203,19 @@ class TraceStore:
         self.device = torch.device(device)
         self.durable, self.read_only = durable, read_only
         self.coarse_lists = coarse_lists
-        self.dtype = torch.float16
+        self.dtype = torch.float16  # storage precision of every tier
+        # in-memory tiers hold fp16 values; on a CPU-only store as float32 (CPU fp16 math is slow)
+        self.ring_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         pin = torch.cuda.is_available()
-        self.hot = _Ring(hot_budget, dim, self.device, self.dtype, pin=False)
-        self.warm = _Ring(warm_budget, dim, torch.device("cpu"), self.dtype, pin=pin)
+        self.hot = _Ring(hot_budget, dim, self.device, self.ring_dtype, pin=False)
+        self.warm = _Ring(warm_budget, dim, torch.device("cpu"), self.ring_dtype, pin=pin)
         self.chunks: list[_Chunk] = []
         self.centroids: Tensor | None = None
         self._log_fd: int | None = None
         self._log_t0 = -1
         self._rec = struct.Struct(f"<q{2 * dim * 2}sI")  # time, fp16 key+value bytes, crc32
+        self._rec_dtype = np.dtype([("t", "<i8"), ("kv", "<f2", (2 * dim,)), ("crc", "<u4")])  # the same, packed
+        assert self._rec_dtype.itemsize == self._rec.size
         if self.root is not None:
             self._open()
 
@@ -221,9 +229,9 @@ class TraceStore:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes allocated per in-memory tier (fixed by the budgets) and on disk."""
-        per = 2 * self.dim * 2
         disk = sum(c.path.stat().st_size for c in self.chunks if c.path is not None)
-        return {"hot": self.hot.cap * per, "warm": self.warm.cap * per, "cold_disk": disk}
+        size = lambda r: 2 * r.k.numel() * r.k.element_size()  # noqa: E731 - keys and values
+        return {"hot": size(self.hot), "warm": size(self.warm), "cold_disk": disk}
 
     # -- opening and recovery ---------------------------------------------------------
     def _open(self) -> None:
@@ -286,7 +294,8 @@ class TraceStore:
             with open(log, "r+b") as f:
                 f.truncate(good)
         if ks:
-            self._insert(torch.from_numpy(np.stack(ks)), torch.from_numpy(np.stack(vs)), log_it=False)
+            self._insert(torch.from_numpy(np.stack(ks)).to(self.ring_dtype), torch.from_numpy(np.stack(vs)).to(self.ring_dtype),
+                         log_it=False)
 
     # -- writing -----------------------------------------------------------------------
     def append(self, k: Tensor, v: Tensor) -> None:
@@ -295,7 +304,9 @@ class TraceStore:
             raise ValueError(f"append expects keys and values of shape (n, {self.dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
         if k.shape[0] == 0:
             return
-        self._insert(k.detach().to(self.dtype), v.detach().to(self.dtype), log_it=self.root is not None and not self.read_only)
+        k = k.detach().to(self.dtype).to(self.ring_dtype)  # rounded to the storage precision
+        v = v.detach().to(self.dtype).to(self.ring_dtype)
+        self._insert(k, v, log_it=self.root is not None and not self.read_only)
 
     def _insert(self, k: Tensor, v: Tensor, log_it: bool) -> None:
         i = 0
@@ -340,6 +351,7 @@ class TraceStore:
             )
         t0 = self.warm.t0
         k, v = self.warm.pop(self.chunk_traces, torch.device("cpu"))
+        k, v = k.to(self.dtype), v.to(self.dtype)  # (n, dim) fp16 on disk
         t1 = t0 + k.shape[0]
         if self.read_only:  # incognito: the overflow stays in RAM (beyond the budgets) and is never written
             self.chunks.append(_Chunk(None, t0, t1, arrays={"k": k.numpy(), "v": v.numpy()}))
@@ -411,17 +423,19 @@ class TraceStore:
 
     def _records(self, t0: int, k: Tensor, v: Tensor) -> bytes:
         """Log records of traces t0, t0 + 1, ...: time, fp16 key and value, crc32 of both."""
-        kv = torch.stack([k, v], 1).cpu().numpy()  # (m, 2, dim) fp16
-        recs = bytearray()
-        for j in range(kv.shape[0]):
-            payload = kv[j].tobytes()
-            recs += self._rec.pack(t0 + j, payload, zlib.crc32(payload))
-        return bytes(recs)
+        m, d = k.shape
+        rec = np.empty(m, dtype=self._rec_dtype)
+        rec["t"] = np.arange(t0, t0 + m)
+        rec["kv"][:, :d] = k.to(torch.float16).cpu().numpy()
+        rec["kv"][:, d:] = v.to(torch.float16).cpu().numpy()
+        kv = rec["kv"]
+        rec["crc"] = [zlib.crc32(kv[j].tobytes()) for j in range(m)]
+        return rec.tobytes()
 
     def _reload(self) -> None:
         pin = torch.cuda.is_available()
-        self.hot = _Ring(self.hot.cap, self.dim, self.device, self.dtype, pin=False)
-        self.warm = _Ring(self.warm.cap, self.dim, torch.device("cpu"), self.dtype, pin=pin)
+        self.hot = _Ring(self.hot.cap, self.dim, self.device, self.ring_dtype, pin=False)
+        self.warm = _Ring(self.warm.cap, self.dim, torch.device("cpu"), self.ring_dtype, pin=pin)
         self.chunks = []
         self._open()
 
@@ -492,12 +506,12 @@ class TraceStore:
         best_s = torch.full((Q, k), float("-inf"), device=self.device)
         best_i = torch.full((Q, k), -1, dtype=torch.int64, device=self.device)
 
-        def merge(scores: Tensor, ids: Tensor) -> None:  # scores (Q, n), ids (n,) or (Q, n)
+        def merge(scores: Tensor, ids: Tensor | int) -> None:  # scores (Q, n); ids (n,) or the first id of a range
             nonlocal best_s, best_i
-            if ids.dim() == 1:
-                ids = ids[None].expand(Q, -1)
-            s = torch.cat([best_s, scores], 1)
-            i = torch.cat([best_i, ids.to(self.device)], 1)
+            top = scores.topk(min(k, scores.shape[1]), dim=1)  # the block's own top-k first: small merges
+            cand = top.indices + ids if isinstance(ids, int) else ids[top.indices]  # (Q, k')
+            s = torch.cat([best_s, top.values], 1)
+            i = torch.cat([best_i, cand], 1)
             top = s.topk(k, dim=1)
             best_s, best_i = top.values, i.gather(1, top.indices)
 
@@ -506,13 +520,30 @@ class TraceStore:
                 n = max(0, min(kk.shape[0], limit - t0))
                 for a in range(0, n, self.block):
                     b = min(n, a + self.block)
-                    blk = kk[a:b].to(self.device, non_blocking=True).float()  # (n, dim)
-                    merge(qd @ blk.T, torch.arange(t0 + a, t0 + b, device=self.device))
+                    blk = kk[a:b].to(self.device, non_blocking=True)  # (n, dim)
+                    merge((qd.to(blk.dtype) @ blk.T).float(), t0 + a)
         use_coarse = coarse and self.centroids is not None
         lists = None
         if use_coarse:
             probe = (qd @ self.centroids.T).topk(min(nprobe, self.centroids.shape[0]), dim=1).indices  # (Q, nprobe)
             lists = torch.unique(probe).cpu().numpy()
+        # the cold tier: row ranges (all rows, or the probed lists) gathered into blocks
+        pend_k: list[np.ndarray] = []
+        pend_i: list[np.ndarray] = []
+        pend_n = 0
+
+        def flush() -> None:
+            nonlocal pend_k, pend_i, pend_n
+            if not pend_n:
+                return
+            blk = _tensor(pend_k[0] if len(pend_k) == 1 else np.concatenate(pend_k)).to(self.device)  # (n, dim) fp16
+            ids = _tensor(pend_i[0] if len(pend_i) == 1 else np.concatenate(pend_i)).to(self.device)  # (n,)
+            sc = (qd.half() @ blk.T).float() if self.device.type == "cuda" else qd @ blk.float().T  # (Q, n)
+            if limit < self.n_cold:
+                sc = sc.masked_fill(ids[None] >= limit, float("-inf"))
+            merge(sc, ids)
+            pend_k, pend_i, pend_n = [], [], 0
+
         for c in self.chunks:
             if c.t0 >= limit:
                 break
@@ -524,13 +555,12 @@ class TraceStore:
             for a0, b0 in spans:
                 for a in range(a0, b0, self.block):
                     b = min(b0, a + self.block)
-                    blk = _tensor(c.k[a:b]).to(self.device).float()  # (n, dim)
-                    ids = _tensor(c.ids[a:b]) if c.ids is not None else torch.arange(c.t0 + a, c.t0 + b)
-                    sc = qd @ blk.T  # (Q, n)
-                    ids = ids.to(self.device)
-                    if c.t1 > limit:
-                        sc = sc.masked_fill(ids[None] >= limit, float("-inf"))
-                    merge(sc, ids)
+                    pend_k.append(c.k[a:b])
+                    pend_i.append(c.ids[a:b] if c.ids is not None else np.arange(c.t0 + a, c.t0 + b))
+                    pend_n += b - a
+                    if pend_n >= self.block:
+                        flush()
+        flush()
         best_i = torch.where(torch.isfinite(best_s), best_i, torch.full_like(best_i, -1))
         keys, values = self.get(best_i)
         return SearchResult(best_i, best_s, keys, values)
