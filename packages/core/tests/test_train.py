@@ -300,3 +300,26 @@ def test_overrides_and_batch_divisibility(reg, tmp_path):
     spec["train"].update(batch_size=3, grad_accum=2)
     with pytest.raises(SpecError, match="not divisible by world_size x grad_accum"):
         train(spec, registry=reg, out_dir=tmp_path, progress=False)
+
+
+def test_cli_train_and_resume(reg, tmp_path, capsys):
+    from statelab import cli
+    from statelab.plugins import set_registry
+
+    spec = toy_spec()
+    spec["train"].update(steps=4, eval_interval=100, sample_tokens=0)
+    path = tmp_path / "spec.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec))
+    set_registry(reg)
+    try:
+        assert cli.main(["train", str(path), "--out", str(tmp_path / "runs"), "--set", "train.steps=3", "-q"]) == 0
+        assert "finished at step 3" in capsys.readouterr().out
+        assert cli.main(["train", str(path), "--out", str(tmp_path / "runs"), "-q"]) == 1
+        assert "pass --resume" in capsys.readouterr().err
+        assert cli.main(["train", str(path), "--out", str(tmp_path / "runs"), "--resume", "-q"]) == 0
+        assert "finished at step 4" in capsys.readouterr().out
+        assert len(losses(tmp_path / "runs" / "toy")) == 4
+    finally:
+        set_registry(None)

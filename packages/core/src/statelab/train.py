@@ -598,7 +598,7 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
             "statelab.planner": resolved.planner.component.name if resolved.planner else "",
         }
         tags.update({f"plugin.{d}": v for d, v in resolved.distributions().items()})
-        rev = git_revision()
+        rev = git_revision() if tracker.enabled else None
         if rev:
             tags["mlflow.source.git.commit"] = rev
             tags["statelab.git_revision"] = rev
