@@ -73,7 +73,8 @@ def main() -> None:
     for name, tok in (("char", char), ("byte", ByteTokenizer()), ("bpe shakespeare-1024", bpe)):
         sec = best_of(lambda: tok.encode_array(text), 3)
         n = len(tok.encode_array(text))
-        rows.append(f"| tokenize 1.1 MB corpus, {name} | {sec * 1e3:.0f} ms | {n:,} tokens, {len(text) / sec / 1e6:.1f} M chars/s |")
+        rate = len(text) / sec / 1e6
+        rows.append(f"| tokenize 1.1 MB corpus, {name} | {sec * 1e3:.0f} ms | {n:,} tokens, {rate:.1f} M chars/s |")
         sec = best_of(lambda: tok.decode(tok.encode_array(text).tolist()), 1)
         rows.append(f"| decode it back, {name} | {sec * 1e3:.0f} ms | |")
     sec = best_of(lambda: train_bpe(train_text, 1024), 1)
@@ -102,13 +103,15 @@ def main() -> None:
     md = "\n".join([
         f"### Tokenizers and data ({args.device}: {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads)",
         "",
-        f"Machine load average during the run: {os.getloadavg()[0]:.1f} (times are best of 3; a loaded machine inflates them).",
+        f"Machine load average during the run: {os.getloadavg()[0]:.1f} "
+        "(times are best of 3; a loaded machine inflates them).",
         "",
         "| what | time | throughput |",
         "|---|---|---|",
         *rows,
         "",
-        "Reproduce: `python benchmarks/core/data_throughput.py" + (f" --device {args.device}`" if args.device != "cpu" else "`"),
+        "Reproduce: `python benchmarks/core/data_throughput.py"
+        + (f" --device {args.device}`" if args.device != "cpu" else "`"),
         "",
     ])
     print(md)

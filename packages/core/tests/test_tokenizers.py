@@ -26,7 +26,7 @@ from statelab.tokenizers import (
     train_bpe,
 )
 
-UNICODE = "héllo wörld — naïve café ☕ 日本語のテキスト 🙂🚀 Ελληνικά\n\ttabs  and   spaces\r\nend\x00"
+UNICODE = "héllo wörld — naïve café ☕ 日本語のテキスト 🙂🚀 Ελληνικά\n\ttabs  and   spaces\r\n" + "end\x00"
 
 
 @pytest.fixture(scope="module")

@@ -367,7 +367,8 @@ def _check_ranks(ranks: dict[bytes, int], source: str) -> None:
 
 def dump_ranks(ranks: dict[bytes, int]) -> str:
     """The ``.tiktoken`` text of ``ranks``, in rank order."""
-    return "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    ordered = sorted(ranks.items(), key=lambda kv: kv[1])
+    return "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in ordered)
 
 
 def parse_ranks(text: str, *, source: str = "ranks") -> dict[bytes, int]:

@@ -52,7 +52,9 @@ def stream_starts(step: int, n_tokens: int, batch_size: int, seq_len: int, sourc
 
 
 def val_windows(n_tokens: int, batch_size: int, seq_len: int, max_batches: int | None) -> list[list[tuple[int, int]]]:
-    """Batches of validation windows ``(start, length)``: ``length`` inputs predict ``tokens[start+1 : start+1+length]``.
+    """Batches of validation windows ``(start, length)``.
+
+    A window's ``length`` inputs predict ``tokens[start + 1 : start + 1 + length]``.
 
     ``max_batches=None`` (or more batches than the split has): non-overlapping windows covering
     the split, so each token after the first is predicted exactly once; the last window may be
@@ -73,7 +75,9 @@ def val_windows(n_tokens: int, batch_size: int, seq_len: int, max_batches: int |
     return [wins[i : i + batch_size] for i in range(0, len(wins), batch_size)]
 
 
-def gather_windows(tokens: np.ndarray, wins: list[tuple[int, int]], seq_len: int) -> tuple[Tensor, Tensor, Tensor | None]:
+def gather_windows(
+    tokens: np.ndarray, wins: list[tuple[int, int]], seq_len: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """(x, y, mask) for validation windows; short windows are padded with 0 and masked out."""
     starts = np.array([s for s, _ in wins], dtype=np.int64)
     lengths = np.array([n for _, n in wins], dtype=np.int64)

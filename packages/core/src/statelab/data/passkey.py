@@ -98,7 +98,9 @@ def random_key(rng: np.random.Generator, digits: int) -> str:
     return str(int(rng.integers(10 ** (digits - 1), 10**digits)))
 
 
-def _build(tok: Tokenizer, length: int, depth: float, key: str, answer_len: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+def _build(
+    tok: Tokenizer, length: int, depth: float, key: str, answer_len: int = 0
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Prompt ids of exactly ``length - answer_len`` tokens and the span of the key's first copy."""
     p = _parts(tok)
     key_ids = np.asarray(tok.encode(key), dtype=np.int64)

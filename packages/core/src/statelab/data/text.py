@@ -151,7 +151,7 @@ def tokenize_corpus(
         "format": CACHE_FORMAT,
         "corpus": str(corpus.path),
         "corpus_sha256": corpus.sha256,
-        "tokenizer": tokenizer.to_json() if tokenizer.kind != "bpe" else {"kind": "bpe", "name": getattr(tokenizer, "name", "")},
+        "tokenizer": tokenizer.to_json() if tokenizer.kind != "bpe" else {"kind": "bpe", "name": tokenizer.name},
         "tokenizer_sha256": tokenizer.fingerprint(),
         "val_fraction": val_fraction,
         "n_train": int(len(arrays["train"])),
