@@ -1,0 +1,129 @@
+"""The planner-effect and injection-stability probes."""
+
+import json
+
+import pytest
+import torch
+
+import statelab
+from statelab.interfaces import PlanRequest, PlanResult, ProbeContext
+from statelab.testing.toys import toy_registry, toy_spec
+
+from crsm_planner.probes import random_direction_plan, sample_stats
+from crsm_planner.planner_testing import single_thread, trained_planner_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture
+def trained():
+    return trained_planner_model()
+
+
+def _ctx(tokens, tmp_path, seed=0):
+    return ProbeContext(val_tokens=tokens[-4000:], tokenizer=None, out_dir=tmp_path, seed=seed)
+
+
+EFFECT = {"loss_batches": 1, "batch_size": 2, "seq_len": 32, "prompt_len": 8, "new_tokens": 24}
+
+
+def test_sample_stats_on_known_sequences():
+    s = sample_stats([[1, 2, 3, 4, 1, 2, 3, 4, 1]])
+    assert s["distinct_1"] == pytest.approx(4 / 9)
+    assert s["distinct_2"] == pytest.approx(4 / 8)
+    assert s["rep_rate"] == pytest.approx(2 / 6)  # 4-grams 5 and 6 repeat 1 and 2
+    assert sample_stats([[5, 6, 7, 8, 9]])["rep_rate"] == 0.0
+
+
+def test_random_ablation_keeps_the_norm_gate_and_timing_of_the_plan():
+    state = {"backbone.layers.0.h": torch.randn(3, 5), "backbone.layers.1.h": torch.randn(3, 5)}
+    planned = {k: v + torch.randn(3, 5) for k, v in state.items()}
+
+    def plan(model, req):
+        return PlanResult(planned, torch.full((3,), 0.4), torch.full((3,), 0.1), req.step, req.generation_id)
+
+    rnd = random_direction_plan(plan, seed=0)(None, PlanRequest(state, torch.zeros(3, 7), 5, 9))
+    for k in state:
+        torch.testing.assert_close((rnd.target[k] - state[k]).norm(dim=1), (planned[k] - state[k]).norm(dim=1))
+        assert not torch.allclose(rnd.target[k], planned[k])
+    assert (rnd.step, rnd.generation_id) == (5, 9) and torch.equal(rnd.alpha, torch.full((3,), 0.1))
+
+
+def test_planner_effect_reports_the_three_settings(trained, tmp_path):
+    model, _, tokens = trained
+    probe = statelab.make_probe("planner-effect", EFFECT, model)
+    res = probe.run(model, _ctx(tokens, tmp_path))
+    m = res.metrics
+    for name in ("off", "on", "random"):
+        assert 0 < m[f"val_loss_{name}"] < 10
+        assert 0 < m[f"distinct_1_{name}"] <= 1 and 0 <= m[f"rep_rate_{name}"] <= 1
+    assert m["loss_delta_on"] == pytest.approx(m["val_loss_on"] - m["val_loss_off"])
+    assert m["tokens_per_s_off"] > 0 and m["tokens_per_s_on"] > 0
+    assert m["plans_requested"] >= 1
+    assert res.verdict in {"helps", "no effect", "hurts"}
+    assert res.passed is None
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["verdict"] == res.verdict and (tmp_path / "samples.md").read_text().count("## planner") == 3
+    assert not model.training
+
+
+def test_planner_effect_says_hurts_for_a_destructive_planner(trained, tmp_path):
+    model, _, tokens = trained
+
+    def wreck(m, request, **kw):  # full-strength injection of a far-away state
+        tgt = {k: v + 20.0 for k, v in request.state.items() if k in m.planner.codec.keys}
+        B = request.logits.shape[0]
+        return PlanResult(tgt, torch.ones(B), torch.ones(B), request.step, request.generation_id)
+
+    model.planner.plan = wreck
+    model.planner.params = model.planner.params.model_copy(update={"plan_every": 1})
+    res = statelab.make_probe("planner-effect", EFFECT, model).run(model, _ctx(tokens, tmp_path))
+    assert res.verdict == "hurts"
+    assert res.metrics["val_loss_on"] > res.metrics["val_loss_off"] + 0.1
+
+
+def test_injection_stability_passes_over_1000_consecutive_injections(trained):
+    model, _, tokens = trained
+    probe = statelab.make_probe("injection-stability", {"steps": 1001, "batch_size": 2, "simulations": 1}, model)
+    res = probe.run(model, ProbeContext(val_tokens=tokens[-2000:], seed=0))
+    m = res.metrics
+    assert res.passed is True and res.verdict == "stable"
+    assert m["injections"] >= 1000
+    assert m["nonfinite_steps"] == 0 and m["invalid_tokens"] == 0
+    assert m["mean_alpha"] >= 0.5  # the gate floor: every injection really moved the state
+    assert m["norm_ratio"] <= 10
+
+
+def test_injection_stability_fails_on_non_finite_targets(trained):
+    model, _, tokens = trained
+
+    def poison(m, request, **kw):
+        tgt = {k: torch.full_like(request.state[k], float("nan")) for k in m.planner.codec.keys}
+        B = request.logits.shape[0]
+        return PlanResult(tgt, torch.ones(B), torch.ones(B), request.step, request.generation_id)
+
+    model.planner.plan = poison
+    res = statelab.make_probe("injection-stability", {"steps": 20}, model).run(model, ProbeContext(seed=0))
+    assert res.passed is False and res.verdict == "unstable"
+    assert res.metrics["nonfinite_steps"] > 0
+
+
+def test_injection_stability_without_a_planner_uses_random_targets():
+    reg = toy_registry()
+    model = statelab.build(toy_spec(), registry=reg)
+    res = statelab.make_probe("injection-stability", {"steps": 60, "min_alpha": 1.0}, model).run(model, ProbeContext(seed=0))
+    assert res.passed is True and res.metrics["injections"] == 60
+
+
+def test_planner_effect_explains_missing_inputs(trained, tmp_path):
+    model, _, _ = trained
+    probe = statelab.make_probe("planner-effect", EFFECT, model)
+    with pytest.raises(ValueError, match="needs validation tokens"):
+        probe.run(model, ProbeContext(val_tokens=None, out_dir=tmp_path))
+    model.planner = None
+    with pytest.raises(ValueError, match="needs a model with a planner"):
+        probe.run(model, _ctx(torch.arange(100) % 256, tmp_path))
