@@ -218,8 +218,36 @@ def test_passkey_mix_replaces_a_fraction_of_random_windows(tmp_path):
     assert 0.1 < rows / (8 * 16) < 0.4
     half = [ds.train_batch(2, 16, T, rank=r, world_size=2) for r in range(2)]
     assert torch.equal(torch.cat([h.x for h in half]), ds.train_batch(2, 16, T).x)
-    with pytest.raises(DataError, match="set train.batching: random, or data.passkey.mix: 0"):
-        ds.train_batch(0, 16, T, mode="stream")
+
+
+def test_passkey_mix_in_stream_mode_inserts_documents(tmp_path):
+    s = spec(tmp_path, {"kind": "byte"}, passkey={"mix": 0.2, "lengths": [300, 500], "digits": 5})
+    ds = make_data(s)
+    stream = ds.stream_tokens
+    n_text = len(ds.train)
+    assert 0.18 < (len(stream) - n_text) / len(stream) < 0.25  # about mix of the stream's tokens
+    text = ds.tokenizer.decode(np.asarray(stream).tolist())
+    train_text = ds.tokenizer.decode(np.asarray(ds.train).tolist())
+    docs = text.count("What is the pass key? The pass key is ")
+    assert docs == len(ds.passkey_starts) > 10
+    for start in ds.passkey_starts[:5].tolist():  # each document is whole and in place
+        doc = ds.tokenizer.decode(np.asarray(stream[start : start + 500]).tolist())
+        assert doc.startswith("The grass is green.") and "The pass key is " in doc
+    # removing the documents gives back the text, in order
+    import re
+
+    doc_re = (r"\n[^\n]*\nThe pass key is (\d{5})\. Remember it\. \1 is the pass key\.\n[^\n]*\n"
+              r"What is the pass key\? The pass key is \1\n")
+    stripped, n = re.subn(doc_re, "", text)
+    assert n == docs and stripped == train_text
+    # stream batches read the mixed stream, deterministically
+    b = ds.train_batch(0, 4, 64, mode="stream")
+    S = len(stream) // 4
+    assert np.array_equal(b.x[1].numpy(), np.asarray(stream[S : S + 64]))
+    assert torch.equal(make_data(s).train_batch(5, 4, 64, mode="stream").x, ds.train_batch(5, 4, 64, mode="stream").x)
+    with pytest.raises(DataError, match=r"a passkey document needs at least \d+ tokens.*data.passkey.lengths"):
+        make_data(spec(tmp_path, {"kind": "byte"}, passkey={"mix": 0.2, "lengths": [20]})).train_batch(
+            0, 4, 64, mode="stream")
 
 
 def test_batch_to_and_unknown_mode(shakespeare):

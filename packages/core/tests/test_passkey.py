@@ -50,6 +50,15 @@ def test_key_is_where_stated(kind, depth, length):
         assert s <= len(tok.encode("\nThe pass key is "))
 
 
+def test_helpers_are_importable_from_statelab_data():
+    import statelab.data as data
+
+    assert data.make_passkey_example is make_passkey_example
+    assert data.passkey_accuracy is passkey_accuracy
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        data.nope  # noqa: B018
+
+
 def test_examples_are_deterministic_and_vary_with_the_rng():
     tok = ByteTokenizer()
     a = make_passkey_example(tok, 300, 0.5, 42)

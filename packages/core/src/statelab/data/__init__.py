@@ -5,8 +5,9 @@
 - ``text``: a UTF-8 corpus (default: the bundled Tiny Shakespeare), tokenized once and
   cached memory-mapped; the last ``val_fraction`` of the text is validation
   (:mod:`statelab.data.text`). Batching modes ``random`` and ``stream``
-  (:mod:`statelab.data.batching`). ``data.passkey.mix > 0`` replaces that fraction of the
-  random windows with passkey documents (loss on all their tokens).
+  (:mod:`statelab.data.batching`). ``data.passkey.mix > 0`` mixes passkey documents in
+  (loss on all their tokens): that fraction of the random windows, or, in stream mode,
+  documents of ``data.passkey.lengths`` tokens inserted into the stream.
 - ``mqar``: Zoology's multi-query associative recall (:mod:`statelab.data.mqar`); loss and
   accuracy on the query positions (``Batch.mask``).
 - ``passkey``: passkey-retrieval documents (:mod:`statelab.data.passkey`); loss on the
@@ -24,6 +25,25 @@ from statelab.data.text import TextData, bundled_corpus_path, cache_root, read_c
 
 if TYPE_CHECKING:  # pragma: no cover
     from statelab.spec import RunSpec
+
+
+# synthetic-task helpers, importable from here without loading them with statelab.data
+_LAZY = {
+    "PasskeyExample": "passkey",
+    "make_passkey_example": "passkey",
+    "passkey_accuracy": "passkey",
+    "passkey_eval_set": "passkey",
+    "passkey_document": "passkey",
+    "mqar_examples": "mqar",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"statelab.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'statelab.data' has no attribute {name!r}")
 
 
 def make_data(spec: "RunSpec", *, seed: int | None = None) -> DataSource:
@@ -66,6 +86,7 @@ def corpus_vocab_size(spec: "RunSpec") -> int:
 
 
 __all__ = [
+    *_LAZY,
     "Batch",
     "DataError",
     "DataSource",

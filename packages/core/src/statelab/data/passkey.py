@@ -20,7 +20,10 @@ generated continuation with the key.
 The ``passkey`` data kind trains on documents of ``seq_len + 1`` tokens with random depth
 and key; the loss counts only the positions that predict the answer tokens (``Batch.mask``),
 so its validation accuracy is the per-token accuracy of the answer. Mixed into text
-(``data.passkey.mix``), documents replace random windows and every token counts.
+(``data.passkey.mix``) every token counts: with random batching, that fraction of the
+windows are whole documents of ``seq_len + 1`` tokens; with stream batching, documents of
+``data.passkey.lengths`` tokens are inserted into the text stream (:func:`mix_into_stream`),
+about that fraction of its tokens, so a key may have to be carried across windows.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 import torch
 
-from statelab.data.base import TRAIN, VAL, Batch, DataError, DataSource, rank_rows, rng_for
+from statelab.data.base import MIX, TRAIN, VAL, Batch, DataError, DataSource, rank_rows, rng_for
 from statelab.tokenizers import CharTokenizer, Tokenizer, alphabet, make_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,6 +144,40 @@ def passkey_document(
     return np.concatenate([prompt, answer]), len(answer)
 
 
+def mix_into_stream(
+    tokens: np.ndarray, tokenizer: Tokenizer, spec: "PasskeySpec", *, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Insert passkey documents into a token stream so that about ``spec.mix`` of its tokens are theirs.
+
+    For stream batching (state carried across windows): each document has a length drawn
+    from ``spec.lengths``, a uniform random depth and key, is framed by newlines, and goes at
+    a uniformly random position of the text. Deterministic from ``seed``. Returns the mixed
+    stream (the dtype of ``tokens``) and the start offset of every inserted document.
+    """
+    if not 0 < spec.mix < 1:
+        raise DataError(f"stream mixing needs 0 < data.passkey.mix < 1, got {spec.mix}")
+    rng = rng_for(seed, MIX)
+    target = spec.mix / (1 - spec.mix) * len(tokens)
+    sep = _parts(tokenizer).sep
+    docs, total = [], 0
+    while total < target:
+        length = int(spec.lengths[int(rng.integers(len(spec.lengths)))])
+        ids, _ = passkey_document(tokenizer, length, float(rng.random()), rng, spec.digits)
+        docs.append(np.concatenate([sep, ids, sep]))
+        total += len(docs[-1])
+    cuts = np.sort(rng.integers(0, len(tokens) + 1, size=len(docs)))
+    pieces, starts, prev, offset = [], [], 0, 0
+    for cut, doc in zip(cuts.tolist(), docs):
+        pieces.append(tokens[prev:cut])
+        offset += cut - prev
+        starts.append(offset + len(sep))
+        pieces.append(doc.astype(tokens.dtype))
+        offset += len(doc)
+        prev = cut
+    pieces.append(tokens[prev:])
+    return np.concatenate(pieces), np.asarray(starts, dtype=np.int64)
+
+
 def extract_key(prediction: str) -> str | None:
     """The first run of digits in a generated continuation (leading spaces allowed), or None."""
     m = re.match(r"\s*(\d+)", prediction)
@@ -227,6 +264,7 @@ __all__ = [
     "QUESTION",
     "extract_key",
     "make_passkey_example",
+    "mix_into_stream",
     "passkey_accuracy",
     "passkey_document",
     "passkey_eval_set",

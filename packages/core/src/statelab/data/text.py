@@ -195,6 +195,8 @@ class TextData(DataSource):
         self.source = source
         self.passkey = passkey
         self._train_t: Tensor | None = None
+        self._stream: np.ndarray | None = None
+        self.passkey_starts: np.ndarray | None = None
         self._val_t: Tensor | None = None
 
     @property
@@ -209,6 +211,19 @@ class TextData(DataSource):
             self._val_t = torch.from_numpy(np.asarray(self.val, dtype=np.int64))
         return self._val_t
 
+    @property
+    def stream_tokens(self) -> np.ndarray:
+        """The token stream of stream batching: the training split, with passkey documents
+        inserted when ``data.passkey.mix > 0`` (:func:`statelab.data.passkey.mix_into_stream`)."""
+        if self.passkey is None or self.passkey.mix <= 0:
+            return self.train
+        if self._stream is None:
+            from statelab.data.passkey import mix_into_stream
+
+            self._stream, self.passkey_starts = mix_into_stream(np.asarray(self.train), self.tokenizer, self.passkey,
+                                                                seed=self.seed)
+        return self._stream
+
     def train_batch(
         self, step: int, batch_size: int, seq_len: int, *, mode: str = "random", rank: int = 0, world_size: int = 1
     ) -> Batch:
@@ -216,11 +231,9 @@ class TextData(DataSource):
         rows = rank_rows(batch_size, rank, world_size)
         mix = self.passkey.mix if self.passkey is not None else 0.0
         if mode == "stream":
-            if mix > 0:
-                raise DataError("data.passkey.mix mixes passkey documents into random windows; "
-                                "set train.batching: random, or data.passkey.mix: 0 for stream batching")
-            starts, fresh = stream_starts(step, len(self.train), batch_size, seq_len, self.source)
-            xy = gather(self.train, starts[rows], seq_len + 1)  # (B/W, T+1)
+            tokens = self.stream_tokens
+            starts, fresh = stream_starts(step, len(tokens), batch_size, seq_len, self.source)
+            xy = gather(tokens, starts[rows], seq_len + 1)  # (B/W, T+1)
             reset = torch.full((xy.shape[0],), fresh, dtype=torch.bool)
             return Batch(xy[:, :-1], xy[:, 1:], reset=reset)
         rng = rng_for(self.seed, TRAIN, step)
