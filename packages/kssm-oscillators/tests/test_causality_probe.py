@@ -98,6 +98,7 @@ def test_disconnected_internal_is_epiphenomenal(spec, signal_registry, tmp_path)
     model = _model(spec, signal_registry, "disconnected")
     res = _probe(model, signal_registry, internal="test.signal").run(model, _ctx(tmp_path))
     assert res.verdict == "epiphenomenal" and res.passed is False
+    assert res.metrics["intervention_passed"] == 0.0
     assert res.metrics["variance_passed"] == 1.0  # it varies...
     assert res.metrics["intervention_p"] == 1.0 and res.metrics["intervention_kl"] == 0.0  # ...but forcing it does nothing
 
@@ -117,6 +118,7 @@ def test_kssm_R_moves_the_output_and_delta_does_not(spec, registry, tmp_path):
     assert model.training  # left as found
     assert r.metrics["intervention_passed"] == 1.0 and r.metrics["intervention_p"] < 0.01
     assert r.metrics["n_sites"] == 2.0 and r.metrics["std"] > 0.01
+    assert r.verdict == "causal"  # an untrained model: whether it also tracks the entropy is not asserted
     d = _probe(model, registry, internal="kssm.delta").run(model, _ctx(tmp_path))
     assert d.verdict == "epiphenomenal" and d.metrics["intervention_p"] == 1.0  # Delta is monitored, never used
 

@@ -19,9 +19,9 @@ The prototype's three tests, for any internal any component publishes (``kssm.R`
    position; pass when ``|r| > r_threshold`` (0.05) with p below ``corr_p_threshold``.
    Positions within a window are not independent, so this p-value is optimistic.
 
-Verdict: ``constant`` when the variance test fails; ``causal`` when the intervention and
-correlation tests both pass (the prototype required all three); ``epiphenomenal``
-otherwise. ``passed`` is true exactly for ``causal``.
+Verdict: ``constant`` when the variance test fails; otherwise ``causal`` when the
+intervention test passes (forcing the internal moves the output) and ``epiphenomenal`` when
+it does not. ``passed`` follows the prototype's stricter rule: all three tests pass.
 """
 
 from __future__ import annotations
@@ -138,12 +138,8 @@ class CausalityProbe(Probe):
             r, r_p = pearson(summary, entropy)
             correlation_ok = abs(r) > p.r_threshold and r_p < p.corr_p_threshold
 
-        if not variance_ok:
-            verdict = "constant"
-        elif intervention_ok and correlation_ok:
-            verdict = "causal"
-        else:
-            verdict = "epiphenomenal"
+        verdict = "constant" if not variance_ok else "causal" if intervention_ok else "epiphenomenal"
+        passed = variance_ok and intervention_ok and correlation_ok
         metrics = {
             "std": std,
             "variance_passed": float(variance_ok),
@@ -164,7 +160,7 @@ class CausalityProbe(Probe):
         if ctx.out_dir is not None:
             doc = {"internal": p.internal, "sites": sites, "verdict": verdict, "metrics": metrics}
             artifacts["causality"] = write_text(ctx.out_dir / "causality.json", json.dumps(doc, indent=2))
-        return ProbeResult(metrics, verdict=verdict, passed=verdict == "causal", artifacts=artifacts)
+        return ProbeResult(metrics, verdict=verdict, passed=bool(passed), artifacts=artifacts)
 
 
 def build(params, ctx) -> CausalityProbe:

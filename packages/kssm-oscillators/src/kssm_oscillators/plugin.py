@@ -105,7 +105,7 @@ def statelab_components() -> list[Component]:
         Component(
             "probe", "causality", CausalityParams, "kssm_oscillators.causality:build",
             "variance, intervention (paired permutation test, KL) and entropy-correlation tests of any internal; "
-            "verdict causal / epiphenomenal / constant",
+            "verdict causal / epiphenomenal / constant; passed when all three pass",
             requires=lambda p: [p.internal.rsplit(":", 1)[-1]] if p is not None else [],
         ),
         Component(
