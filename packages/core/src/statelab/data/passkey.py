@@ -75,7 +75,6 @@ class _Parts:
             self.sep = enc(SEP)
             self.pre, self.mid, self.post = (enc(s) for s in KEY_LINE)
             self.question = enc(QUESTION)
-            self.space = enc(" ")
         except ValueError as exc:
             raise DataError(f"this tokenizer cannot write passkey documents: {exc}") from None
         self.fixed = 3 * len(self.sep) + len(self.pre) + len(self.mid) + len(self.post) + len(self.question)
