@@ -202,6 +202,8 @@ def test_bytes_per_token_for_byte_and_bpe(tmp_path):
     assert bpe.tokenizer.decode(np.asarray(bpe.val).tolist()) == val_text
     char = make_data(spec(tmp_path, path=str(p)))
     assert char.bytes_per_token == pytest.approx(len(val_text.encode()) / len(val_text))
+    assert char.chars_per_token == 1.0
+    assert bpe.chars_per_token == pytest.approx(len(val_text) / len(bpe.val))
 
 
 def test_passkey_mix_replaces_a_fraction_of_random_windows(tmp_path):

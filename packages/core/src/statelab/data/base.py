@@ -75,7 +75,10 @@ class DataSource:
 
     tokenizer: Tokenizer
     vocab_size: int
+    #: UTF-8 bytes of validation text per validation token: bits per byte = loss / ln 2 / bytes_per_token
     bytes_per_token: float = 1.0
+    #: characters of validation text per validation token (text kinds; None otherwise)
+    chars_per_token: float | None = None
     kind: str = ""
 
     @property

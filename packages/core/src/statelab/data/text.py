@@ -183,6 +183,7 @@ class TextData(DataSource):
         *,
         seed: int,
         bytes_per_token: float,
+        chars_per_token: float | None = None,
         source: str = "corpus",
         passkey: "PasskeySpec | None" = None,
     ) -> None:
@@ -192,6 +193,7 @@ class TextData(DataSource):
         self.val = val
         self.seed = seed
         self.bytes_per_token = bytes_per_token
+        self.chars_per_token = chars_per_token
         self.source = source
         self.passkey = passkey
         self._train_t: Tensor | None = None
@@ -270,6 +272,7 @@ def make_text_data(spec: "RunSpec", seed: int) -> TextData:
         val,
         seed=seed,
         bytes_per_token=meta["val_bytes"] / meta["n_val"],
+        chars_per_token=meta["val_chars"] / meta["n_val"],
         source=str(corpus.path),
         passkey=spec.data.passkey if spec.data.passkey.mix > 0 else None,
     )
