@@ -112,6 +112,20 @@ class StateCodec(nn.Module):
         self.mean = s.mean(dim=0).detach().clone()
         self.std = (var + floor).sqrt().detach().clone()
 
+    @torch.no_grad()
+    def init_pca(self, s: Tensor) -> None:
+        """Start the codec at the best linear autoencoder of sample states ``s (N, S)``: the
+        encoder projects on the top principal directions of the normalised states, the
+        decoder maps back along them."""
+        x = self.normalize(s)  # (N, S)
+        q = min(self.d_latent, x.shape[0], x.shape[1])
+        _, _, v = torch.svd_lowrank(x, q=q, niter=4)  # v (S, q)
+        self.enc_weight.zero_()
+        self.dec_weight.zero_()
+        self.enc_weight[:q] = v.T
+        self.dec_weight[:, :q] = v
+        self.dec_bias.zero_()
+
     def normalize(self, s: Tensor) -> Tensor:
         return (s - self.mean) / self.std
 

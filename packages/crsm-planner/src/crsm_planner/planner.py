@@ -17,6 +17,7 @@ flat search gives ``a ~ 0``. ``Backbone.inject`` (``gated_inject``) clamps ``a``
 
 from __future__ import annotations
 
+import atexit
 import math
 import weakref
 from typing import Any, Callable
@@ -34,6 +35,13 @@ from crsm_planner.value import PriorHead, ValueHead
 
 # background workers live outside the module so that models stay picklable / deep-copyable
 _WORKERS: "weakref.WeakKeyDictionary[MCTSPlanner, Any]" = weakref.WeakKeyDictionary()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """Let running searches finish before the interpreter tears torch down under them."""
+    for w in list(_WORKERS.values()):
+        w.stop(timeout=2.0)
 
 
 class MCTSPlanner(Planner):
@@ -156,14 +164,17 @@ class MCTSPlanner(Planner):
         sn = self.codec.normalize(roll["s"])  # (B, T, S)
         z = F.linear(sn, self.codec.enc_weight)  # (B, T, L)
         rec = F.mse_loss(self.codec.decode_normalized(z), sn)
-        # k-step latent rollouts from every start t in [0, T-m)
+        # k-step latent rollouts from every start t in [0, T-m). In state space a prediction is
+        # the start state moved by the decoded latent change (as plan targets are), so the
+        # part of the state the latent cannot represent is carried over, not lost.
         zh = z[:, : T - m]  # (B, T-m, L)
+        base = sn[:, : T - m] - self.codec.decode_normalized(zh)  # (B, T-m, S)
         dyn_state, dyn_latent, zh1 = [], [], None
         for j in range(1, m + 1):
             zh = self.dynamics(zh, x[:, j : T - m + j])  # (B, T-m, L): latent after token t+j
             if j == 1:
                 zh1 = zh
-            dyn_state.append(F.mse_loss(self.codec.decode_normalized(zh), sn[:, j : T - m + j]))
+            dyn_state.append(F.mse_loss(base + self.codec.decode_normalized(zh), sn[:, j : T - m + j]))
             dyn_latent.append(F.mse_loss(zh, z[:, j : T - m + j]))
         dyn = torch.stack(dyn_state).mean() + torch.stack(dyn_latent).mean()
         # value: mean loss of the next k tokens from the state after token t
@@ -232,6 +243,7 @@ class MCTSPlanner(Planner):
             roll = self.rollout(model, first)
             if self.fitted.item() == 0:
                 self.codec.set_normalization(roll["s"].flatten(0, 1))
+                self.codec.init_pca(roll["s"].flatten(0, 1))
                 self.value_head.net[-1].bias[0] = roll["loss"].mean()  # start from the mean loss
             learn = [*self.codec.parameters(), *self.dynamics.parameters(), *self.value_head.parameters(),
                      *self.prior_head.parameters()]
