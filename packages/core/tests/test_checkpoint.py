@@ -130,3 +130,34 @@ def test_run_directory_resolves_to_best(reg, model, tmp_path):
     ckpt.save(tmp_path / "run" / "best", model)
     assert ckpt.find_checkpoint(tmp_path / "run") == (tmp_path / "run" / "best").resolve()
     assert statelab.load(tmp_path / "run", registry=reg).checkpoint_path.name == "best"
+
+
+def test_planner_fit_command_fits_and_saves_back(reg, tmp_path, monkeypatch, tmp_path_factory, capsys):
+    from statelab import cli
+    from statelab.plugins import set_registry
+    from statelab.testing.toys import ToyPlanner
+
+    monkeypatch.setenv("STATELAB_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "statelab-cache"))
+    seen = {}
+
+    def fit(self, model, batches, **kw):
+        seen.update(kw, shape=tuple(batches().shape))
+        self.alpha = 0.75  # what the fit "learned"
+        return {"value_loss": 0.5}
+
+    monkeypatch.setattr(ToyPlanner, "fit", fit)
+    m = statelab.build(toy_spec(planner={"kind": "toy-shrink"}), vocab_size=256, registry=reg)
+    ckpt.save(tmp_path / "c", m, tokenizer=make_tokenizer(TokenizerSpec(kind="byte")),
+              trainer_state={"step": 7}, trainer_tensors={"optim.0.exp_avg": torch.ones(2)})
+    before = (tmp_path / "c" / "model.safetensors").stat().st_ino
+    set_registry(reg)
+    try:
+        assert cli.main(["planner", "fit", str(tmp_path / "c"), "--steps", "3", "--batch-size", "2",
+                         "--seq-len", "8"]) == 0
+    finally:
+        set_registry(None)
+    assert seen == {"steps": 3, "batch_size": 2, "seq_len": 8, "lr": 1e-3, "shape": (2, 8)}
+    assert "planner/value_loss: 0.5" in capsys.readouterr().out
+    assert (tmp_path / "c" / "model.safetensors").stat().st_ino != before  # written anew...
+    ck, state, tensors = ckpt.load_training_state(tmp_path / "c")  # ...keeping the trainer state
+    assert state == {"step": 7} and torch.equal(tensors["optim.0.exp_avg"], torch.ones(2))

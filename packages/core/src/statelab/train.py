@@ -309,17 +309,20 @@ def evaluate(
     try:
         with torch.no_grad(), (autocast() if autocast is not None else nullcontext()):
             for batch in data.val_batches(batch_size, seq_len, max_batches):
-                batch = batch.to(device)
+                batch = _to_device(batch, device)
                 logits, _, _ = model(batch.x)  # (B, T, V)
                 V = logits.shape[-1]
                 ce = F.cross_entropy(logits.reshape(-1, V).float(), batch.y.reshape(-1), reduction="none")  # (B*T,)
                 hit = logits.argmax(-1).reshape(-1) == batch.y.reshape(-1)
-                if batch.mask is not None:
+                if batch.mask is not None:  # multiply, not index: boolean indexing would sync with the host
                     m = batch.mask.reshape(-1)
-                    ce, hit = ce[m], hit[m]
-                loss_sum += ce.double().sum()
-                correct += hit.double().sum()
-                count += ce.numel()
+                    loss_sum += (ce.double() * m).sum()
+                    correct += (hit & m).double().sum()
+                    count += m.double().sum()
+                else:
+                    loss_sum += ce.double().sum()
+                    correct += hit.double().sum()
+                    count += ce.numel()
     finally:
         model.train(was)
     n = count.item()
@@ -362,6 +365,14 @@ def _reset_rows(state: dict[str, Tensor], reset: Tensor | None, init: dict[str, 
     for k in missing:
         out[k] = init[k]
     return out
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Host -> device without a sync: pinned memory and a non-blocking copy on CUDA."""
+    if device.type != "cuda":
+        return batch.to(device)
+    pinned = type(batch)(*(None if t is None else t.pin_memory() for t in (batch.x, batch.y, batch.mask, batch.reset)))
+    return pinned.to(device, non_blocking=True)
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -750,7 +761,7 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
         lr = lr_at(step, cfg)
         set_lr(optimizer, lr)
         batch = data.train_batch(step, cfg.batch_size, cfg.seq_len, mode=cfg.batching, rank=rank, world_size=W)
-        batch = batch.to(device)
+        batch = _to_device(batch, device)
         state_in = None
         if stream:
             init = model.init_state(B_rank, device)
