@@ -124,3 +124,20 @@ def test_tracking_disabled_writes_no_store(tmp_path, monkeypatch):
     res = train(spec, registry=toy_registry(), out_dir=tmp_path / "runs", progress=False)
     assert res.mlflow_run_id is None
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_a_diverged_run_is_marked_failed(store, tmp_path, monkeypatch):
+    from statelab import train as train_mod
+    from statelab.train import TrainingDiverged
+
+    root, uri, _ = store
+    monkeypatch.setattr(train_mod, "token_loss", lambda logits, y, mask: logits.sum() * float("inf"))
+    spec = toy_spec()
+    spec["name"] = "diverged"
+    spec["tracking"] = {"enabled": True, "uri": uri, "experiment": "exp-failed"}
+    spec["train"].update(steps=3, eval_interval=100, sample_tokens=0)
+    with pytest.raises(TrainingDiverged):
+        train(spec, out_dir=tmp_path, progress=False)
+    (run,) = client(uri).search_runs([client(uri).get_experiment_by_name("exp-failed").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "training diverged" in run.data.tags["statelab.error"]

@@ -478,19 +478,25 @@ def train(
     run_dir = Path(out_dir if out_dir is not None else cfg.out_dir) / spec.name
     lock = RunLock(run_dir)
     signals = _Signals()
+    live: dict[str, Any] = {}  # the open mlflow run, closed as FAILED if training raises
     try:
         if main:
             lock.acquire()
         distr.barrier(info)
         return _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_after, start_wall,
-                      signals.install())
+                      signals.install(), live)
+    except BaseException as exc:
+        if live.get("tracker") is not None:
+            live["tracker"].set_tags({"statelab.error": f"{type(exc).__name__}: {exc}"})
+            live["tracker"].finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         signals.restore()
         lock.release()
         distr.shutdown(info)
 
 
-def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_after, start_wall, signals):
+def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_after, start_wall, signals, live):
     from statelab.build import build
     from statelab.data import make_data
     from statelab.tracking import NullTracker, git_revision, open_tracker
@@ -594,6 +600,7 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
             metrics_file.unlink(missing_ok=True)
             (run_dir / "samples.txt").unlink(missing_ok=True)
         tracker = open_tracker(spec.tracking, run_name=spec.name, resume_run_id=run_id)
+        live["tracker"] = tracker
         run_id = tracker.run_id
         if not resume:
             tracker.log_params({**flatten(spec_doc), "model.parameters": model.num_parameters()})
@@ -872,47 +879,44 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
     if not main:
         return TrainResult(run_dir, step, status, best_val, last_metrics, None, tokens_per_s, final_ckpt, history, model)
 
-    try:
-        if stop_reason == "interrupted":
-            sig = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(signals.received, "a stop request")
-            prog.note(f"statelab: stopped by {sig} at step {step}; checkpoint {final_ckpt}; continue with --resume")
-        elif stop_reason == "time_budget":
-            prog.note(f"statelab: time budget of {budget:.0f}s reached at step {step}")
-        summary = {"train/tok_per_s_mean": tokens_per_s, "train/steps_done": step}
-        tracker.log_metrics(summary, step)
-        last_metrics.update(summary)
+    if stop_reason == "interrupted":
+        sig = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(signals.received, "a stop request")
+        prog.note(f"statelab: stopped by {sig} at step {step}; checkpoint {final_ckpt}; continue with --resume")
+    elif stop_reason == "time_budget":
+        prog.note(f"statelab: time budget of {budget:.0f}s reached at step {step}")
+    summary = {"train/tok_per_s_mean": tokens_per_s, "train/steps_done": step}
+    tracker.log_metrics(summary, step)
+    last_metrics.update(summary)
 
-        # post-training: planner fit and probes on the best weights
-        has_planner = getattr(model, "planner", None) is not None and cfg.planner_fit.enabled
-        probes = list(resolved.probes)
-        if stop_reason == "finished" and (has_planner or probes):
-            if (run_dir / "best" / ckpt.MODEL_FILE).exists():
-                best = ckpt.read_checkpoint(run_dir / "best")
-                model.load_state_dict(best.state_dict())
-            model.eval()
-            if has_planner:
-                pf = cfg.planner_fit
-                counter = iter(range(10**12))
+    # post-training: planner fit and probes on the best weights
+    has_planner = getattr(model, "planner", None) is not None and cfg.planner_fit.enabled
+    probes = list(resolved.probes)
+    if stop_reason == "finished" and (has_planner or probes):
+        if (run_dir / "best" / ckpt.MODEL_FILE).exists():
+            best = ckpt.read_checkpoint(run_dir / "best")
+            model.load_state_dict(best.state_dict())
+        model.eval()
+        if has_planner:
+            pf = cfg.planner_fit
+            counter = iter(range(10**12))
 
-                def batches_fn() -> Tensor:
-                    i = next(counter)
-                    return data.train_batch(10**9 + i, pf.batch_size, pf.seq_len).x.to(device)  # (B, T)
+            def batches_fn() -> Tensor:
+                i = next(counter)
+                return data.train_batch(10**9 + i, pf.batch_size, pf.seq_len).x.to(device)  # (B, T)
 
-                prog.note(f"statelab: fitting the planner ({pf.steps} steps)")
-                pm = model.planner.fit(model, batches_fn, steps=pf.steps, batch_size=pf.batch_size,
-                                       seq_len=pf.seq_len, lr=pf.lr) or {}
-                pm = {f"planner/{k}": float(v) for k, v in pm.items()}
-                tracker.log_metrics(pm, step)
-                last_metrics.update(pm)
-                if (run_dir / "best").exists():
-                    ckpt.save(run_dir / "best", model, tokenizer=data.tokenizer, extra_meta=ck_meta)
-            if probes:
-                last_metrics.update(_run_probes(model, probes, data, run_dir, device, spec.seed, tracker, prog, step))
-        _finish_artifacts(run_dir, history, tracker)
-        tracker.finish("FINISHED" if stop_reason != "failed" else "FAILED")
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+            prog.note(f"statelab: fitting the planner ({pf.steps} steps)")
+            pm = model.planner.fit(model, batches_fn, steps=pf.steps, batch_size=pf.batch_size,
+                                   seq_len=pf.seq_len, lr=pf.lr) or {}
+            pm = {f"planner/{k}": float(v) for k, v in pm.items()}
+            tracker.log_metrics(pm, step)
+            last_metrics.update(pm)
+            if (run_dir / "best").exists():
+                ckpt.save(run_dir / "best", model, tokenizer=data.tokenizer, extra_meta=ck_meta)
+        if probes:
+            last_metrics.update(_run_probes(model, probes, data, run_dir, device, spec.seed, tracker, prog, step))
+    _finish_artifacts(run_dir, history, tracker)
+    live["tracker"] = None
+    tracker.finish("KILLED" if stop_reason == "interrupted" else "FINISHED")
     return TrainResult(run_dir, step, status, best_val, last_metrics, tracker.run_id, tokens_per_s, final_ckpt,
                        history, model)
 
