@@ -43,6 +43,7 @@ from traces_crystallize.reference import offsets_matrix
 from traces_crystallize.traces import TraceStore
 
 _compiled_flex = None
+_block_masks: dict = {}
 
 
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, past: int) -> Tensor:
@@ -61,7 +62,12 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, past: int) ->
     def causal(b, h, qi, kj):
         return qi + past >= kj
 
-    block_mask = create_block_mask(causal, None, None, T, Tk, device=q.device)
+    key = (T, Tk, past, str(q.device))
+    block_mask = _block_masks.get(key)
+    if block_mask is None:
+        if len(_block_masks) > 64:
+            _block_masks.clear()
+        block_mask = _block_masks[key] = create_block_mask(causal, None, None, T, Tk, device=q.device)
     return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
@@ -242,7 +248,7 @@ class Block(Layer):
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
         ctx = self._ctx
-        if self.index == 0:
+        if self.index == 0 and ctx.backbone.bookkeeping:  # the plain model never leaves the compiled graph here
             ctx.begin(self.training)
         B, T, _ = x.shape
         step = ctx.backbone.train_step if ctx.backbone.ticking else None
@@ -288,6 +294,7 @@ class TransformerBackbone(Backbone):
         self.layers = nn.ModuleList([Block(p, d_model, i, self._ctx) for i in range(p.n_layers)])
         self.final_norm = nn.LayerNorm(d_model, bias=p.bias)
         self.ticking = p.traces.enabled or p.crystallization.enabled
+        self.bookkeeping = self.ticking  # layer 0 resets the per-forward context (motif matches, logged paths)
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
         cr = p.crystallization
         if cr.enabled and p.ffn != "moe":
