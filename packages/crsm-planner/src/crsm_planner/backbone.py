@@ -79,7 +79,7 @@ class MambaBackbone(Backbone):
         p = params or MambaParams()
         p.validate_for(d_model)
         if p.use_kernels == "always":
-            kernels.require()
+            kernels.require(kernels.MAMBA1_OPS if p.mixer == "mamba1" else kernels.MAMBA2_OPS)
         self.params = p
         self.layers = nn.ModuleList([MambaBlock(d_model, p) for _ in range(p.n_layers)])
         self.final_norm = RMSNorm(d_model, eps=p.norm_eps)
@@ -99,7 +99,7 @@ class MambaBackbone(Backbone):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if impl == "kernels":
-            kernels.require()
+            kernels.require(kernels.MAMBA1_OPS if self.params.mixer == "mamba1" else kernels.MAMBA2_OPS)
         for layer in self.layers:
             layer.mixer.impl = impl
         return self

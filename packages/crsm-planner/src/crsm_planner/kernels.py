@@ -24,6 +24,11 @@ module level, so the package works without it. Our own causal convolution
   These terms cost ``O(B T d_inner d_state)`` memory, about as much as one naive scan, and
   are skipped entirely when the incoming state is the zero state (``h0 is None``).
 
+Each op is used when it imports: the Triton ops (SSD scan, decode step) need no compiled
+extension, the Mamba-1 scan needs mamba-ssm's ``selective_scan_cuda`` (recent releases
+build it only with ``MAMBA_KEEP_CUDA_BUILD=TRUE``); a missing op falls back to PyTorch
+under ``use_kernels="auto"`` and is an error under ``"always"``.
+
 Parity with the pure-PyTorch paths is checked on a GPU by benchmarks/crsm/gpu_parity.py.
 """
 
@@ -36,45 +41,68 @@ import torch
 from torch import Tensor
 
 
+MAMBA1_OPS = ("selective_scan_fn", "selective_state_update")
+MAMBA2_OPS = ("mamba_chunk_scan_combined", "selective_state_update")
+
+
 @functools.lru_cache(maxsize=1)
 def _ops() -> dict[str, Any] | None:
+    """The mamba-ssm ops that import here, or None. The Triton ops (SSD scan, decode step)
+    work without the compiled ``selective_scan_cuda`` extension, which recent mamba-ssm
+    builds only on request; the Mamba-1 scan is listed only when that extension loaded."""
+    ops: dict[str, Any] = {}
     try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        ops["selective_state_update"] = selective_state_update
     except Exception:  # noqa: BLE001  (ImportError, or a broken CUDA/Triton install)
         return None
-    return {
-        "selective_scan_fn": selective_scan_fn,
-        "selective_state_update": selective_state_update,
-        "mamba_chunk_scan_combined": mamba_chunk_scan_combined,
-    }
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        ops["mamba_chunk_scan_combined"] = mamba_chunk_scan_combined
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from mamba_ssm.ops import selective_scan_interface as ssi
+
+        if getattr(ssi, "selective_scan_cuda", True) is not None:
+            ops["selective_scan_fn"] = ssi.selective_scan_fn
+    except Exception:  # noqa: BLE001
+        pass
+    return ops
 
 
-def available() -> bool:
-    """True when mamba-ssm's kernels import."""
-    return _ops() is not None
+def available(names: tuple[str, ...] = ()) -> bool:
+    """True when mamba-ssm imports and has every op in ``names``."""
+    ops = _ops()
+    return ops is not None and all(n in ops for n in names)
 
 
-def require() -> None:
-    """Raise a clear error when ``use_kernels="always"`` but mamba-ssm is missing."""
-    if not available():
+def require(names: tuple[str, ...] = ()) -> None:
+    """Raise a clear error when kernels are demanded (``use_kernels="always"``) but missing."""
+    ops = _ops()
+    if ops is None:
         raise RuntimeError(
             "use_kernels='always' but mamba_ssm cannot be imported (it needs CUDA: `pip install mamba-ssm "
             "--no-build-isolation` on a GPU machine); set use_kernels to 'auto' or 'never' to use the "
             "pure-PyTorch path")
+    missing = [n for n in names if n not in ops]
+    if missing:
+        hint = (" (selective_scan_fn needs mamba-ssm's compiled extension: reinstall with "
+                "MAMBA_KEEP_CUDA_BUILD=TRUE pip install mamba-ssm --no-build-isolation)"
+                if "selective_scan_fn" in missing else "")
+        raise RuntimeError(f"mamba_ssm imports but lacks {missing}{hint}; set use_kernels to 'auto' or 'never'")
 
 
-def wanted(use_kernels: str, x: Tensor) -> bool:
-    """Whether a forward on ``x`` should take the kernel path."""
-    return use_kernels != "never" and x.is_cuda and available()
+def wanted(use_kernels: str, x: Tensor, names: tuple[str, ...]) -> bool:
+    """Whether a call on ``x`` should use the kernels ``names``."""
+    return use_kernels != "never" and x.is_cuda and available(names)
 
 
 def _op(name: str):
-    ops = _ops()
-    if ops is None:
-        require()
-    return ops[name]  # type: ignore[index]
+    require((name,))
+    return _ops()[name]  # type: ignore[index]
 
 
 def mamba1_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,

@@ -176,10 +176,10 @@ class Mamba1Mixer(nn.Module):
             "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
         }
 
-    def _path(self, x: Tensor) -> str:
+    def _path(self, x: Tensor, op: str) -> str:
         if self.impl != "auto":
             return self.impl
-        return "kernels" if kernels.wanted(self.use_kernels, x) else "torch"
+        return "kernels" if kernels.wanted(self.use_kernels, x, (op,)) else "torch"
 
     def _ssm_inputs(self, xs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """From the conv output ``xs (..., Di)``: ``dt`` (after softplus, fp32), ``A``, ``B``, ``C``."""
@@ -200,7 +200,7 @@ class Mamba1Mixer(nn.Module):
         xs, z = xz.chunk(2, dim=-1)  # (B, T, Di) each
         xs, conv_state = causal_conv(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv0)
         xs = F.silu(xs)
-        path = self._path(x)
+        path = self._path(x, "selective_scan_fn")
         with torch.autocast(x.device.type, enabled=False):
             dt, A, Bm, Cm = self._ssm_inputs(xs.float())
             if path == "kernels":
@@ -221,7 +221,7 @@ class Mamba1Mixer(nn.Module):
         xs, z = xz.chunk(2, dim=-1)
         xs, conv_state = causal_conv_step(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, state["conv"])
         xs = F.silu(xs)
-        path = self._path(x_t)
+        path = self._path(x_t, "selective_state_update")
         with torch.autocast(x_t.device.type, enabled=False):
             dt, A, Bm, Cm = self._ssm_inputs(xs.float())
             if path == "kernels":

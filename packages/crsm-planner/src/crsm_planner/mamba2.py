@@ -158,10 +158,10 @@ class Mamba2Mixer(nn.Module):
             "ssm": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32),
         }
 
-    def _path(self, x: Tensor) -> str:
+    def _path(self, x: Tensor, op: str) -> str:
         if self.impl != "auto":
             return self.impl
-        return "kernels" if kernels.wanted(self.use_kernels, x) else "torch"
+        return "kernels" if kernels.wanted(self.use_kernels, x, (op,)) else "torch"
 
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)  # z, xBC, dt
@@ -178,7 +178,7 @@ class Mamba2Mixer(nn.Module):
         xBC, conv_state = causal_conv(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv0)
         xBC = F.silu(xBC)
         xs, Bm, Cm = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
-        path = self._path(x)
+        path = self._path(x, "mamba_chunk_scan_combined")
         with torch.autocast(x.device.type, enabled=False):
             dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, T, H)
             A = -torch.exp(self.A_log.float())  # (H,)
@@ -201,7 +201,7 @@ class Mamba2Mixer(nn.Module):
         xBC, conv_state = causal_conv_step(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, state["conv"])
         xBC = F.silu(xBC)
         xs, Bm, Cm = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
-        path = self._path(x_t)
+        path = self._path(x_t, "selective_state_update")
         with torch.autocast(x_t.device.type, enabled=False):
             dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, H)
             A = -torch.exp(self.A_log.float())
