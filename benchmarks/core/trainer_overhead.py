@@ -81,9 +81,15 @@ def run_bare(args, reg) -> float:
     fwd = torch.compile(model) if args.compile else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     model.train()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
 
     def one(step: int) -> None:
-        b = data.train_batch(step, cfg.batch_size, cfg.seq_len).to(device)
+        b = data.train_batch(step, cfg.batch_size, cfg.seq_len)
+        if device.type == "cuda":  # pinned + non-blocking, as a careful hand-written loop does
+            b.x, b.y = b.x.pin_memory().to(device, non_blocking=True), b.y.pin_memory().to(device, non_blocking=True)
+        else:
+            b = b.to(device)
         if amp is not None:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits, _, _ = fwd(b.x)

@@ -47,7 +47,8 @@ def test_training_beats_the_uniform_baseline_and_writes_the_run(reg, tmp_path):
     # a byte model that has learned nothing predicts uniformly: ln(256) = 5.545 nats
     assert res.best_val_loss < math.log(256) - 1.0
     m = res.metrics
-    assert m["val/bpc"] == pytest.approx(m["val/loss"] / math.log(2))  # byte tokenizer: 1 byte per token
+    assert m["val/bpb"] == pytest.approx(m["val/loss"] / math.log(2))  # byte tokenizer: 1 byte per token
+    assert m["val/bpc"] == pytest.approx(m["val/bpb"])  # Tiny Shakespeare is ASCII: 1 char per byte
     assert m["val/ppl"] == pytest.approx(math.exp(m["val/loss"]))
     assert 0 < m["val/acc"] < 1
     rd = res.run_dir

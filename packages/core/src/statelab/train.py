@@ -297,8 +297,12 @@ def evaluate(
     model: Any, data: Any, *, batch_size: int, seq_len: int, max_batches: int | None, device: torch.device,
     autocast: Any = None,
 ) -> dict[str, float]:
-    """Validation loss (nats/token), accuracy, bits per char/byte and perplexity.
+    """Validation loss (nats/token), accuracy, bits per character and per byte, perplexity.
 
+    ``val/bpc`` = loss / ln 2 / characters per token and ``val/bpb`` = loss / ln 2 / UTF-8
+    bytes per token, both over the validation text (equal for ASCII text with a char or
+    byte tokenizer; for BPE they are the comparable numbers across tokenizers). Accuracy
+    and loss count ``batch.mask`` positions only when the data has a mask.
     ``max_batches=None`` covers the whole validation split. Windows start from a fresh state.
     """
     was = model.training
@@ -329,11 +333,13 @@ def evaluate(
     if n == 0:
         raise ValueError("evaluation saw no validation tokens; the data source has no validation split for this seq_len")
     loss = loss_sum.item() / n
-    bpt = float(getattr(data, "bytes_per_token", 1.0) or 1.0)
+    bytes_pt = float(getattr(data, "bytes_per_token", None) or 1.0)
+    chars_pt = float(getattr(data, "chars_per_token", None) or bytes_pt)
     return {
         "val/loss": loss,
         "val/acc": correct.item() / n,
-        "val/bpc": loss / LN2 / bpt,
+        "val/bpc": loss / LN2 / chars_pt,
+        "val/bpb": loss / LN2 / bytes_pt,
         "val/ppl": math.exp(min(loss, 50.0)),
         "val/tokens": n,
     }
@@ -547,6 +553,8 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
         run_id = tstate.get("mlflow_run_id")
         history = tstate.get("history", history)
     model.to(device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as in nanoGPT
 
     optimizer = make_optimizer(model, cfg, device)
     prec = _precision(cfg, device)
@@ -884,7 +892,10 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
         prog.note(f"statelab: stopped by {sig} at step {step}; checkpoint {final_ckpt}; continue with --resume")
     elif stop_reason == "time_budget":
         prog.note(f"statelab: time budget of {budget:.0f}s reached at step {step}")
-    summary = {"train/tok_per_s_mean": tokens_per_s, "train/steps_done": step}
+    summary = {"train/tok_per_s_mean": tokens_per_s, "train/steps_done": step,
+               "train/elapsed_s": time.time() - start_wall}
+    if device.type == "cuda":
+        summary["train/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     tracker.log_metrics(summary, step)
     last_metrics.update(summary)
 
