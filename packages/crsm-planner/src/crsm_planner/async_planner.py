@@ -106,6 +106,7 @@ class PlanWorker:
                             done = torch.cuda.Event()
                             done.record(stream)
                             result.info["_cuda_event"] = done
+                        done.synchronize()  # wait here, not in generation: results arrive complete
                     else:
                         result = plan_fn(model, request)
                 self.results.put(result)
@@ -131,7 +132,7 @@ class PlanningHook:
         p = planner.params
         self.planner, self.model = planner, model
         self.inline = (not p.asynchronous) if inline is None else inline
-        sims = simulations
+        sims = self.simulations = simulations
         self.plan_fn: PlanFn = plan_fn or (lambda m, r: planner.plan(m, r, simulations=sims))
         self.alpha_fn = alpha_fn
         self.plan_every = plan_every or p.plan_every
@@ -172,6 +173,8 @@ class PlanningHook:
                                        "discarded_at_end", "skipped_busy")}
         self.lags, self.alphas = [], []
         self.planner.ensure_ready(self.model, ctx.state)  # shapes the codec in this thread, not the worker's
+        if ctx.logits.is_cuda:  # capture the search once per batch shape, here rather than in the worker
+            self.planner.prepare(self.model, ctx.state, ctx.logits, self.simulations)
 
     def _request(self, ctx: StepContext, state: State) -> None:
         keys = self.planner.codec.keys
@@ -221,7 +224,7 @@ class PlanningHook:
         ev = r.info.pop("_cuda_event", None)
         if ev is not None:
             torch.cuda.current_stream().wait_event(ev)
-            for t in r.target.values():
+            for t in [*r.target.values(), r.alpha, r.confidence]:
                 t.record_stream(torch.cuda.current_stream())
         if any(ctx.state[k].shape != v.shape for k, v in r.target.items()):
             self.stats["dropped_foreign"] += 1  # a different batch: cannot belong here

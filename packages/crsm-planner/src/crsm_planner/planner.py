@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -35,6 +36,42 @@ from crsm_planner.value import PriorHead, ValueHead
 
 # background workers live outside the module so that models stay picklable / deep-copyable
 _WORKERS: "weakref.WeakKeyDictionary[MCTSPlanner, Any]" = weakref.WeakKeyDictionary()
+
+
+# captured CUDA graphs of the search, per planner and batch shape (see MCTSPlanner.prepare)
+_GRAPHS: "weakref.WeakKeyDictionary[MCTSPlanner, dict]" = weakref.WeakKeyDictionary()
+
+
+class _CapturedPlan:
+    """``MCTSPlanner._plan_core`` captured as a CUDA graph for fixed shapes, replayed on the
+    caller's current stream with the inputs copied into static buffers."""
+
+    def __init__(self, planner: "MCTSPlanner", model, s: Tensor, logits: Tensor, simulations: int | None) -> None:
+        dev = s.device
+        self.s = torch.zeros_like(s)
+        self.logits = torch.zeros_like(logits)
+        K = planner.params.top_k
+        self.noise = torch.full((s.shape[0], K), 1.0 / K, device=dev) if planner.params.root_noise > 0 else None
+        with torch.no_grad():
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS handles, allocator)
+                for _ in range(2):
+                    planner._plan_core(model, self.s, self.logits, self.noise, simulations)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.out = planner._plan_core(model, self.s, self.logits, self.noise, simulations)
+            torch.cuda.synchronize(dev)
+
+    def run(self, s: Tensor, logits: Tensor, noise: Tensor | None):
+        self.s.copy_(s)
+        self.logits.copy_(logits)
+        if self.noise is not None and noise is not None:
+            self.noise.copy_(noise)
+        self.graph.replay()
+        return tuple(o.clone() for o in self.out)  # the static outputs are overwritten by the next replay
 
 
 @atexit.register
@@ -92,30 +129,68 @@ class MCTSPlanner(Planner):
             root_noise=p.root_noise,
         )
 
+    def _plan_core(self, model, s: Tensor, logits: Tensor, noise: Tensor | None, simulations: int | None):
+        """Tensors in, tensors out, no host synchronisation: the part a CUDA graph captures."""
+        z0 = self.codec.encode(s)  # (B, L)
+        res = self.make_search(model, simulations).run(z0, logits, noise=noise)
+        target_flat = s + self.codec.decode_delta(res.best_latent, z0)  # (B, S)
+        conf = res.confidence * self.fitted  # an unfitted planner never injects
+        return target_flat, conf, self.alpha_from(conf), res.best_token, res.root_visits, res.nodes_used
+
     @torch.no_grad()
     def plan(self, model, request: PlanRequest, *, simulations: int | None = None) -> PlanResult:
         """Search from ``request.state`` and propose a target for the injectable entries."""
         self.ensure_ready(model, request.state)
         s = self.codec.flatten(request.state)  # (B, S)
-        z0 = self.codec.encode(s)  # (B, L)
-        gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + request.step)
-        res = self.make_search(model, simulations).run(z0, request.logits, gen)
-        target_flat = s + self.codec.decode_delta(res.best_latent, z0)  # (B, S)
-        target = self.codec.unflatten(target_flat, request.state)
-        conf = res.confidence * self.fitted  # an unfitted planner never injects
+        noise = None
+        if self.params.root_noise > 0:
+            gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + request.step)
+            noise = self.make_search(model).sample_noise(s.shape[0], gen).to(s.device)
+        graph = _GRAPHS.get(self, {}).get(self._graph_key(s, request.logits, simulations))
+        if graph is not None:
+            outs = graph.run(s, request.logits, noise)
+        else:
+            outs = self._plan_core(model, s, request.logits, noise, simulations)
+        target_flat, conf, alpha, best_token, visits, nodes = outs
         return PlanResult(
-            target=target,
+            target=self.codec.unflatten(target_flat, request.state),
             confidence=conf,
-            alpha=self.alpha_from(conf).detach(),
+            alpha=alpha.detach(),
             step=request.step,
             generation_id=request.generation_id,
-            info={
-                "best_token": res.best_token,
-                "root_visits": res.root_visits,
-                "nodes": res.nodes_used,
-                "simulations": res.simulations,
-            },
+            info={"best_token": best_token, "root_visits": visits, "nodes": nodes,
+                  "simulations": simulations or self.params.simulations},
         )
+
+    # -- CUDA graphs ---------------------------------------------------------------
+    def _graph_key(self, s: Tensor, logits: Tensor, simulations: int | None) -> tuple:
+        return (s.device, tuple(s.shape), tuple(logits.shape), logits.dtype, simulations or self.params.simulations)
+
+    def prepare(self, model, state: State, logits: Tensor, simulations: int | None = None) -> bool:
+        """On CUDA (and with ``cuda_graphs``), capture the whole search for this batch shape as
+        one CUDA graph, so that a plan costs the worker one launch instead of thousands (the
+        worker then barely holds the interpreter lock). Call from the generating thread
+        before planning starts; returns whether a graph is in place. A capture that fails
+        falls back to eager planning with a warning."""
+        if not (self.params.cuda_graphs and logits.is_cuda):
+            return False
+        self.ensure_ready(model, state)
+        with torch.no_grad():
+            s = self.codec.flatten(state)
+        key = self._graph_key(s, logits, simulations)
+        graphs = _GRAPHS.setdefault(self, {})
+        if key in graphs:
+            return graphs[key] is not None
+        try:
+            graphs[key] = _CapturedPlan(self, model, s, logits, simulations)
+        except Exception as e:  # noqa: BLE001 - eager planning still works
+            warnings.warn(f"mcts planner: CUDA graph capture failed ({type(e).__name__}: {e}); planning eagerly", stacklevel=2)
+            graphs[key] = None
+        return graphs[key] is not None
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): captured graphs point at old storage
+        _GRAPHS.pop(self, None)
+        return super()._apply(fn, *args, **kwargs)
 
     def generation_hook(self, model):
         from crsm_planner.async_planner import PlanningHook
@@ -231,6 +306,7 @@ class MCTSPlanner(Planner):
         model.eval()
         dev = model.embed.weight.device
         gen = torch.Generator().manual_seed(p.seed if seed is None else seed)
+        _GRAPHS.pop(self, None)  # the codec may get new weights
         try:
             n_roll = max(1, min(p.fit_rollout_batches, steps))
             first = batches().to(dev)

@@ -39,6 +39,7 @@ class MCTSParams(BaseModel):
     max_lag: int = Field(8, ge=0, le=100000, description="results older than this many steps are dropped")
     lag_decay: float = Field(0.85, gt=0, le=1, description="alpha of a result applied `lag` steps late is scaled by lag_decay**lag")
     sync_lag: int = Field(1, ge=1, le=100000, description="inline mode only: steps between the snapshot and applying its result")
+    cuda_graphs: bool = Field(True, description="on CUDA, capture the search as one CUDA graph per batch shape (eager if capture fails)")
     queue_size: int = Field(1, ge=1, le=64, description="pending requests; when full, new requests are skipped (never waited for)")
 
     @model_validator(mode="after")
