@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeStats:
     count: float = 0.0
     util_sum: float = 0.0
@@ -48,7 +48,7 @@ class NodeStats:
 class PathTrie:
     """Counts, utility, entropy and age of routing-path segments (keys ``(start, experts)``)."""
 
-    def __init__(self, n_layers: int, max_len: int = 4, max_nodes: int = 50_000) -> None:
+    def __init__(self, n_layers: int, max_len: int = 4, max_nodes: int = 20_000) -> None:
         self.n_layers, self.max_len, self.max_nodes = n_layers, max_len, max_nodes
         self.nodes: dict[tuple[int, tuple[int, ...]], NodeStats] = {}
         self.tokens_logged = 0
@@ -118,7 +118,8 @@ class PathTrie:
         """Python memory held by the trie's nodes (keys, tuples, stats objects)."""
         total = sys.getsizeof(self.nodes)
         for (s, seg), st in self.nodes.items():
-            total += sys.getsizeof((s, seg)) + sys.getsizeof(seg) + sys.getsizeof(st) + sys.getsizeof(st.__dict__)
+            total += sys.getsizeof((s, seg)) + sys.getsizeof(seg) + sys.getsizeof(st)
+            total += sum(sys.getsizeof(getattr(st, f)) for f in st.__slots__)
         return total
 
 

@@ -36,7 +36,7 @@ class CrystallizationParams(_Params):
     log_interval: int = Field(10, ge=1, description="log routing paths every N training steps")
     max_log_tokens: int = Field(4096, ge=1, description="tokens sampled per logging step")
     max_motif_len: int = Field(4, ge=2, description="longest path segment tracked (layers)")
-    max_nodes: int = Field(50_000, ge=16, description="trie nodes kept (the least frequent are pruned)")
+    max_nodes: int = Field(20_000, ge=16, description="trie nodes kept (the least frequent are pruned)")
     max_motifs: int = Field(512, ge=1, description="most motifs at once")
     min_frequency: float = Field(100, ge=0, description="tokens a segment must have been seen on")
     min_utility: float = Field(0.05, description="utility (nats of loss) below which a path is not / no longer a motif")
