@@ -137,8 +137,11 @@ def mamba1_step(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     """Same contract as :func:`crsm_planner.mamba1.selective_step`."""
     update = _op("selective_state_update")
     state = h.float().clone()  # the kernel writes the state in place
+    # mamba-ssm 2.3.2's selective_state_update dereferences dt_bias unconditionally (its
+    # stride is read even when None): pass an explicit zero bias; dt is already final.
+    zero_bias = torch.zeros(u.shape[-1], device=u.device, dtype=torch.float32)
     y = update(state, u.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), D=D,
-               z=None, dt_bias=None, dt_softplus=False)
+               z=None, dt_bias=zero_bias, dt_softplus=False)
     return y, state
 
 
@@ -161,5 +164,6 @@ def mamba2_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     state = h.float().clone()  # the kernel writes the state in place
     y = update(state, x.contiguous(), dt.unsqueeze(-1).expand(Bt, H, P), A[:, None, None].expand(H, P, N),
                B.contiguous(), C.contiguous(), D=None if D is None else D[:, None].expand(H, P),
-               z=None, dt_bias=None, dt_softplus=False)
+               z=None, dt_bias=torch.zeros(H, 1, device=x.device, dtype=torch.float32).expand(H, P),  # see mamba1_step
+               dt_softplus=False)
     return y, state
