@@ -63,8 +63,7 @@ class SelectiveScan(torch.autograd.Function):
             t1 = min(t0 + chunk, T)
             starts.append(h)
             Hc = _chunk_states(h, u_t[t0:t1], dt_t[t0:t1], A, B_t[t0:t1])  # (L, Bt, Di, N)
-            L, Bt, Di, N = Hc.shape
-            y[t0:t1] = torch.bmm(Hc.view(L * Bt, Di, N), C_t[t0:t1].reshape(L * Bt, N, 1)).view(L, Bt, Di)
+            y[t0:t1] = (Hc * C_t[t0:t1].unsqueeze(2)).sum(-1)  # (L, Bt, Di); faster than a bmm with N-long rows
             h = Hc[-1].clone()
         ctx.chunk = chunk
         ctx.save_for_backward(u_t, dt_t, A, B_t, C_t, torch.stack(starts))
@@ -103,8 +102,8 @@ class SelectiveScan(torch.autograd.Function):
             GdA = G * dA_c  # (L, Bt, Di, N)
             GdA[1:].mul_(Hc[:-1])
             GdA[0].mul_(h_start)
-            dA.add_(torch.einsum("lbdn,lbd->dn", GdA, dt_c))
-            g_dtu = torch.bmm(G.view(L * Bt, Di, N), B_c.reshape(L * Bt, N, 1)).view(L, Bt, Di)  # dL/d(dt u)
+            dA.add_((GdA * dt_c.unsqueeze(-1)).sum((0, 1)))
+            g_dtu = (G * B_c.unsqueeze(2)).sum(-1)  # (L, Bt, Di): dL/d(dt u)
             dB[t0:t1] = torch.bmm((dt_c * u_c).reshape(L * Bt, 1, Di), G.view(L * Bt, Di, N)).view(L, Bt, N)
             du[t0:t1] = g_dtu * dt_c
             ddt[t0:t1] = g_dtu * u_c + (GdA * A).sum(-1)  # exp(dt A) -> dt
