@@ -35,6 +35,44 @@ from crsd_memory.reference import episodic_step, masked_softmax, slot_priority, 
 STATE_KEYS = ("keys", "values", "prio", "slot_t", "t")
 
 
+def episodic_chunked(
+    q: Tensor, k: Tensor, v: Tensor, z: Tensor, state: State, *, chunk_size: int, temperature: float,
+    topk: int | None, window: int | None, recency: float,
+) -> tuple[Tensor, State]:
+    """The chunk-parallel form of :func:`crsd_memory.reference.episodic_sequence` (same arguments
+    and results): ``q, k`` unit vectors and ``v`` (B, T, d), importance ``z`` (B, T)."""
+    keys, values, prio, slot_t, t = (state[key] for key in STATE_KEYS)
+    S = keys.shape[1]
+    outs = []
+    for c0 in range(0, q.shape[1], chunk_size):
+        qc, kc, vc, zc = (a[:, c0 : c0 + chunk_size] for a in (q, k, v, z))
+        C = qc.shape[1]
+        N = S + C
+        tc = t[:, None] + torch.arange(C, device=q.device)  # (B, C) token times
+        ck = torch.cat([keys, kc], dim=1)  # (B, N, d) candidates: incoming slots, then the chunk
+        cv = torch.cat([values, vc], dim=1)  # (B, N, d)
+        cz = torch.cat([prio, zc], dim=1)  # (B, N)
+        ct = torch.cat([slot_t, tc], dim=1)  # (B, N)
+        u = slot_priority(cz, ct, recency)  # (B, N)
+        beats = (u[:, None, :] > u[:, :, None]) | (
+            (u[:, None, :] == u[:, :, None]) & (ct[:, None, :] > ct[:, :, None])
+        )  # (B, N_j, N_i): i beats j
+        seen = torch.ones(N, C, device=q.device)  # (N, C) candidate i seen by chunk step tau
+        seen[S:] = torch.tril(torch.ones(C, C, device=q.device)).T  # token c seen iff c <= tau
+        rank = beats.float() @ seen  # (B, N, C) exact small integers
+        alive = (rank < S) & (seen > 0) & torch.isfinite(u)[:, :, None]  # (B, N, C)
+        alive = alive.transpose(1, 2)  # (B, C, N)
+        if window is not None:
+            alive = alive & ((tc[:, :, None] - ct[:, None, :]) < window)
+        logits = (qc @ ck.transpose(1, 2)) / temperature + F.logsigmoid(cz)[:, None, :]  # (B, C, N)
+        a = masked_softmax(logits, alive, topk)  # (B, C, N)
+        outs.append(a @ cv)  # (B, C, d)
+        keys, values, prio, slot_t = sort_slots(ck, cv, cz, ct, recency, S)
+        t = t + C
+    new = {"keys": keys, "values": values, "prio": prio, "slot_t": slot_t, "t": t}
+    return torch.cat(outs, dim=1), new
+
+
 class EpisodicRecall(nn.Module):
     """The buffer itself, without the residual: ``x (B, T, d_in) -> recall (B, T, d_out)``.
 
@@ -90,41 +128,11 @@ class EpisodicRecall(nn.Module):
         return s
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        B, T, _ = x.shape
-        s = self._state(state, B, x.device)
-        keys, values, prio, slot_t, t = (s[k] for k in STATE_KEYS)
-        S = self.slots
+        s = self._state(state, x.shape[0], x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
             q, k, v, z = self._project(x)
-            outs = []
-            for c0 in range(0, T, self.chunk_size):
-                qc, kc, vc, zc = q[:, c0 : c0 + self.chunk_size], k[:, c0 : c0 + self.chunk_size], \
-                    v[:, c0 : c0 + self.chunk_size], z[:, c0 : c0 + self.chunk_size]
-                C = qc.shape[1]
-                N = S + C
-                tc = t[:, None] + torch.arange(C, device=x.device)  # (B, C) token times
-                ck = torch.cat([keys, kc], dim=1)  # (B, N, d)
-                cv = torch.cat([values, vc], dim=1)  # (B, N, d)
-                cz = torch.cat([prio, zc], dim=1)  # (B, N)
-                ct = torch.cat([slot_t, tc], dim=1)  # (B, N)
-                u = slot_priority(cz, ct, self.recency)  # (B, N)
-                beats = (u[:, None, :] > u[:, :, None]) | (
-                    (u[:, None, :] == u[:, :, None]) & (ct[:, None, :] > ct[:, :, None])
-                )  # (B, N_j, N_i): i beats j
-                seen = torch.ones(N, C, device=x.device)  # (N, C) candidate i seen by chunk step tau
-                seen[S:] = torch.tril(torch.ones(C, C, device=x.device)).T  # token c seen iff c <= tau
-                rank = beats.float() @ seen  # (B, N, C) exact small integers
-                alive = (rank < S) & (seen > 0) & torch.isfinite(u)[:, :, None]  # (B, N, C)
-                alive = alive.transpose(1, 2)  # (B, C, N)
-                if self.window is not None:
-                    alive = alive & ((tc[:, :, None] - ct[:, None, :]) < self.window)
-                logits = (qc @ ck.transpose(1, 2)) / self.temperature + F.logsigmoid(cz)[:, None, :]  # (B, C, N)
-                a = masked_softmax(logits, alive, self.topk)  # (B, C, N)
-                outs.append(a @ cv)  # (B, C, d)
-                keys, values, prio, slot_t = sort_slots(ck, cv, cz, ct, self.recency, S)
-                t = t + C
-            r = torch.cat(outs, dim=1)  # (B, T, d)
-        new = {"keys": keys, "values": values, "prio": prio, "slot_t": slot_t, "t": t}
+            r, new = episodic_chunked(q, k, v, z, s, chunk_size=self.chunk_size, temperature=self.temperature,
+                                      topk=self.topk, window=self.window, recency=self.recency)
         return self.out(r.to(x.dtype)), new
 
     def step(self, x_t: Tensor, state: State | None = None) -> tuple[Tensor, State]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from statelab.interfaces import Aux, Memory, State
@@ -32,6 +33,47 @@ from crsd_memory.reference import hebbian_step, topk_magnitude, unit
 
 def _no_autocast(x: Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def hebbian_chunked(
+    q: Tensor, k: Tensor, v: Tensor, H: Tensor, gamma: Tensor, eta: Tensor, temperature: float, topk: int | None,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """The chunked form of :func:`crsd_memory.reference.hebbian_sequence` (same arguments and
+    results): ``q, k`` unit vectors and ``v`` (B, heads, T, d); ``H`` (B, heads, d, d); ``gamma,
+    eta`` (heads,). Returns ``(r (B, heads, T, d), H_T)``.
+
+    All chunks are processed together: the in-chunk terms and each chunk's write are batched
+    matmuls over (B, heads, chunks); only the chunk-to-chunk carry of H is a short loop.
+    """
+    B, h, T, d = q.shape
+    C = min(chunk_size, T)
+    nc = -(-T // C)
+    pad = nc * C - T
+    if pad:  # zero keys and values write nothing; outputs at padded positions are dropped
+        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+    qc, kc, vc = (z.reshape(B, h, nc, C, d) for z in (q, k, v))  # (B, h, nc, C, d)
+    log_g = torch.log(gamma)  # (h,)
+    pos = torch.arange(C, device=q.device, dtype=torch.float32)
+    diff = pos[:, None] - pos[None, :]  # (C, C) i - j
+    logd = torch.where(diff >= 0, diff * log_g[:, None, None], torch.full_like(diff, -math.inf))  # (h, C, C)
+    decay = torch.exp(logd) * eta[:, None, None]  # (h, C, C) eta gamma^(i-j), zero above the diagonal
+    intra = ((qc @ kc.transpose(-1, -2)) * decay[:, None]) @ vc  # (B, h, nc, C, d)
+    lens = torch.full((nc,), float(C), device=q.device)
+    lens[-1] = C - pad
+    age = (lens[:, None] - 1 - pos[None, :]).clamp_min(0)  # (nc, C) steps from j to the chunk's end
+    g_out = torch.exp(age * log_g[:, None, None]) * eta[:, None, None]  # (h, nc, C)
+    dH = (kc * g_out[..., None]).transpose(-1, -2) @ vc  # (B, h, nc, d, d) each chunk's write
+    carry = torch.exp(lens * log_g[:, None])[..., None, None]  # (h, nc, 1, 1) gamma^len
+    starts = []
+    for c in range(nc):
+        starts.append(H)
+        H = carry[:, c] * H + dH[:, :, c]  # (B, h, d, d)
+    H0s = torch.stack(starts, dim=2)  # (B, h, nc, d, d) H at the start of each chunk
+    g_in = torch.exp((pos + 1)[None, :] * log_g[:, None])  # (h, C) gamma^(i+1)
+    inter = (qc * g_in[:, None, :, None]) @ H0s  # (B, h, nc, C, d)
+    r = (intra + inter).reshape(B, h, nc * C, d)[:, :, :T] / temperature  # (B, h, T, d)
+    return topk_magnitude(r, topk), H
 
 
 class HebbianRecall(nn.Module):
@@ -101,24 +143,7 @@ class HebbianRecall(nn.Module):
             gamma, eta = self._write_params()
             if self.detach:
                 k, v, H = k.detach(), v.detach(), H.detach()
-            log_g = torch.log(gamma)  # (h,)
-            outs = []
-            for c0 in range(0, T, self.chunk_size):
-                qc, kc, vc = (z[:, :, c0 : c0 + self.chunk_size] for z in (q, k, v))  # (B, h, C, d)
-                C = qc.shape[2]
-                pos = torch.arange(C, device=x.device, dtype=torch.float32)
-                diff = pos[:, None] - pos[None, :]  # (C, C) i - j
-                causal = diff >= 0
-                logd = torch.where(causal, diff * log_g[:, None, None], torch.full_like(diff, -math.inf))  # (h, C, C)
-                decay = torch.exp(logd) * eta[:, None, None]  # (h, C, C)
-                scores = (qc @ kc.transpose(-1, -2)) * decay  # (B, h, C, C)
-                intra = scores @ vc  # (B, h, C, d)
-                g_in = torch.exp((pos + 1)[None, :] * log_g[:, None])  # (h, C) gamma^(i+1)
-                inter = (qc * g_in[:, :, None]) @ H  # (B, h, C, d)
-                outs.append((intra + inter) / self.temperature)
-                g_out = torch.exp((C - 1 - pos)[None, :] * log_g[:, None]) * eta[:, None]  # (h, C) eta gamma^(C-1-j)
-                H = torch.exp(C * log_g)[:, None, None] * H + (kc * g_out[:, :, None]).transpose(-1, -2) @ vc  # (B, h, d, d)
-            r = topk_magnitude(torch.cat(outs, dim=2), self.topk)  # (B, h, T, d)
+            r, H = hebbian_chunked(q, k, v, H, gamma, eta, self.temperature, self.topk, self.chunk_size)
             r = r.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head)  # (B, T, h*d)
         return self.out(r.to(x.dtype)), {"H": H}
 
