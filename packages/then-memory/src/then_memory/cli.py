@@ -4,6 +4,7 @@
     statelab memory query  --user U --model CKPT "prompt" [--max-new-tokens N] [--incognito]
     statelab memory wipe   --user U
     statelab memory list
+    statelab memory corpus --out FILE [--docs N] [--lengths 512 1024 2048]
 
 ``--root DIR`` (every command) is the users' directory; default ``$STATELAB_MEMORY_ROOT`` or
 ``~/.local/share/statelab/users``.
@@ -45,6 +46,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     common(p)
     p = sub.add_parser("list", help="list the users with a memory")
     common(p, user=False)
+    p = sub.add_parser("corpus", help="write Tiny Shakespeare interleaved with passkey documents (stateful pretraining)")
+    p.add_argument("--out", required=True, help="output text file")
+    p.add_argument("--docs", type=int, default=400, help="passkey documents")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048], help="document lengths (chars)")
+    p.add_argument("--digits", type=int, default=5, help="digits of each key")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
 def _service(args):
@@ -65,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "user", None) is not None:
             validate_user_id(args.user)
+        if action == "corpus":
+            from then_memory.corpus import make_passkey_corpus
+
+            print(json.dumps(make_passkey_corpus(args.out, docs=args.docs, lengths=args.lengths, digits=args.digits,
+                                                 seed=args.seed)))
+            return 0
         if action == "list":
             from then_memory.users import UserDirectories
 
