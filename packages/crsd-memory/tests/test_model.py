@@ -54,3 +54,17 @@ def test_memory_use_probe_needs_a_recall(registry):
     with pytest.raises(SpecError, match="probe 'memory-use' needs internal 'memory.recall'"):
         validate_spec(spec(TOY, probes=[{"kind": "memory-use"}]), registry)
     validate_spec(spec(CRSD, probes=[{"kind": "memory-use"}]), registry)
+
+
+def test_bf16_autocast_keeps_memory_state_fp32(registry):
+    model = statelab.build(spec(CRSD, [{**DUAL, "after_layer": 1}]), registry=registry).eval()
+    tok = torch.randint(0, 32, (2, 10))
+    with torch.no_grad():
+        ref, _, _ = model(tok)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, state, _ = model(tok)
+            logits_t, _, _ = model.step(tok[:, 0], state)
+    assert torch.isfinite(logits).all() and torch.isfinite(logits_t).all()
+    for k, v in state.items():
+        assert v.dtype in (torch.float32, torch.int64), k
+    assert (logits.float() - ref).abs().max() < 0.1
