@@ -82,6 +82,21 @@ def test_state_shapes_and_fp32_under_autocast(mixer):
     assert torch.isfinite(y).all() and torch.isfinite(y_t).all()
 
 
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_bf16_weights_run_with_fp32_state_close_to_fp32(mixer):
+    torch.manual_seed(0)
+    bb = make(mixer).eval()
+    x = torch.randn(2, 9, D)
+    with torch.no_grad():
+        y32, s32, _ = bb(x)
+        bb16 = bb.to(torch.bfloat16)
+        y16, s16, _ = bb16(x.bfloat16())
+        y_t, s_t, _ = bb16.step(x[:, 0].bfloat16(), s16)
+    assert y16.dtype == torch.bfloat16 and y_t.dtype == torch.bfloat16  # the final norm returns the weight dtype
+    assert all(v.dtype == torch.float32 for v in list(s16.values()) + list(s_t.values()))
+    assert (y16.float() - y32).abs().max() < 0.1 * y32.abs().max()
+
+
 def test_snapshot_restore_and_in_place_injection():
     torch.manual_seed(0)
     bb = make("mamba2").eval()

@@ -180,9 +180,8 @@ class Mamba1Mixer(nn.Module):
             return self.impl
         return "kernels" if kernels.wanted(self.use_kernels, x, (op,)) else "torch"
 
-    def _ssm_inputs(self, xs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """From the conv output ``xs (..., Di)``: ``dt`` (after softplus, fp32), ``A``, ``B``, ``C``."""
-        dbc = self.x_proj(xs)  # (..., R + 2N)
+    def _ssm_inputs(self, dbc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """From ``x_proj(xs) (..., R + 2N)``: ``dt`` (after softplus, fp32), ``A``, ``B``, ``C``."""
         dt_r, Bm, Cm = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(F.linear(dt_r.float(), self.dt_proj.weight.float(), self.dt_proj.bias.float()))  # (..., Di)
         A = -torch.exp(self.A_log.float())  # (Di, N)
@@ -200,8 +199,9 @@ class Mamba1Mixer(nn.Module):
         xs, conv_state = causal_conv(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv0)
         xs = F.silu(xs)
         path = self._path(x, "selective_scan_fn")
+        dbc = self.x_proj(xs)  # (B, T, R + 2N), in the compute dtype
         with torch.autocast(x.device.type, enabled=False):
-            dt, A, Bm, Cm = self._ssm_inputs(xs.float())
+            dt, A, Bm, Cm = self._ssm_inputs(dbc)
             if path == "kernels":
                 if h0 is not None and not bool(h0.any()):  # zero state: skip the linearity correction
                     h0 = None
@@ -221,8 +221,9 @@ class Mamba1Mixer(nn.Module):
         xs, conv_state = causal_conv_step(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, state["conv"])
         xs = F.silu(xs)
         path = self._path(x_t, "selective_state_update")
+        dbc = self.x_proj(xs)  # (B, R + 2N)
         with torch.autocast(x_t.device.type, enabled=False):
-            dt, A, Bm, Cm = self._ssm_inputs(xs.float())
+            dt, A, Bm, Cm = self._ssm_inputs(dbc)
             if path == "kernels":
                 y, h = kernels.mamba1_step(xs.float(), dt, A, Bm, Cm, self.D.float(), state["ssm"])
             else:

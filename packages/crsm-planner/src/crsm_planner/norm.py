@@ -8,7 +8,10 @@ from torch import Tensor, nn
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / rms(x)`` over the last dimension, computed in fp32 (HF ``MambaRMSNorm``)."""
+    """``weight * x / rms(x)`` over the last dimension, computed in fp32 (HF ``MambaRMSNorm``).
+
+    The result has the weight's dtype, so a bf16 model gets bf16 out of an fp32 residual stream.
+    """
 
     def __init__(self, d: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -18,7 +21,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * xf.to(self.weight.dtype)
 
 
 class RMSNormGated(nn.Module):
@@ -37,9 +40,8 @@ class RMSNormGated(nn.Module):
         self.group_size = group_size or d
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        dtype = x.dtype
         xf = x.float() * F.silu(z.float())
         shape = xf.shape
         xg = xf.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)  # (..., G, d/G)
         xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xg.view(shape).to(dtype)
+        return self.weight * xg.view(shape).to(self.weight.dtype)
