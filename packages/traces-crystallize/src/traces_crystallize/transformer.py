@@ -250,6 +250,16 @@ class Block(Layer):
         ctx = self._ctx
         if self.index == 0 and ctx.backbone.bookkeeping:  # the plain model never leaves the compiled graph here
             ctx.begin(self.training)
+        if ctx.capture or ctx.log_now or ctx.record:
+            return self._forward_eager(x, state)  # rare bookkeeping steps run outside torch.compile
+        return self._forward(x, state)
+
+    @torch.compiler.disable
+    def _forward_eager(self, x: Tensor, state: State | None) -> tuple[Tensor, State, Aux]:
+        return self._forward(x, state)
+
+    def _forward(self, x: Tensor, state: State | None) -> tuple[Tensor, State, Aux]:
+        ctx = self._ctx
         B, T, _ = x.shape
         step = ctx.backbone.train_step if ctx.backbone.ticking else None
         a, k, v, aux = self.attn(self.ln_1(x), state, step, ctx.capture)
