@@ -79,6 +79,15 @@ def test_mamba1_linearity_correction_matches_the_reference_from_a_nonzero_state(
     u_ref = u.detach().requires_grad_()
     (gu_ref,) = torch.autograd.grad(selective_scan_naive(u_ref, dt, A, B_, C_, Dp, h0)[1].sum(), u_ref)
     torch.testing.assert_close(gu, gu_ref, atol=1e-5, rtol=1e-5)
+    for start in (None, h0):  # gradients to dt and B through the final state and the outputs
+        dt_, B2 = dt.clone().requires_grad_(), B_.clone().requires_grad_()
+        y, h = kernels.mamba1_scan(u.detach(), dt_, A, B2, C_, Dp, start)
+        got = torch.autograd.grad(y.pow(2).sum() + h.pow(2).sum(), (dt_, B2))
+        dt_r, B_r = dt.clone().requires_grad_(), B_.clone().requires_grad_()
+        y_r, h_r = selective_scan_naive(u.detach(), dt_r, A, B_r, C_, Dp, start)
+        want = torch.autograd.grad(y_r.pow(2).sum() + h_r.pow(2).sum(), (dt_r, B_r))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])

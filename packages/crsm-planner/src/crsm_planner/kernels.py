@@ -18,9 +18,9 @@ module level, so the package works without it. Our own causal convolution
   :func:`mamba1_scan` adds that second term to the kernel's output (the kernel is called
   without the gate, which is applied afterwards by the mixer) and forms the final state
   the same way. The kernel's returned last state carries no gradient (a documented
-  limitation of ``selective_scan_fn``), so when gradients are on the zero-initialised
-  final state is recomputed differentiably as
-  ``sum_t exp(A (S_T - S_t)) dt_t u_t B_t``; with gradients off the kernel's is used.
+  limitation of ``selective_scan_fn``), so its gradient is computed by differentiating
+  ``sum_t exp(A (S_T - S_t)) dt_t u_t B_t`` (:class:`_LastState`), only when a loss
+  depends on the final state.
   These terms cost ``O(B T d_inner d_state)`` memory, about as much as one naive scan, and
   are skipped entirely when the incoming state is the zero state (``h0 is None``).
 
@@ -105,6 +105,30 @@ def _op(name: str):
     return _ops()[name]  # type: ignore[index]
 
 
+def _last_state(u: Tensor, dt: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """Zero-initialised final state ``sum_t exp(A (S_T - S_t)) dt_t u_t B_t``, ``(Bt, Di, N)``."""
+    S = torch.cumsum(dt, dim=1)  # (Bt, T, Di)
+    decay_to_end = torch.exp((S[:, -1:] - S).unsqueeze(-1) * A)  # (Bt, T, Di, N)
+    return torch.einsum("btdn,btd,btn->bdn", decay_to_end, dt * u, B)
+
+
+class _LastState(torch.autograd.Function):
+    """Passes the kernel's final state through; its backward differentiates :func:`_last_state`
+    (run only when a loss actually depends on the final state, e.g. truncated BPTT)."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, last):
+        ctx.save_for_backward(u, dt, A, B)
+        return last.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            h = _last_state(*inputs)
+        return (*torch.autograd.grad(h, inputs, g), None)
+
+
 def mamba1_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                 h0: Tensor | None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`crsm_planner.mamba1.selective_scan`; ``h0 = None`` is the zero state."""
@@ -118,15 +142,11 @@ def mamba1_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         C.transpose(1, 2).contiguous(),  # (Bt, N, T)
         D, None, None, False, True)
     y = y0.transpose(1, 2)  # (Bt, T, Di)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B, C))
-    if needs_grad or h0 is not None:
-        S = torch.cumsum(dt, dim=1)  # (Bt, T, Di)
-    if needs_grad:
-        # differentiable zero-initialised final state: sum_t exp(A (S_T - S_t)) dt_t u_t B_t
-        decay_to_end = torch.exp((S[:, -1:] - S).unsqueeze(-1) * A)  # (Bt, T, Di, N)
-        last = torch.einsum("btdn,btd,btn->bdn", decay_to_end, dt * u, B)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B)):
+        last = _LastState.apply(u, dt, A, B, last)
     if h0 is None:
         return y, last
+    S = torch.cumsum(dt, dim=1)  # (Bt, T, Di)
     decay = torch.exp(S.unsqueeze(-1) * A)  # (Bt, T, Di, N): prod_{s<=t} exp(dt_s A)
     y = y + torch.einsum("btdn,bdn,btn->btd", decay, h0, C)
     return y, decay[:, -1] * h0 + last
