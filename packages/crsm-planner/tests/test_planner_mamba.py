@@ -42,3 +42,21 @@ def test_planner_fits_and_steers_a_mamba_backbone(mixer):
     out = statelab.generate(model, tokens[:16].view(2, 8), max_new_tokens=12, seed=0)
     assert out.stats["planner.applied"] >= 4
     assert all(torch.isfinite(v).all() for v in out.state.values())
+
+
+def test_fitted_planner_round_trips_through_a_checkpoint(tmp_path):
+    from statelab import checkpoint
+
+    model = planner_model(backbone=MAMBA, simulations=4, d_latent=8, gate_steps=0)
+    checkpoint.save(tmp_path / "unfitted", model)
+    assert statelab.load(tmp_path / "unfitted").planner.fitted.item() == 0.0
+    tokens = mode_switch_tokens(2000)
+    model.planner.fit(model, window_batches(tokens, 2, 16), steps=2)
+    checkpoint.save(tmp_path / "fitted", model)
+    loaded = statelab.load(tmp_path / "fitted")
+    assert loaded.planner.fitted.item() == 1.0
+    with torch.no_grad():
+        logits, state, _ = model(tokens[:16].view(1, 16))
+    a = model.planner.plan(model, PlanRequest(state, logits[:, -1], 0, 1))
+    b = loaded.planner.plan(loaded, PlanRequest(state, logits[:, -1], 0, 1))
+    assert all(torch.equal(a.target[k], b.target[k]) for k in a.target)

@@ -296,11 +296,14 @@ class MCTSPlanner(Planner):
         return total, out
 
     def fit(self, model, batches: Callable[[], Tensor], *, steps: int = 200, batch_size: int | None = None,
-            seq_len: int | None = None, lr: float = 1e-3, seed: int | None = None, **kw: Any) -> dict[str, float]:
+            seq_len: int | None = None, lr: float = 1e-3, seed: int | None = None,
+            heldout: Callable[[], Tensor] | None = None, **kw: Any) -> dict[str, float]:
         """Distil the latent model from the backbone's own rollouts on ``batches()`` (each a
-        ``(B, T)`` token tensor) and fit the gate; returns held-out metrics (a batch never
-        optimised on): one-step and k-step state errors against the "state does not change"
-        predictor, the value head's correlation with realised loss, the prior's KL."""
+        ``(B, T)`` token tensor) and fit the gate; returns held-out metrics on one batch never
+        optimised on (from ``heldout()`` when given, e.g. validation text, else one more
+        ``batches()``): one-step and k-step state errors against the "state does not change"
+        predictor, the value head's correlation with realised loss, the prior's KL.
+        ``batch_size``/``seq_len`` are informational: the batches come from ``batches``."""
         p = self.params
         was = model.training
         model.eval()
@@ -315,7 +318,7 @@ class MCTSPlanner(Planner):
             if T < need:
                 raise ValueError(f"planner fit needs sequences of at least {need} tokens (value_horizon={p.value_horizon}, "
                                  f"fit_multistep={p.fit_multistep}); got seq_len={T}: raise train.planner_fit.seq_len")
-            heldout = self.rollout(model, batches().to(dev))
+            heldout_roll = self.rollout(model, (heldout or batches)().to(dev))
             roll = self.rollout(model, first)
             if self.fitted.item() == 0:
                 self.codec.set_normalization(roll["s"].flatten(0, 1))
@@ -343,9 +346,10 @@ class MCTSPlanner(Planner):
                     losses.append(loss.item())
             for prm in learn:
                 prm.requires_grad_(False)
-            self.fitted.fill_(1.0)
+            if losses:
+                self.fitted.fill_(1.0)
             with torch.no_grad():
-                _, metrics = self._losses(model, heldout, metrics=True)
+                _, metrics = self._losses(model, heldout_roll, metrics=True)
             metrics["fit/loss_first"] = losses[0] if losses else float("nan")
             metrics["fit/loss_last"] = losses[-1] if losses else float("nan")
             metrics.update(self._fit_gate(model, token_batches, gen, lr=0.05))
