@@ -55,7 +55,7 @@ def child(args) -> None:
 
 def run_spec(name: str, overrides: list[str], device: str, tmp: Path) -> dict:
     out = tmp / f"{name}.json"
-    cmd = [sys.executable, __file__, "--child", "--json", str(out), "--out-dir", str(tmp / "runs"), "--device", device,
+    cmd = [sys.executable, __file__, "--child", "--json", str(out), "--out-dir", str(tmp / name), "--device", device,
            "--overrides", json.dumps(overrides)]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(out.read_text())
