@@ -153,3 +153,16 @@ def test_statelab_generate_runs_the_planner_hook(trained):
     st = res.stats
     assert st["planner.requested"] >= 14 and st["planner.applied"] >= 13
     assert st["planner.mean_lag"] == 1.0
+
+
+def test_cpu_shadow_plans_like_the_planner_and_is_refreshed_after_a_fit(trained):
+    model, _, tokens = trained
+    pl = model.planner
+    shadow = pl.shadow_for(model, "cpu")
+    assert shadow is not pl and shadow.lm_head is not None
+    assert pl.shadow_for(model, "cpu") is shadow  # cached while the weights are unchanged
+    req = _request(model, tokens[:64].view(2, 32))
+    a, b = pl.plan(model, req), shadow.plan(model, req)
+    assert all(torch.equal(a.target[k], b.target[k]) for k in a.target) and torch.equal(a.alpha, b.alpha)
+    pl.fit(model, window_batches(tokens, 2, 16), steps=1)
+    assert pl.shadow_for(model, "cpu") is not shadow

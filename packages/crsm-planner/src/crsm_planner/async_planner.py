@@ -139,6 +139,7 @@ class PlanningHook:
         self.max_lag, self.lag_decay, self.sync_lag = p.max_lag, p.lag_decay, p.sync_lag
         self.worker = None if self.inline else planner.worker()
         self.generation_id: int | None = None
+        self.host: torch.device | None = None
         self._pending: list[PlanResult] = []  # inline mode: results waiting for their step
         self.aux: dict[str, Tensor] = {}
         self.stats: dict[str, float] = {}
@@ -173,19 +174,28 @@ class PlanningHook:
                                        "discarded_at_end", "skipped_busy")}
         self.lags, self.alphas = [], []
         self.planner.ensure_ready(self.model, ctx.state)  # shapes the codec in this thread, not the worker's
-        if ctx.logits.is_cuda:  # capture the search once per batch shape, here rather than in the worker
+        self.host = None  # the device plans are made on, when not the model's
+        if self.planner.params.device == "cpu" and ctx.logits.device.type != "cpu":
+            self.host = torch.device("cpu")
+            self.planner.shadow_for(self.model, self.host).ensure_ready(self.model, ctx.state)
+        elif ctx.logits.is_cuda:  # capture the search once per batch shape, here rather than in the worker
             self.planner.prepare(self.model, ctx.state, ctx.logits, self.simulations)
 
     def _request(self, ctx: StepContext, state: State) -> None:
         keys = self.planner.codec.keys
-        snap = {k: state[k].detach().clone() for k in keys}
-        req = PlanRequest(snap, ctx.logits.detach().clone(), ctx.step, ctx.generation_id)
+        if self.host is not None:
+            snap = {k: state[k].detach().to(self.host) for k in keys}
+            logits = ctx.logits.detach().to(self.host)
+        else:
+            snap = {k: state[k].detach().clone() for k in keys}
+            logits = ctx.logits.detach().clone()
+        req = PlanRequest(snap, logits, ctx.step, ctx.generation_id)
         self.stats["requested"] += 1
         if self.inline:
             self._pending.append(self.plan_fn(self.model, req))
             return
         event = None
-        if ctx.logits.device.type == "cuda":
+        if req.logits.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
         if not self.worker.submit(self.model, req, self.plan_fn, event):
@@ -230,12 +240,13 @@ class PlanningHook:
             self.stats["dropped_foreign"] += 1  # a different batch: cannot belong here
             return None
         lag = ctx.step - r.step
-        alpha = r.alpha * (self.lag_decay**lag)
+        target = {k: v.to(ctx.state[k].device) for k, v in r.target.items()}  # from the CPU shadow, if any
+        alpha = r.alpha.to(ctx.logits.device) * (self.lag_decay**lag)
         if self.alpha_fn is not None:
             alpha = self.alpha_fn(alpha)
         alpha = publish(self.aux, "planner.alpha", alpha)
         bb = unprefix_state("backbone", ctx.state)
-        new_bb = self.model.backbone.inject(bb, unprefix_state("backbone", r.target), alpha)
+        new_bb = self.model.backbone.inject(bb, unprefix_state("backbone", target), alpha)
         state = dict(ctx.state)
         state.update(prefix_state("backbone", new_bb))
         self.stats["applied"] += 1

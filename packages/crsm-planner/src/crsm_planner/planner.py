@@ -38,6 +38,8 @@ from crsm_planner.value import PriorHead, ValueHead
 _WORKERS: "weakref.WeakKeyDictionary[MCTSPlanner, Any]" = weakref.WeakKeyDictionary()
 
 
+# CPU copies of planners whose model runs on CUDA (device: cpu), with the version they copy
+_SHADOWS: "weakref.WeakKeyDictionary[MCTSPlanner, tuple]" = weakref.WeakKeyDictionary()
 # captured CUDA graphs of the search, per planner and batch shape (see MCTSPlanner.prepare)
 _GRAPHS: "weakref.WeakKeyDictionary[MCTSPlanner, dict]" = weakref.WeakKeyDictionary()
 
@@ -92,6 +94,7 @@ class MCTSPlanner(Planner):
         self.prior_head = PriorHead(p.d_latent, p.d_hidden, d_model)
         self.gate = nn.Parameter(torch.tensor(float(p.gate_init)))
         self.register_buffer("fitted", torch.zeros(()))  # 1.0 once fit() has run
+        self.lm_head: nn.Module | None = None  # set only on a CPU shadow (see shadow_for)
         # the backbone trains without the planner: its parts get no gradient from the LM loss
         for prm in self.parameters():
             prm.requires_grad_(False)
@@ -120,7 +123,7 @@ class MCTSPlanner(Planner):
         return PUCTSearch(
             self.dynamics,
             self._value_fn,
-            lambda z: self.prior_head(z, model.head),
+            lambda z: self.prior_head(z, self.lm_head if self.lm_head is not None else model.head),
             simulations=simulations or p.simulations,
             depth=p.depth,
             c_puct=p.c_puct,
@@ -139,7 +142,15 @@ class MCTSPlanner(Planner):
 
     @torch.no_grad()
     def plan(self, model, request: PlanRequest, *, simulations: int | None = None) -> PlanResult:
-        """Search from ``request.state`` and propose a target for the injectable entries."""
+        """Search from ``request.state`` and propose a target for the injectable entries.
+        A request on another device than the planner (``device: cpu`` with a CUDA model) is
+        planned by the planner's CPU shadow, prepared with :meth:`shadow_for`."""
+        if request.logits.device != self.fitted.device:
+            shadow = _SHADOWS.get(self)
+            if shadow is None or shadow[0] != self._version:
+                raise RuntimeError("mcts planner: a request on another device than the planner needs shadow_for(model, "
+                                   "device) first (the generation hook does this)")
+            return shadow[1].plan(model, request, simulations=simulations)
         self.ensure_ready(model, request.state)
         s = self.codec.flatten(request.state)  # (B, S)
         noise = None
@@ -187,6 +198,33 @@ class MCTSPlanner(Planner):
             warnings.warn(f"mcts planner: CUDA graph capture failed ({type(e).__name__}: {e}); planning eagerly", stacklevel=2)
             graphs[key] = None
         return graphs[key] is not None
+
+    _fit_count = 0  # bumped by fit and by loading weights: shadows of older weights are stale
+
+    @property
+    def _version(self) -> tuple:
+        return (self._fit_count, self.codec.enc_weight.data_ptr())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fit_count += 1
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def shadow_for(self, model, device: torch.device | str) -> "MCTSPlanner":
+        """A copy of this planner (and of the LM head it takes priors from) on ``device``,
+        refreshed after each fit; lets the search run on the CPU while the model runs on
+        CUDA, so the planner never puts work on the GPU the generation runs on."""
+        device = torch.device(device)
+        cached = _SHADOWS.get(self)
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        import copy
+
+        with torch.no_grad():
+            shadow = copy.deepcopy(self).to(device)
+            shadow.lm_head = copy.deepcopy(model.head).to(device).requires_grad_(False)
+            shadow.codec.keys, shadow.codec.shapes = list(self.codec.keys), list(self.codec.shapes)
+        _SHADOWS[self] = (self._version, shadow)
+        return shadow
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): captured graphs point at old storage
         _GRAPHS.pop(self, None)
@@ -348,6 +386,7 @@ class MCTSPlanner(Planner):
                 prm.requires_grad_(False)
             if losses:
                 self.fitted.fill_(1.0)
+            self._fit_count += 1
             with torch.no_grad():
                 _, metrics = self._losses(model, heldout_roll, metrics=True)
             metrics["fit/loss_first"] = losses[0] if losses else float("nan")

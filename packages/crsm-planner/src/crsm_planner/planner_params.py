@@ -1,5 +1,7 @@
 """Params of the `mcts` planner and the planner probes (cheap to import: pydantic only)."""
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -39,6 +41,9 @@ class MCTSParams(BaseModel):
     max_lag: int = Field(8, ge=0, le=100000, description="results older than this many steps are dropped")
     lag_decay: float = Field(0.85, gt=0, le=1, description="alpha of a result applied `lag` steps late is scaled by lag_decay**lag")
     sync_lag: int = Field(1, ge=1, le=100000, description="inline mode only: steps between the snapshot and applying its result")
+    device: Literal["auto", "cpu"] = Field(
+        "auto", description="where the search runs: auto = the model's device; cpu = on a CPU copy of the planner "
+                            "(a CUDA model's GPU then never sees the planner's work)")
     cuda_graphs: bool = Field(True, description="on CUDA, capture the search as one CUDA graph per batch shape (eager if capture fails)")
     queue_size: int = Field(1, ge=1, le=64, description="pending requests; when full, new requests are skipped (never waited for)")
 
