@@ -52,8 +52,8 @@ def timeit(fn, device: torch.device, repeats: int) -> float:
     return min(times)
 
 
-def bench_hebbian(B: int, T: int, device, repeats: int) -> dict:
-    core = HebbianRecall(256, 256, n_heads=4, d_head=64, chunk_size=64).to(device)
+def bench_hebbian(B: int, T: int, device, repeats: int, chunk: int) -> dict:
+    core = HebbianRecall(256, 256, n_heads=4, d_head=64, chunk_size=chunk).to(device)
     x = torch.randn(B, T, 256, device=device)
     H0 = core.init_state(B, device)["H"]
     with torch.no_grad():
@@ -74,8 +74,8 @@ def bench_hebbian(B: int, T: int, device, repeats: int) -> dict:
             "module_s": t_module, "module_ref_s": t_module_ref, "module_speedup": t_module_ref / t_module}
 
 
-def bench_episodic(B: int, T: int, device, repeats: int, slots: int) -> dict:
-    core = EpisodicRecall(256, 256, slots=slots, d_key=64, chunk_size=64).to(device)
+def bench_episodic(B: int, T: int, device, repeats: int, slots: int, chunk: int) -> dict:
+    core = EpisodicRecall(256, 256, slots=slots, d_key=64, chunk_size=chunk).to(device)
     x = torch.randn(B, T, 256, device=device)
     s0 = core.init_state(B, device)
     with torch.no_grad():
@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--T", type=int, default=2048, help="sequence length of the memory benchmarks")
     ap.add_argument("--slots", type=int, default=64, help="episodic slots")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--chunk", type=int, default=None, help="chunk length of the fast forms; default 32 on CPU, 64 on CUDA")
     ap.add_argument("--overhead-batch", type=int, default=8)
     ap.add_argument("--overhead-T", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=128, help="d_model of the overhead benchmark")
@@ -168,11 +169,12 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}); torch {torch.__version__}")
 
-    h = bench_hebbian(args.batch, args.T, device, args.repeats)
+    chunk = args.chunk or (64 if device.type == "cuda" else 32)
+    h = bench_hebbian(args.batch, args.T, device, args.repeats, chunk)
     print(f"hebbian  T={args.T} B={args.batch} 4x64: chunked {h['fast_s']*1e3:.1f} ms, reference {h['ref_s']*1e3:.1f} ms, "
           f"speedup {h['speedup']:.1f}x (max |diff| {h['max_abs_diff']:.1e}); with projections "
           f"{h['module_s']*1e3:.1f} vs {h['module_ref_s']*1e3:.1f} ms, {h['module_speedup']:.1f}x")
-    e = bench_episodic(args.batch, args.T, device, args.repeats, args.slots)
+    e = bench_episodic(args.batch, args.T, device, args.repeats, args.slots, chunk)
     print(f"episodic T={args.T} B={args.batch} S={args.slots} d=64: fast {e['fast_s']*1e3:.1f} ms, reference {e['ref_s']*1e3:.1f} ms, "
           f"speedup {e['speedup']:.1f}x (max |diff| {e['max_abs_diff']:.1e}, same slots: {e['same_slots']}); with "
           f"projections {e['module_s']*1e3:.1f} vs {e['module_ref_s']*1e3:.1f} ms, {e['module_speedup']:.1f}x")
@@ -188,10 +190,10 @@ def main(argv=None) -> int:
             "| memory | T | batch | fast (ms) | reference (ms) | speedup | whole memory: fast / reference (ms) | speedup "
             "| max abs diff |",
             "|---|---|---|---|---|---|---|---|---|",
-            f"| hebbian, 4 heads x d=64, chunk 64 | {args.T} | {args.batch} | {h['fast_s']*1e3:.1f} | {h['ref_s']*1e3:.1f} | "
+            f"| hebbian, 4 heads x d=64, chunk {chunk} | {args.T} | {args.batch} | {h['fast_s']*1e3:.1f} | {h['ref_s']*1e3:.1f} | "
             f"{h['speedup']:.1f}x | {h['module_s']*1e3:.1f} / {h['module_ref_s']*1e3:.1f} | {h['module_speedup']:.1f}x "
             f"| {h['max_abs_diff']:.1e} |",
-            f"| episodic, {args.slots} slots, d_key=64, chunk 64 | {args.T} | {args.batch} | {e['fast_s']*1e3:.1f} | "
+            f"| episodic, {args.slots} slots, d_key=64, chunk {chunk} | {args.T} | {args.batch} | {e['fast_s']*1e3:.1f} | "
             f"{e['ref_s']*1e3:.1f} | {e['speedup']:.1f}x | {e['module_s']*1e3:.1f} / {e['module_ref_s']*1e3:.1f} | "
             f"{e['module_speedup']:.1f}x | {e['max_abs_diff']:.1e} (slots identical: {e['same_slots']}) |",
             "",

@@ -151,7 +151,10 @@ def main(argv=None) -> int:
     ap.add_argument("--experiment", default="crsd-mqar", help="mlflow experiment")
     ap.add_argument("--tracking-uri", default=None, help="mlflow URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     ap.add_argument("--no-tracking", action="store_true")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no new run after this many minutes (recorded runs are kept; rerun to continue)")
     args = ap.parse_args(argv)
+    t_start = time.time()
 
     cells = [tuple(int(p) for p in c.lower().split("x")) for c in args.cells.split(",")]
     d_models = [int(d) for d in args.d_models.split(",")]
@@ -167,6 +170,10 @@ def main(argv=None) -> int:
                     key = (model, d_model, seq_len, kv, lr, args.steps, args.device)
                     if key in done:
                         continue
+                    if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes:
+                        print(f"mqar_sweep: --max-minutes {args.max_minutes:g} reached; rerun to continue", flush=True)
+                        write_table(load_results(args.results), args.out, command)
+                        return 0
                     spec = run_spec(args, model, d_model, seq_len, kv, lr)
                     t0 = time.time()
                     res = train(spec, progress=False)

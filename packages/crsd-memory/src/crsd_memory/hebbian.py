@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from statelab.interfaces import Aux, Memory, State
@@ -43,37 +42,34 @@ def hebbian_chunked(
     results): ``q, k`` unit vectors and ``v`` (B, heads, T, d); ``H`` (B, heads, d, d); ``gamma,
     eta`` (heads,). Returns ``(r (B, heads, T, d), H_T)``.
 
-    All chunks are processed together: the in-chunk terms and each chunk's write are batched
-    matmuls over (B, heads, chunks); only the chunk-to-chunk carry of H is a short loop.
+    One chunk at a time: every intermediate is (B, heads, C, C) or (B, heads, C, d), small
+    enough to stay in cache, which on CPUs beats batching all chunks into a few large matmuls.
     """
     B, h, T, d = q.shape
-    C = min(chunk_size, T)
-    nc = -(-T // C)
-    pad = nc * C - T
-    if pad:  # zero keys and values write nothing; outputs at padded positions are dropped
-        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
-    qc, kc, vc = (z.reshape(B, h, nc, C, d) for z in (q, k, v))  # (B, h, nc, C, d)
     log_g = torch.log(gamma)  # (h,)
-    pos = torch.arange(C, device=q.device, dtype=torch.float32)
-    diff = pos[:, None] - pos[None, :]  # (C, C) i - j
-    logd = torch.where(diff >= 0, diff * log_g[:, None, None], torch.full_like(diff, -math.inf))  # (h, C, C)
-    decay = torch.exp(logd) * eta[:, None, None]  # (h, C, C) eta gamma^(i-j), zero above the diagonal
-    intra = ((qc @ kc.transpose(-1, -2)) * decay[:, None]) @ vc  # (B, h, nc, C, d)
-    lens = torch.full((nc,), float(C), device=q.device)
-    lens[-1] = C - pad
-    age = (lens[:, None] - 1 - pos[None, :]).clamp_min(0)  # (nc, C) steps from j to the chunk's end
-    g_out = torch.exp(age * log_g[:, None, None]) * eta[:, None, None]  # (h, nc, C)
-    dH = (kc * g_out[..., None]).transpose(-1, -2) @ vc  # (B, h, nc, d, d) each chunk's write
-    carry = torch.exp(lens * log_g[:, None])[..., None, None]  # (h, nc, 1, 1) gamma^len
-    starts = []
-    for c in range(nc):
-        starts.append(H)
-        H = carry[:, c] * H + dH[:, :, c]  # (B, h, d, d)
-    H0s = torch.stack(starts, dim=2)  # (B, h, nc, d, d) H at the start of each chunk
-    g_in = torch.exp((pos + 1)[None, :] * log_g[:, None])  # (h, C) gamma^(i+1)
-    inter = (qc * g_in[:, None, :, None]) @ H0s  # (B, h, nc, C, d)
-    r = (intra + inter).reshape(B, h, nc * C, d)[:, :, :T] / temperature  # (B, h, T, d)
-    return topk_magnitude(r, topk), H
+
+    def consts(C: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pos = torch.arange(C, device=q.device, dtype=torch.float32)
+        diff = pos[:, None] - pos[None, :]  # (C, C) i - j
+        logd = torch.where(diff >= 0, diff * log_g[:, None, None], torch.full_like(diff, -math.inf))  # (h, C, C)
+        decay = torch.exp(logd) * (eta / temperature)[:, None, None]  # (h, C, C) eta gamma^(i-j) / temp; 0 above diag
+        g_in = (torch.exp((pos + 1)[None, :] * log_g[:, None]) / temperature)[:, :, None]  # (h, C, 1) gamma^(i+1) / temp
+        g_out = (torch.exp((C - 1 - pos)[None, :] * log_g[:, None]) * eta[:, None])[:, :, None]  # (h, C, 1)
+        carry = torch.exp(C * log_g)[:, None, None]  # (h, 1, 1) gamma^C
+        return decay, g_in, g_out, carry
+
+    full = consts(min(chunk_size, T))
+    outs = []
+    for c0 in range(0, T, chunk_size):
+        qc, kc, vc = (z[:, :, c0 : c0 + chunk_size] for z in (q, k, v))  # (B, h, C, d)
+        C = qc.shape[2]
+        decay, g_in, g_out, carry = full if C == full[0].shape[-1] else consts(C)
+        intra = ((qc @ kc.transpose(-1, -2)) * decay) @ vc  # (B, h, C, d)
+        # r = intra + (q gamma^(i+1)) @ H, the product accumulated into intra by the GEMM
+        r = torch.baddbmm(intra.reshape(B * h, C, d), (qc * g_in).reshape(B * h, C, d), H.reshape(B * h, d, d))
+        outs.append(r.reshape(B, h, C, d))  # (B, h, C, d)
+        H = carry * H + (kc * g_out).transpose(-1, -2) @ vc  # (B, h, d, d)
+    return topk_magnitude(torch.cat(outs, dim=2), topk), H
 
 
 class HebbianRecall(nn.Module):
