@@ -139,3 +139,14 @@ def test_weights_and_traces_roundtrip_safetensors():
     bb.eval(), fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x)[0], bb(x)[0])
+
+
+def test_moe_and_traces_train_under_bf16_autocast():
+    bb = make(ffn="moe", n_experts=4, traces={**TR, "update_interval": 1, "threshold": 0.0})()
+    x = torch.randn(2, 8, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bb(x)  # capture: traces now hold entries
+        y, _, _ = bb(x)  # biased path, MoE experts in bf16
+    y.float().pow(2).mean().backward()
+    assert bb.layers[0].attn.traces.n_live > 0
+    assert bb.layers[0].attn.traces.alpha.grad is not None and bb.layers[0].ffn.w1.grad is not None

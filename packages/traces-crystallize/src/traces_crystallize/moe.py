@@ -102,7 +102,7 @@ class MoE(nn.Module):
                 gate = torch.where(served[:, None], torch.cat([total[:, None], torch.zeros_like(gate[:, 1:])], 1), gate)
             else:
                 idx = torch.where(served[:, None], serve[:, None], idx)
-        y = torch.zeros_like(x)
+        y: Tensor | None = None  # allocated with the experts' output dtype (bf16 under autocast)
         flat = idx.reshape(-1)  # (N * k,)
         for e in range(self.n_experts):
             pos = (flat == e).nonzero().squeeze(1)  # positions in (N * k)
@@ -110,7 +110,11 @@ class MoE(nn.Module):
                 continue
             rows = pos // k
             h = F.gelu(x[rows] @ self.w1[e].to(x.dtype)) @ self.w2[e].to(x.dtype)  # (n_e, D)
+            if y is None:
+                y = torch.zeros(x.shape[0], x.shape[1], dtype=h.dtype, device=x.device)
             y.index_add_(0, rows, h * gate.reshape(-1)[pos, None].to(h.dtype))
+        if y is None:
+            y = torch.zeros_like(x)
         if self.counting:
             self.expert_calls += int((idx >= 0).sum())
             self.routed_tokens += x.shape[0]
