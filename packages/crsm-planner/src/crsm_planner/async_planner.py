@@ -182,6 +182,9 @@ class PlanningHook:
             self.planner.prepare(self.model, ctx.state, ctx.logits, self.simulations)
 
     def _request(self, ctx: StepContext, state: State) -> None:
+        if not self.inline and self.worker.requests.full():  # busy: skip without paying for a snapshot
+            self.stats["skipped_busy"] += 1
+            return
         keys = self.planner.codec.keys
         if self.host is not None:
             snap = {k: state[k].detach().to(self.host) for k in keys}
