@@ -32,6 +32,20 @@ HERE = Path(__file__).resolve().parent
 
 
 def make_spec(args) -> dict:
+    if args.spec:  # a real run spec, e.g. configs/race/transformer.yaml, with only the loop kept
+        from statelab.spec import load_document
+
+        doc = load_document(args.spec)
+        doc.setdefault("train", {}).update(
+            steps=args.steps, eval_interval=10**9, checkpoint_interval=10**9, sample_tokens=0,
+            log_interval=args.log_interval, time_budget_s=None, device=args.device,
+        )
+        if args.compile or args.no_compile:
+            doc["train"]["compile"] = bool(args.compile)
+        doc["tracking"] = {"enabled": False}
+        doc["probes"] = []
+        doc["name"] = "overhead"
+        return doc
     backbone = {"kind": args.backbone, "n_layers": args.layers}
     return {
         "name": "overhead",
@@ -52,7 +66,7 @@ def registry_for(args):
     from statelab.plugins import get_registry
     from statelab.testing.toys import toy_registry
 
-    if args.backbone.startswith("toy-"):
+    if args.backbone.startswith("toy-") and not args.spec:
         return toy_registry()
     return get_registry()
 
@@ -78,8 +92,8 @@ def run_bare(args, reg) -> float:
     data = make_data(spec)
     model = statelab.build(spec, vocab_size=data.vocab_size, registry=reg).to(device)
     opt = make_optimizer(model, cfg, device)
-    fwd = torch.compile(model) if args.compile else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    fwd = torch.compile(model) if cfg.compile else model
+    amp = device.type == "cuda"
     model.train()
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -90,7 +104,7 @@ def run_bare(args, reg) -> float:
             b.x, b.y = b.x.pin_memory().to(device, non_blocking=True), b.y.pin_memory().to(device, non_blocking=True)
         else:
             b = b.to(device)
-        if amp is not None:
+        if amp:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits, _, _ = fwd(b.x)
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b.y.flatten())
@@ -119,7 +133,8 @@ def run_bare(args, reg) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--backbone", default="toy-mlp", help="toy-mlp (default), or an installed kind, e.g. transformer")
+    p.add_argument("--spec", default=None, help="benchmark this run spec's model and batch (e.g. configs/race/transformer.yaml)")
+    p.add_argument("--backbone", default="toy-mlp", help="without --spec: toy-mlp (default) or an installed kind")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -127,7 +142,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3, help="alternating trainer/bare runs; the median is reported")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (both loops)")
+    p.add_argument("--no-compile", action="store_true", help="with --spec: override the spec's train.compile")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="JSON output (default: results/trainer_overhead_<device>.json)")
     args = p.parse_args()
@@ -159,8 +175,8 @@ def main() -> int:
         "device_name": dev_name,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "config": {k: getattr(args, k) for k in ("backbone", "layers", "d_model", "batch_size", "seq_len", "steps",
-                                                 "log_interval", "compile", "repeats")},
+        "config": {k: getattr(args, k) for k in ("spec", "backbone", "layers", "d_model", "batch_size", "seq_len",
+                                                 "steps", "log_interval", "compile", "repeats")},
         "trainer_tok_s": trainer,
         "bare_tok_s": bare,
         "trainer_tok_s_median": tr,
@@ -170,17 +186,24 @@ def main() -> int:
         "goal": 0.95,
         "pass": ratio >= 0.95,
     }
-    out = Path(args.out) if args.out else HERE / "results" / f"trainer_overhead_{args.device}.json"
+    if args.spec:
+        t = make_spec(args)["train"]
+        label, bxt = Path(args.spec).stem, f"{t.get('batch_size', 32)}x{t.get('seq_len', 128)}"
+    else:
+        label, bxt = f"{args.backbone} {args.layers}x{args.d_model}", f"{args.batch_size}x{args.seq_len}"
+    tag = f"_{Path(args.spec).stem}" if args.spec else ""
+    out = Path(args.out) if args.out else HERE / "results" / f"trainer_overhead_{args.device}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     md = out.with_suffix(".md")
     md.write_text(
         f"### Trainer overhead ({args.device}, {dev_name})\n\n"
-        f"`python benchmarks/core/trainer_overhead.py --device {args.device}{' --compile' if args.compile else ''}` "
+        f"`python benchmarks/core/trainer_overhead.py --device {args.device}"
+        f"{' --spec ' + args.spec if args.spec else ''}{' --compile' if args.compile else ''}` "
         f"on {result['date']}, torch {torch.__version__}\n\n"
         f"| model | batch x seq | bare loop tok/s | statelab train tok/s | ratio (goal >= 0.95) |\n"
         f"|---|---|---|---|---|\n"
-        f"| {args.backbone} {args.layers}x{args.d_model} | {args.batch_size}x{args.seq_len} | {br:,.0f} | {tr:,.0f} "
+        f"| {label} | {bxt} | {br:,.0f} | {tr:,.0f} "
         f"| {ratio:.3f} {'pass' if ratio >= 0.95 else 'FAIL'} |\n"
     )
     print(f"trainer {tr:,.0f} tok/s | bare {br:,.0f} tok/s | ratio {ratio:.3f} (goal >= 0.95: "

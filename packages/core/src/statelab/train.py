@@ -849,9 +849,8 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
             tracker.log_metrics(m, step)
             prog.train(step, mean_loss, lr, tok_s, time.time() - start_wall)
             if info.enabled and flags[0].item() > 0:
-                stop_reason = "interrupted" if signals.received is not None or stop_after is not None else "time_budget"
-                if budget is not None and time.time() - start_wall > budget and signals.received is None:
-                    stop_reason = "time_budget"
+                over = budget is not None and time.time() - start_wall > budget
+                stop_reason = "time_budget" if over and signals.received is None else "interrupted"
                 break
 
         t_side = time.perf_counter()
