@@ -183,10 +183,12 @@ def main(argv=None) -> int:
         print(f"train {r['model']:<36} {r['tokens_per_s']:>10,.0f} tok/s  x{r['relative']:.2f}  ({r['params']:,} params)")
 
     cmd = f"python benchmarks/crsd/memory_bench.py --device {args.device}"
-    body = [f"`{cmd}` ({name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')})\n",
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    body = [f"`{cmd}` ({name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+            f"{os.cpu_count()} CPUs, 1-minute load average {load:.1f} at the end of the run)\n",
             "Memory forward passes (no gradient), fastest of the repeats. *Recurrence*: the fast form and the "
-            "token-by-token reference on the same projected q, k, v. *Whole memory*: projections included (the same "
-            "projections plus the reference loop, against the module's forward).\n",
+            "token-by-token reference on the same projected q, k, v. *Whole memory*: projections included: the module's "
+            "forward, against the reference time plus the same projections (module forward minus fast recurrence).\n",
             "| memory | T | batch | fast (ms) | reference (ms) | speedup | whole memory: fast / reference (ms) | speedup "
             "| max abs diff |",
             "|---|---|---|---|---|---|---|---|---|",

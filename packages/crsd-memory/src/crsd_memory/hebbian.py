@@ -53,7 +53,7 @@ def hebbian_chunked(
         diff = pos[:, None] - pos[None, :]  # (C, C) i - j
         logd = torch.where(diff >= 0, diff * log_g[:, None, None], torch.full_like(diff, -math.inf))  # (h, C, C)
         decay = torch.exp(logd) * (eta / temperature)[:, None, None]  # (h, C, C) eta gamma^(i-j) / temp; 0 above diag
-        g_in = (torch.exp((pos + 1)[None, :] * log_g[:, None]) / temperature)[:, :, None]  # (h, C, 1) gamma^(i+1) / temp
+        g_in = (torch.exp((pos + 1)[None, :] * log_g[:, None]) / temperature)[:, :, None]  # (h, C, 1) g^(i+1)/temp
         g_out = (torch.exp((C - 1 - pos)[None, :] * log_g[:, None]) * eta[:, None])[:, :, None]  # (h, C, 1)
         carry = torch.exp(C * log_g)[:, None, None]  # (h, 1, 1) gamma^C
         return decay, g_in, g_out, carry
@@ -115,7 +115,8 @@ class HebbianRecall(nn.Module):
         return self.lr_max * torch.sigmoid(self.rate_logit.float())
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
-        return {"H": torch.zeros(batch_size, self.n_heads, self.d_head, self.d_head, device=device, dtype=torch.float32)}
+        shape = (batch_size, self.n_heads, self.d_head, self.d_head)
+        return {"H": torch.zeros(shape, device=device, dtype=torch.float32)}
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, d_in) -> unit q, unit k, v, each (B, heads, T, d_head) in fp32."""

@@ -23,7 +23,9 @@ class HebbianParams(BaseModel):
     n_heads: int = Field(4, ge=1, description="number of heads, each with its own matrix H (d_head x d_head)")
     d_head: int | None = Field(None, ge=1, description="key/value width per head; null = d_model // n_heads")
     temperature: float = Field(1.0, gt=0, description="recall = (q_hat^T H) / temperature, q_hat the unit-norm query")
-    topk: int | None = Field(None, ge=1, description="keep only the topk largest-magnitude recall entries per head; null = all")
+    topk: int | None = Field(
+        None, ge=1, description="keep the topk largest-magnitude recall entries per head; null = all"
+    )
     detach: bool = Field(False, description="no gradient through the memory writes (keys, values, decay, rate)")
     decay_min: float = Field(0.5, gt=0, lt=1, description="lower bound of the learned decay gamma")
     decay_max: float = Field(0.999, gt=0, lt=1, description="upper bound of the learned decay gamma")
@@ -43,10 +45,16 @@ class EpisodicParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     slots: int = Field(32, ge=1, description="slots per batch row, each (key, value, priority)")
     d_key: int | None = Field(None, ge=1, description="key and value width; null = d_model")
-    temperature: float = Field(0.1, gt=0, description="recall logits = cos(q, k) / temperature + log sigmoid(importance)")
+    temperature: float = Field(
+        0.1, gt=0, description="recall logits = cos(q, k) / temperature + log sigmoid(importance)"
+    )
     topk: int | None = Field(None, ge=1, description="attend only to the topk best-matching slots; null = all")
-    window: int | None = Field(None, ge=1, description="recall only slots written in the last `window` steps; null = all")
-    recency: float = Field(0.01, ge=0, description="priority bonus per step of recency (older entries lose priority at this rate)")
+    window: int | None = Field(
+        None, ge=1, description="recall only slots written in the last `window` steps; null = all"
+    )
+    recency: float = Field(
+        0.01, ge=0, description="priority bonus per step of recency (older entries lose priority at this rate)"
+    )
     detach: bool = Field(False, description="no gradient through what is written (keys, values, importance)")
     chunk_size: int = Field(64, ge=1, description="chunk length of the parallel forward")
 
