@@ -44,18 +44,19 @@ def _sleepy(seconds):
 
 
 def test_generation_never_waits_for_a_slow_planner(model):
-    _slow(model.planner, 0.3)
+    _slow(model.planner, 1.0)
     prompts = torch.randint(97, 101, (2, 8))
     res = statelab.generate(model, prompts, max_new_tokens=60, seed=0)
     st = res.stats
     assert st["planner.requested"] >= 1 and st["planner.skipped_busy"] >= 1
-    # one plan takes 0.3 s; no step ever took a noticeable part of that
-    assert max(st["step_times_s"]) < 0.1
-    assert sum(st["step_times_s"]) < 0.3 * st["planner.requested"]
+    # one plan takes 1 s; no step took a noticeable part of that, and waiting even once would
+    # have made the whole generation last longer than a second
+    assert max(st["step_times_s"]) < 0.25
+    assert st["elapsed_s"] < 1.0
 
 
 def test_a_late_result_from_another_generation_is_never_applied(model):
-    _slow(model.planner, 0.3)
+    _slow(model.planner, 0.6)
     hook = PlanningHook(model.planner, model, inline=False)
     # A lasts long enough for the worker to start on its plan (a request still queued when A
     # ends is skipped altogether), not long enough to get it back
@@ -63,9 +64,9 @@ def test_a_late_result_from_another_generation_is_never_applied(model):
                           use_planner=False, seed=0)
     gid_a = a.stats["generation_id"]
     assert hook.stats["requested"] >= 1 and hook.stats["applied"] == 0  # A ended before its plan came back
-    # B outlives A's plan (0.02 s per step); A's late result arrives during B
+    # B outlives A's plan (0.03 s per step); A's late result arrives during B
     b = statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=40, seed=1,
-                          hooks=[hook, _sleepy(0.02)], use_planner=False)
+                          hooks=[hook, _sleepy(0.03)], use_planner=False)
     gid_b = b.stats["generation_id"]
     assert gid_a != gid_b
     assert b.stats["planner.dropped_foreign"] >= 1
@@ -110,7 +111,7 @@ def test_applied_results_have_bounded_lag(model):
     def clock(ctx):
         if ctx.step >= 3:
             release.set()
-            time.sleep(0.03)  # leave the worker time to deliver
+            time.sleep(0.05)  # leave the worker time to deliver
 
     hook = PlanningHook(model.planner, model, inline=False, plan_fn=gated_plan)
     res = statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=20, seed=0, hooks=[clock, hook],
