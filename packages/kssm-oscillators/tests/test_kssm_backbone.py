@@ -181,3 +181,23 @@ def test_adversarial_inputs_never_give_nan_or_inf():
 def test_group_levels_are_validated(registry, spec, tiny_kssm):
     with pytest.raises(statelab.SpecError, match="group_levels"):
         statelab.validate_spec(spec({**tiny_kssm, "group_levels": [1, 3]}), registry)
+
+
+def test_grad_horizon_truncates_backprop_and_leaves_the_forward_alone():
+    import copy
+
+    torch.manual_seed(0)
+    full = KSSM(16, 1, grad_horizon=0, **SMALL)
+    cut = copy.deepcopy(full)
+    cut.layers[0].grad_horizon = 4
+    x = torch.randn(2, 12, 16)
+    y_full, y_cut = full(x)[0], cut(x)[0]
+    assert torch.equal(y_full, y_cut)
+    w = torch.randn_like(y_full)
+    g_full = torch.autograd.grad((y_full * w).sum(), full.layers[0].omega)[0]
+    g_cut = torch.autograd.grad((y_cut * w).sum(), cut.layers[0].omega)[0]
+    assert not torch.allclose(g_full, g_cut)
+    # the gradient of the first 4 outputs does not depend on the cut (it is within the horizon)
+    g_full4 = torch.autograd.grad((full(x)[0][:, :4] * w[:, :4]).sum(), full.layers[0].omega)[0]
+    g_cut4 = torch.autograd.grad((cut(x)[0][:, :4] * w[:, :4]).sum(), cut.layers[0].omega)[0]
+    torch.testing.assert_close(g_full4, g_cut4)

@@ -19,13 +19,13 @@ class KSSMParams(BaseModel):
     n_oscillators: int = Field(128, ge=2, description="oscillators per layer (N)")
     n_harmonics: int = Field(4, ge=1, description="harmonics k = 1..K of the order parameters")
     group_levels: list[int] = Field(
-        default_factory=lambda: [1, 4, 16],
+        default_factory=lambda: [1, 4, 16, 64],
         min_length=1,
         description="oscillator groupings read out: each entry g splits the N oscillators into g equal groups "
-        "(1 = the whole population); each must divide n_oscillators and the largest entry",
+        "(1 = the whole population, n_oscillators / 2 = pairs); each must divide n_oscillators and the largest entry",
     )
-    substeps: int = Field(2, ge=1, description="Euler integration substeps per token")
-    token_time: float = Field(1.0, gt=0, description="integration time per token (dt = token_time / substeps)")
+    substeps: int = Field(1, ge=1, description="Euler integration substeps per token")
+    token_time: float = Field(0.5, gt=0, description="integration time per token (dt = token_time / substeps)")
     coupling_init: float = Field(0.5, description="initial Kuramoto coupling K of every oscillator")
     freq_spread: float = Field(1.0, ge=0, description="natural frequencies start evenly spaced in [-spread, spread] rad per unit time")
     readout_mult: int = Field(2, ge=0, description="hidden width of the readout MLP in units of d_model (0: linear readout only)")
@@ -34,6 +34,10 @@ class KSSMParams(BaseModel):
     u_max: float = Field(10.0, gt=0, description="upper clamp of u")
     den_eps: float = Field(1e-3, gt=0, description="|denominator of u| is kept at least this large (sign kept)")
     param_scale: float = Field(4.0, gt=0, description="soft bound s of the ten parameters: p <- s tanh(p / s)")
+    grad_horizon: int = Field(
+        4, ge=0, description="training only: gradients through the phase recurrence are cut every this many tokens "
+        "(truncated backprop; the forward pass is unchanged); 0 = full backprop through time",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "KSSMParams":
