@@ -108,8 +108,9 @@ class _Ring:
 
     def __init__(self, cap: int, dim: int, device: torch.device, dtype: torch.dtype, pin: bool) -> None:
         self.cap = cap
-        self.k = torch.empty(cap, dim, device=device, dtype=dtype, pin_memory=pin)
-        self.v = torch.empty(cap, dim, device=device, dtype=dtype, pin_memory=pin)
+        # zero-filled, so the whole budget is resident from the start (RSS does not creep up as it fills)
+        self.k = torch.zeros(cap, dim, device=device, dtype=dtype, pin_memory=pin)
+        self.v = torch.zeros(cap, dim, device=device, dtype=dtype, pin_memory=pin)
         self.start, self.n, self.t0 = 0, 0, 0
 
     def push(self, k: Tensor, v: Tensor) -> None:
