@@ -126,7 +126,8 @@ def bench_overhead(B: int, T: int, d_model: int, device, repeats: int) -> list[d
         ("crsd (dual memory in every cell)", {"kind": "crsd", "n_layers": 2}, []),
         ("crsd without memory", {"kind": "crsd", "n_layers": 2, "memory": False}, []),
     ]:
-        spec = {"name": "bench", "model": {"d_model": d_model, "vocab_size": 256, "backbone": backbone, "memories": mems},
+        model = {"d_model": d_model, "vocab_size": 256, "backbone": backbone, "memories": mems}
+        spec = {"name": "bench", "model": model,
                 "tracking": {"enabled": False}}
         tps, n = train_tokens_per_s(spec, B, T, device, repeats)
         rows.append({"model": label, "tokens_per_s": tps, "params": n})
@@ -137,7 +138,8 @@ def bench_overhead(B: int, T: int, d_model: int, device, repeats: int) -> list[d
 
 
 def write_section(device_label: str, body: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# crsd-memory benchmarks\n\nWritten by `benchmarks/crsd/memory_bench.py`.\n"
+    default = "# crsd-memory benchmarks\n\nWritten by `benchmarks/crsd/memory_bench.py`.\n"
+    text = RESULTS.read_text() if RESULTS.exists() else default
     head = f"## {device_label}\n"
     parts = text.split("\n## ")
     kept = [parts[0]] + ["## " + p for p in parts[1:] if not ("## " + p).startswith(head)]
@@ -155,7 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--T", type=int, default=2048, help="sequence length of the memory benchmarks")
     ap.add_argument("--slots", type=int, default=64, help="episodic slots")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--chunk", type=int, default=None, help="chunk length of the fast forms; default 32 on CPU, 64 on CUDA")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="chunk length of the fast forms; default 32 on CPU, 64 on CUDA")
     ap.add_argument("--overhead-batch", type=int, default=8)
     ap.add_argument("--overhead-T", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=128, help="d_model of the overhead benchmark")
@@ -166,36 +169,46 @@ def main(argv=None) -> int:
         print("CUDA is not available; use --device cpu", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}); torch {torch.__version__}")
 
     chunk = args.chunk or (64 if device.type == "cuda" else 32)
     h = bench_hebbian(args.batch, args.T, device, args.repeats, chunk)
-    print(f"hebbian  T={args.T} B={args.batch} 4x64: chunked {h['fast_s']*1e3:.1f} ms, reference {h['ref_s']*1e3:.1f} ms, "
+    print(f"hebbian  T={args.T} B={args.batch} 4x64: chunked {h['fast_s']*1e3:.1f} ms, "
+          f"reference {h['ref_s']*1e3:.1f} ms, "
           f"speedup {h['speedup']:.1f}x (max |diff| {h['max_abs_diff']:.1e}); with projections "
           f"{h['module_s']*1e3:.1f} vs {h['module_ref_s']*1e3:.1f} ms, {h['module_speedup']:.1f}x")
     e = bench_episodic(args.batch, args.T, device, args.repeats, args.slots, chunk)
-    print(f"episodic T={args.T} B={args.batch} S={args.slots} d=64: fast {e['fast_s']*1e3:.1f} ms, reference {e['ref_s']*1e3:.1f} ms, "
+    print(f"episodic T={args.T} B={args.batch} S={args.slots} d=64: fast {e['fast_s']*1e3:.1f} ms, "
+          f"reference {e['ref_s']*1e3:.1f} ms, "
           f"speedup {e['speedup']:.1f}x (max |diff| {e['max_abs_diff']:.1e}, same slots: {e['same_slots']}); with "
           f"projections {e['module_s']*1e3:.1f} vs {e['module_ref_s']*1e3:.1f} ms, {e['module_speedup']:.1f}x")
     rows = bench_overhead(args.overhead_batch, args.overhead_T, args.d_model, device, max(2, args.repeats // 2))
     for r in rows:
-        print(f"train {r['model']:<36} {r['tokens_per_s']:>10,.0f} tok/s  x{r['relative']:.2f}  ({r['params']:,} params)")
+        print(f"train {r['model']:<36} {r['tokens_per_s']:>10,.0f} tok/s  x{r['relative']:.2f}  "
+              f"({r['params']:,} params)")
 
     cmd = f"python benchmarks/crsd/memory_bench.py --device {args.device}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     body = [f"`{cmd}` ({name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
             f"{os.cpu_count()} CPUs, 1-minute load average {load:.1f} at the end of the run)\n",
             "Memory forward passes (no gradient), fastest of the repeats. *Recurrence*: the fast form and the "
-            "token-by-token reference on the same projected q, k, v. *Whole memory*: projections included: the module's "
+            "token-by-token reference on the same projected q, k, v. *Whole memory*: projections included: "
+            "the module's "
             "forward, against the reference time plus the same projections (module forward minus fast recurrence).\n",
-            "| memory | T | batch | fast (ms) | reference (ms) | speedup | whole memory: fast / reference (ms) | speedup "
+            "| memory | T | batch | fast (ms) | reference (ms) | speedup | whole memory: fast / reference (ms) "
+            "| speedup "
             "| max abs diff |",
             "|---|---|---|---|---|---|---|---|---|",
-            f"| hebbian, 4 heads x d=64, chunk {chunk} | {args.T} | {args.batch} | {h['fast_s']*1e3:.1f} | {h['ref_s']*1e3:.1f} | "
+            f"| hebbian, 4 heads x d=64, chunk {chunk} | {args.T} | {args.batch} | {h['fast_s']*1e3:.1f} | "
+            f"{h['ref_s']*1e3:.1f} | "
             f"{h['speedup']:.1f}x | {h['module_s']*1e3:.1f} / {h['module_ref_s']*1e3:.1f} | {h['module_speedup']:.1f}x "
             f"| {h['max_abs_diff']:.1e} |",
-            f"| episodic, {args.slots} slots, d_key=64, chunk {chunk} | {args.T} | {args.batch} | {e['fast_s']*1e3:.1f} | "
+            f"| episodic, {args.slots} slots, d_key=64, chunk {chunk} | {args.T} | {args.batch} | "
+            f"{e['fast_s']*1e3:.1f} | "
             f"{e['ref_s']*1e3:.1f} | {e['speedup']:.1f}x | {e['module_s']*1e3:.1f} / {e['module_ref_s']*1e3:.1f} | "
             f"{e['module_speedup']:.1f}x | {e['max_abs_diff']:.1e} (slots identical: {e['same_slots']}) |",
             "",

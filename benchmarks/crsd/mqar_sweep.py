@@ -119,7 +119,10 @@ def write_table(rows: list[dict], out: Path, command: str) -> None:
         vals = []
         for c in cells:
             b = g["best"].get(c)
-            vals.append("-" if b is None else f"{b['acc']:.3f} (lr {b['lr']:g}, {len(g['lrs'][c])} lr, {b['steps']} steps)")
+            if b is None:
+                vals.append("-")
+            else:
+                vals.append(f"{b['acc']:.3f} (lr {b['lr']:g}, {len(g['lrs'][c])} lr, {b['steps']} steps)")
         lines.append(f"| {model} | {d} | {g['state_bytes']:,} | " + " | ".join(vals) + " |")
     lines += ["", "All runs:", "", "| model | d_model | seq | kv | lr | steps | val acc | val loss | tok/s | device |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -149,7 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, default=HERE / "mqar_results.jsonl")
     ap.add_argument("--out", type=Path, default=HERE / "MQAR.md")
     ap.add_argument("--experiment", default="crsd-mqar", help="mlflow experiment")
-    ap.add_argument("--tracking-uri", default=None, help="mlflow URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="mlflow URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     ap.add_argument("--no-tracking", action="store_true")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="start no new run after this many minutes (recorded runs are kept; rerun to continue)")
@@ -180,7 +184,8 @@ def main(argv=None) -> int:
                     row = {
                         "model": model, "backbone": spec["model"]["backbone"]["kind"], "d_model": d_model,
                         "seq_len": seq_len, "kv": kv, "lr": lr, "steps": res.step, "device": args.device,
-                        "acc": res.metrics.get("val/acc", float("nan")), "loss": res.metrics.get("val/loss", float("nan")),
+                        "acc": res.metrics.get("val/acc", float("nan")),
+                        "loss": res.metrics.get("val/loss", float("nan")),
                         "tokens_per_s": res.tokens_per_s, "wall_s": time.time() - t0,
                         "state_bytes": state_bytes(spec), "mlflow_run_id": res.mlflow_run_id,
                     }

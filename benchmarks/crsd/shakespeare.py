@@ -35,7 +35,8 @@ def mamba(n_layers: int) -> dict:
 
 MODELS = {
     "mamba-4": (mamba(4), []),
-    "mamba-3+dual": (mamba(3), [{"kind": "dual", "after_layer": 1, "hebbian": {"n_heads": 4}, "episodic": {"slots": 32}}]),
+    "mamba-3+dual": (mamba(3), [{"kind": "dual", "after_layer": 1, "hebbian": {"n_heads": 4},
+                                 "episodic": {"slots": 32}}]),
     "mamba-5": (mamba(5), []),
     "crsd-2": ({"kind": "crsd", "n_layers": 2}, []),
 }
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
                        default=res.metrics.get("val/bpc", float("nan")))
         rows.append({"model": name, "params": n_params, "bpc": best_bpc, "tok_s": res.tokens_per_s,
                      "wall_s": time.time() - t0})
-        print(f"{name:<14} params {n_params:>9,}  best val bpc {best_bpc:.4f}  {res.tokens_per_s:,.0f} tok/s", flush=True)
+        print(f"{name:<14} params {n_params:>9,}  best val bpc {best_bpc:.4f}  {res.tokens_per_s:,.0f} tok/s",
+              flush=True)
     cmd = "python benchmarks/crsd/shakespeare.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
     lines = ["# Tiny Shakespeare (character level): crsd-memory models against plain Mamba", "",
              f"`{cmd}` ({args.device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}); "
