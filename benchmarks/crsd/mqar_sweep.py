@@ -99,23 +99,25 @@ def write_table(rows: list[dict], out: Path, command: str) -> None:
     cells = sorted({(r["seq_len"], r["kv"]) for r in rows})
     groups: dict[tuple[str, int], dict] = {}
     for r in rows:
-        g = groups.setdefault((r["model"], r["d_model"]), {"state_bytes": r["state_bytes"], "best": {}, "lrs": {}})
+        g = groups.setdefault((r["model"], r["d_model"], r["device"]),
+                              {"state_bytes": r["state_bytes"], "best": {}, "lrs": {}})
         key = (r["seq_len"], r["kv"])
         g["lrs"].setdefault(key, []).append(r["lr"])
-        if key not in g["best"] or r["acc"] > g["best"][key]["acc"]:
+        if key not in g["best"] or (r["acc"], -r["loss"]) > (g["best"][key]["acc"], -g["best"][key]["loss"]):
             g["best"][key] = r
     lines = [
         "# MQAR: accuracy against recurrent state size (crsd-memory)",
         "",
         f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')}.",
-        "Each cell: the best final validation accuracy (query positions) over the learning rates tried, "
+        "Each cell: the best final validation accuracy (query positions; ties broken by loss) over the learning "
+        "rates tried, "
         "with that learning rate and the number of learning rates tried; `-` = not run. "
         "State = bytes of `model.init_state(1)` (one sequence).",
         "",
-        "| model | d_model | state (bytes) | " + " | ".join(f"({s}, {k})" for s, k in cells) + " |",
-        "|---|---|---|" + "---|" * len(cells),
+        "| model | d_model | device | state (bytes) | " + " | ".join(f"({s}, {k})" for s, k in cells) + " |",
+        "|---|---|---|---|" + "---|" * len(cells),
     ]
-    for (model, d), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (model, d, dev), g in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
         vals = []
         for c in cells:
             b = g["best"].get(c)
@@ -123,7 +125,7 @@ def write_table(rows: list[dict], out: Path, command: str) -> None:
                 vals.append("-")
             else:
                 vals.append(f"{b['acc']:.3f} (lr {b['lr']:g}, {len(g['lrs'][c])} lr, {b['steps']} steps)")
-        lines.append(f"| {model} | {d} | {g['state_bytes']:,} | " + " | ".join(vals) + " |")
+        lines.append(f"| {model} | {d} | {dev} | {g['state_bytes']:,} | " + " | ".join(vals) + " |")
     lines += ["", "All runs:", "", "| model | d_model | seq | kv | lr | steps | val acc | val loss | tok/s | device |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["d_model"], r["model"], r["seq_len"], r["kv"], r["lr"])):
