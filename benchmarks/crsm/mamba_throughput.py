@@ -106,6 +106,12 @@ def main() -> None:
     B, T, D = args.batch, args.seq, args.d_model
     x = torch.randn(B, T, D, device=device)
     paths = args.paths.split(",")
+    if "hf" in paths:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("transformers is not installed: the HF comparison is skipped (pip install 'transformers>=4.45,<5')")
+            paths.remove("hf")
     if "kernels" in paths:
         from crsm_planner import kernels
 
