@@ -66,7 +66,6 @@ def crystallize_round(model: nn.Module, tokens: Tensor, step: int | None = None)
     """Measure utility on ``tokens (B, T)``, re-check active motifs (dissolving those whose
     utility fell below ``min_utility``), crystallize the best new candidates, prune the trie."""
     bb = _backbone(model)
-    cr = bb.params.crystallization
     trie, motifs = bb.trie, bb.motifs
     step = bb._ctx.step if step is None else step
     m = measure(model, tokens)

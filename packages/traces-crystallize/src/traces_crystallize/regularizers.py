@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from statelab.interfaces import Aux, Regularizer
-from statelab.internals import key_name, select
+from statelab.internals import select
 
 
 def _layer_of(key: str) -> int | None:
