@@ -624,6 +624,9 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
             "statelab.planner": resolved.planner.component.name if resolved.planner else "",
         }
         tags.update({f"plugin.{d}": v for d, v in resolved.distributions().items()})
+        if resume:  # params stay those of the first start; a later change of train.* is recorded here
+            tags[f"statelab.resumed_at.{start_step}"] = json.dumps(_spec_diff(tstate.get("spec", {}), spec_doc,
+                                                                                ("train", "tracking")))
         rev = git_revision() if tracker.enabled else None
         if rev:
             tags["mlflow.source.git.commit"] = rev
