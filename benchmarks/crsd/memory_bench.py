@@ -137,17 +137,17 @@ def bench_overhead(B: int, T: int, d_model: int, device, repeats: int) -> list[d
     return rows
 
 
-def write_section(device_label: str, body: str) -> None:
+def write_section(path: Path, device_label: str, body: str) -> None:
     default = "# crsd-memory benchmarks\n\nWritten by `benchmarks/crsd/memory_bench.py`.\n"
-    text = RESULTS.read_text() if RESULTS.exists() else default
+    text = path.read_text() if path.exists() else default
     head = f"## {device_label}\n"
     parts = text.split("\n## ")
     kept = [parts[0]] + ["## " + p for p in parts[1:] if not ("## " + p).startswith(head)]
     new = "\n".join(p.rstrip("\n") + "\n" for p in kept) + "\n" + head + body
-    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(new)
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -163,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--overhead-T", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=128, help="d_model of the overhead benchmark")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="markdown file to update (one section per device)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -218,8 +219,8 @@ def main(argv=None) -> int:
             "|---|---|---|---|"]
     body += [f"| {r['model']} | {r['tokens_per_s']:,.0f} | {r['relative']:.2f} | {r['params']:,} |" for r in rows]
     if not args.no_write:
-        write_section(f"{device.type}: {name}", "\n".join(body) + "\n")
-        print(f"wrote {RESULTS}")
+        write_section(args.out, f"{device.type}: {name}", "\n".join(body) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -169,10 +169,12 @@ def main(argv=None) -> int:
     command = "python benchmarks/crsd/mqar_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
     done = {(r["model"], r["d_model"], r["seq_len"], r["kv"], r["lr"], r["steps"], r["device"])
             for r in load_results(args.results)}
+    # every model at the first learning rate before any at the second, so that a run cut short by
+    # --max-minutes still compares all models (list the most promising learning rate first)
     for d_model in d_models:
         for seq_len, kv in cells:
-            for model in models:
-                for lr in lrs:
+            for lr in lrs:
+                for model in models:
                     key = (model, d_model, seq_len, kv, lr, args.steps, args.device)
                     if key in done:
                         continue
