@@ -799,9 +799,9 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
                     loss = token_loss(logits, y, mask)
                     reg, reg_metrics = model.regularization(aux)
                     total = loss + reg if reg is not None else loss
-                scaled = total / cfg.grad_accum
+                scaled = total / cfg.grad_accum if cfg.grad_accum > 1 else total  # no extra kernel when 1
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            d = total.detach() / cfg.grad_accum
+            d = scaled.detach()
             step_loss = d if step_loss is None else step_loss + d
             if stream:
                 new_states.append({k: v.detach() for k, v in new_st.items()})
