@@ -122,7 +122,7 @@ class HebbianRecall(nn.Module):
         """(B, T, d_in) -> unit q, unit k, v, each (B, heads, T, d_head) in fp32."""
         B, T, _ = x.shape
         qkv = self.qkv(x).float().view(B, T, 3, self.n_heads, self.d_head)  # (B, T, 3, h, d)
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, h, T, d)
+        qkv = qkv.permute(2, 0, 3, 1, 4).contiguous()  # (3, B, h, T, d)
         q, k, v = qkv[0], qkv[1], qkv[2]
         return unit(q), unit(k), v
 
