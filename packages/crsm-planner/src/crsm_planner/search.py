@@ -167,6 +167,7 @@ class PUCTSearch:
     def _simulate(self, root: Tensor) -> None:
         rows = self.rows
         node = root.clone()
+        path = [node]
         for _d in range(self.depth):  # descend by PUCT while the node has children
             ch = self.children[rows, node]  # (B, K)
             expanded = ch[:, 0] >= 0  # (B,)
@@ -178,21 +179,18 @@ class PUCTSearch:
             score = qn + self.c_puct * self.prior_p.gather(1, chs) * n_p.sqrt()[:, None] / (1.0 + n_c)
             pick = chs.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)  # (B,)
             node = torch.where(expanded, pick, node)
+            path.append(node)
         # expand the leaves that may grow (depth and node budget permitting)
         can = (self.children[rows, node, 0] < 0) & (self.node_depth[rows, node] < self.depth) & (
             self.n_used + self.top_k <= self.max_nodes)
         self._expand(node, self.prior(self.latent[rows, node]), can)
-        # back the leaf's value up to the root
-        v = self.v0[rows, node]  # (B,)
-        cur = node
-        for _d in range(self.depth + 1):
-            live = cur >= 0
-            c = cur.clamp_min(0)
-            add = live.float()
-            self.visits[rows, c] += add
-            self.wsum[rows, c] += add * v
-            self.wsq[rows, c] += add * v * v
-            cur = torch.where(live, self.parent[rows, c], cur)
+        # back the leaf's value up along the path, root to leaf, in one scatter per statistic
+        P = torch.stack(path, dim=1)  # (B, depth+1); a row that stopped early repeats its leaf
+        w = torch.cat([torch.ones_like(P[:, :1]), (P[:, 1:] != P[:, :-1]).long()], dim=1).float()  # (B, depth+1)
+        v = self.v0[rows, node].unsqueeze(1)  # (B, 1)
+        self.visits.scatter_add_(1, P, w)
+        self.wsum.scatter_add_(1, P, w * v)
+        self.wsq.scatter_add_(1, P, w * v * v)
 
     def _result(self) -> SearchResult:
         rows, K = self.rows, self.top_k
