@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import statelab
 
 
-def make(traces: bool, d: int, layers: int, heads: int, T: int, vocab: int):
-    tr = {"enabled": traces, "warmup_steps": 0, "alpha_warmup_steps": 0, "update_interval": 1_000_000}
+def make(traces: bool, d: int, layers: int, heads: int, T: int, vocab: int, learn_alpha: bool = True):
+    tr = {"enabled": traces, "warmup_steps": 0, "alpha_warmup_steps": 0, "update_interval": 1_000_000, "learn_alpha": learn_alpha}
     spec = {"name": "bench", "tokenizer": {"kind": "byte"},
             "model": {"d_model": d, "vocab_size": vocab,
                       "backbone": {"kind": "transformer", "n_layers": layers, "n_heads": heads, "max_seq_len": T, "traces": tr}},
@@ -110,7 +110,14 @@ def main() -> None:
     entries = sum(b.attn.traces.n_live for b in on.backbone.layers)
     res["biased"] = time_steps(on, x, steps, warmup, cuda, a.compile, capture_every=0)
     res["capture"] = time_steps(on, x, max(2, steps // 5), 1, cuda, a.compile, capture_every=1)
+    del on
+    torch.manual_seed(0)
+    fixed = make(True, d, L, a.heads, a.T, V, learn_alpha=False).to(device)
+    populate(fixed, x[:, :-1])
+    res["fixed"] = time_steps(fixed, x, steps, warmup, cuda, a.compile, capture_every=0)
+    del fixed
     amort = ((a.interval - 1) * res["biased"] + res["capture"]) / a.interval
+    amort_fixed = ((a.interval - 1) * res["fixed"] + res["capture"]) / a.interval
     ratio = amort / res["off"]
     dev = torch.cuda.get_device_name(device) if cuda else f"cpu {platform.machine()}, {torch.get_num_threads()} threads"
     kernel = "FlexAttention score_mod" if cuda else "SDPA + float mask"
@@ -125,7 +132,9 @@ def main() -> None:
         f"| traces off (flash / SDPA causal) | {res['off'] * 1e3:.1f} ms |",
         f"| traces on, biased attention | {res['biased'] * 1e3:.1f} ms ({res['biased'] / res['off']:.3f}x) |",
         f"| traces on, capture step | {res['capture'] * 1e3:.1f} ms ({res['capture'] / res['off']:.3f}x) |",
+        f"| traces on, biased attention, fixed alpha (learn_alpha: false, no bias gradient) | {res['fixed'] * 1e3:.1f} ms ({res['fixed'] / res['off']:.3f}x) |",
         f"| **on / off, amortised over update_interval={a.interval}** | **{ratio:.3f}** (goal <= 1.10 on the H100) |",
+        f"| on / off amortised, fixed alpha | {amort_fixed / res['off']:.3f} |",
         "",
         f"Reproduce: `python benchmarks/traces/step_time.py --device {a.device}{' --compile' if a.compile else ''}`",
         "",

@@ -101,3 +101,27 @@ def test_traces_probe_bytes_and_heatmap(tmp_path):
     with pytest.raises(ValueError, match="head 5 out of range 0..1"):
         statelab.make_probe("traces", {"layer": 0, "head": 5}, model).run(model, ProbeContext(out_dir=tmp_path))
     assert math.isclose(res.metrics["max_value"], float(store.val.max()))
+
+
+def test_checkpoint_roundtrip_keeps_traces_motifs_and_frozen_experts(tmp_path):
+    from statelab import checkpoint
+
+    cr = {"enabled": True, "min_frequency": 1, "min_utility": -10.0, "max_entropy": 5.0, "threshold": -100.0, "max_motifs": 2}
+    tr = {"enabled": True, "quota_per_head": 8, "warmup_steps": 0, "alpha_warmup_steps": 0, "update_interval": 1, "threshold": 0.0}
+    model = statelab.build(spec({"ffn": "moe", "n_experts": 4, "top_k": 2, "crystallization": cr, "traces": tr}))
+    x = torch.randint(0, 20, (4, 16))
+    model.train()
+    model(x)  # a capture (step 1)
+    crystallize_round(model, x, step=1)
+    bb = model.backbone
+    assert bb.motifs.n_active == 2 and bb.layers[0].attn.traces.n_live > 0
+    checkpoint.save(tmp_path / "ck", model)
+    loaded = statelab.load(tmp_path / "ck")
+    lb = loaded.backbone
+    assert lb.motifs.n_active == 2 and lb.motifs.listing() == bb.motifs.listing()
+    assert [t.n_live for t in lb.trace_stores()] == [t.n_live for t in bb.trace_stores()]
+    assert [m.n_frozen for m in lb.moe_layers()] == [m.n_frozen for m in bb.moe_layers()]
+    assert lb._ctx.step == 1
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0])
