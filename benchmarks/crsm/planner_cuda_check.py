@@ -41,7 +41,8 @@ def main() -> int:
     toks = mode_switch_tokens(20000)
     batches = window_batches(toks, 8, 32)
     metrics = model.planner.fit(model, lambda: batches().to(dev), steps=20, lr=3e-3)
-    print("fit:", {k: round(v, 4) for k, v in metrics.items() if k.startswith(("dyn/one", "dyn/k_step_ratio", "value/corr"))})
+    shown = ("dyn/one", "dyn/k_step_ratio", "value/corr")
+    print("fit:", {k: round(v, 4) for k, v in metrics.items() if k.startswith(shown)})
     failures = 0
 
     def check(name: str, ok: bool, detail: str = "") -> None:
@@ -63,9 +64,11 @@ def main() -> int:
           f"(max target diff {diff:.2e}, alpha {eager.alpha.tolist()} vs {graphed.alpha.tolist()})")
     cpu_model = copy.deepcopy(model).cpu()
     _GRAPHS.pop(cpu_model.planner, None)
-    on_cpu = cpu_model.planner.plan(cpu_model, PlanRequest({k: v.cpu() for k, v in req.state.items()}, req.logits.cpu(), 31, 1))
+    cpu_req = PlanRequest({k: v.cpu() for k, v in req.state.items()}, req.logits.cpu(), 31, 1)
+    on_cpu = cpu_model.planner.plan(cpu_model, cpu_req)
     diff = max((eager.target[k].cpu() - on_cpu.target[k]).abs().max().item() for k in eager.target)
-    check("CUDA == CPU plan", diff < 1e-3, f"(max target diff {diff:.2e}; differences in near-tied visits may flip a choice)")
+    check("CUDA == CPU plan", diff < 1e-3,
+          f"(max target diff {diff:.2e}; differences in near-tied visits may flip a choice)")
 
     for device_mode in ("auto", "cpu"):
         pl.params = pl.params.model_copy(update={"device": device_mode})

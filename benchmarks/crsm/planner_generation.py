@@ -34,7 +34,8 @@ def build_model(args):
     if args.ckpt:
         model = statelab.load(args.ckpt, map_location=args.device)
         if model.planner is None:
-            sys.exit(f"{args.ckpt}: the model has no planner; train one with a spec that sets model.planner (kind: mcts)")
+            sys.exit(f"{args.ckpt}: the model has no planner; "
+                     "train one with a spec that sets model.planner (kind: mcts)")
         return model, "checkpoint"
     planner = {"kind": "mcts", "simulations": args.simulations, "depth": args.depth, "top_k": args.top_k,
                "plan_every": args.plan_every, "max_lag": args.max_lag, "gate_steps": 0, "alpha_max": 0.2,
@@ -148,7 +149,10 @@ def main() -> None:
         "mean alpha applied": f"{alpha:.4f}",
         "simulations per emitted token": f"{done * sims / new_tokens:.2f}",
     }
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
+    if device.type == "cuda":
+        dev_name = torch.cuda.get_device_name(device)
+    else:
+        dev_name = f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
     cmd = "python " + " ".join(sys.argv)
     header = (f"### Planner generation ({kind} d_model={args.d_model} layers={args.layers}, batch {args.batch}, "
               f"{args.tokens} new tokens, {sims} simulations, plan every {planner.params.plan_every}, "

@@ -115,7 +115,8 @@ def test_injection_stability_fails_on_non_finite_targets(trained):
 def test_injection_stability_without_a_planner_uses_random_targets():
     reg = toy_registry()
     model = statelab.build(toy_spec(), registry=reg)
-    res = statelab.make_probe("injection-stability", {"steps": 60, "min_alpha": 1.0}, model).run(model, ProbeContext(seed=0))
+    probe = statelab.make_probe("injection-stability", {"steps": 60, "min_alpha": 1.0}, model)
+    res = probe.run(model, ProbeContext(seed=0))
     assert res.passed is True and res.metrics["injections"] == 60
 
 

@@ -151,7 +151,8 @@ class PlanningHook:
     # -- protocol ------------------------------------------------------------------
     def __call__(self, ctx: StepContext) -> State | None:
         if self.worker is not None and self.worker.error is not None:
-            raise RuntimeError(f"the planner's background worker failed:\n{self.worker.error_trace}") from self.worker.error
+            err = self.worker.error
+            raise RuntimeError(f"the planner's background worker failed:\n{self.worker.error_trace}") from err
         if ctx.generation_id != self.generation_id:
             self._begin(ctx)
         new_state = None

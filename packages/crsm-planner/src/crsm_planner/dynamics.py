@@ -62,11 +62,11 @@ class StateCodec(nn.Module):
         self.mean = torch.zeros(state_dim, device=dev)
         self.std = torch.ones(state_dim, device=dev)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         w = state_dict.get(prefix + "enc_weight")
         if w is not None and w.shape[1] != self.state_dim and not self.is_materialized:
             self.materialize(w.shape[1])  # a fitted planner loaded into a fresh (empty) one
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- flatten -------------------------------------------------------------------
     def bind(self, model, state: Mapping[str, Tensor]) -> None:
@@ -79,12 +79,14 @@ class StateCodec(nn.Module):
             )
         missing = [k for k in keys if k not in state]
         if missing:
-            raise KeyError(f"state lacks injectable entries {missing}; pass a full model state (keys 'backbone.layers.<i>.<k>')")
+            raise KeyError(f"state lacks injectable entries {missing}; "
+                           "pass a full model state (keys 'backbone.layers.<i>.<k>')")
         shapes = [state[k].shape[1:] for k in keys]
         dim = sum(int(math.prod(s)) for s in shapes)
         if self.is_materialized and dim != self.state_dim:
             raise ValueError(
-                f"this planner was fitted on states of {self.state_dim} features, but the backbone's injectable state has "
+                f"this planner was fitted on states of {self.state_dim} features, "
+                f"but the backbone's injectable state has "
                 f"{dim}; refit it with `statelab planner fit CKPT` (planner.fit) on this backbone"
             )
         self.keys, self.shapes = keys, shapes
@@ -149,7 +151,9 @@ class LatentDynamics(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_token)
         self.net = nn.Sequential(
-            nn.Linear(d_latent + d_token, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_latent)
+            nn.Linear(d_latent + d_token, d_hidden), nn.GELU(),
+            nn.Linear(d_hidden, d_hidden), nn.GELU(),
+            nn.Linear(d_hidden, d_latent),
         )
         nn.init.normal_(self.embed.weight, std=0.1)
         nn.init.zeros_(self.net[-1].weight)  # starts as the "state does not change" predictor

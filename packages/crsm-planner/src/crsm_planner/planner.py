@@ -195,7 +195,8 @@ class MCTSPlanner(Planner):
         try:
             graphs[key] = _CapturedPlan(self, model, s, logits, simulations)
         except Exception as e:  # noqa: BLE001 - eager planning still works
-            warnings.warn(f"mcts planner: CUDA graph capture failed ({type(e).__name__}: {e}); planning eagerly", stacklevel=2)
+            warnings.warn(f"mcts planner: CUDA graph capture failed ({type(e).__name__}: {e}); planning eagerly",
+                          stacklevel=2)
             graphs[key] = None
         return graphs[key] is not None
 
@@ -266,7 +267,8 @@ class MCTSPlanner(Planner):
             ls.append(logits.float())
         s = torch.stack(ss, 1)  # (B, T, S)
         logits = torch.stack(ls, 1)  # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
+        V = logits.shape[-1]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none")
         return {"tokens": tokens, "s": s, "logits": logits, "loss": loss.view(B, T - 1)}
 
     def _losses(self, model, roll: dict[str, Tensor], metrics: bool = False) -> tuple[Tensor, dict[str, float]]:
@@ -354,7 +356,8 @@ class MCTSPlanner(Planner):
             T = first.shape[1]
             need = max(p.value_horizon, p.fit_multistep) + 2
             if T < need:
-                raise ValueError(f"planner fit needs sequences of at least {need} tokens (value_horizon={p.value_horizon}, "
+                raise ValueError(f"planner fit needs sequences of at least {need} tokens "
+                                 f"(value_horizon={p.value_horizon}, "
                                  f"fit_multistep={p.fit_multistep}); got seq_len={T}: raise train.planner_fit.seq_len")
             heldout_roll = self.rollout(model, (heldout or batches)().to(dev))
             roll = self.rollout(model, first)
@@ -423,7 +426,8 @@ class MCTSPlanner(Planner):
                 alpha = self.alpha_from(res.confidence) * p.lag_decay**lag  # (B,) with grad to the gate
                 bb = unprefix_state("backbone", st2)
                 injected = dict(st2)
-                injected.update(prefix_state("backbone", model.backbone.inject(bb, unprefix_state("backbone", res.target), alpha)))
+                new_bb = model.backbone.inject(bb, unprefix_state("backbone", res.target), alpha)
+                injected.update(prefix_state("backbone", new_bb))
                 with torch.enable_grad():
                     lg, _, _ = model(x[:, a0 : a0 + k], injected)  # (B, k, V)
                     loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), x[:, a0 + 1 : a0 + k + 1].reshape(-1))

@@ -20,32 +20,65 @@ class MCTSParams(BaseModel):
     d_latent: int = Field(32, ge=2, le=4096, description="width of the compressed latent z")
     d_token: int = Field(32, ge=2, le=4096, description="width of the dynamics model's own token embedding")
     d_hidden: int = Field(128, ge=4, le=16384, description="hidden width of the dynamics / value / prior MLPs")
-    value_horizon: int = Field(8, ge=1, le=1024, description="k: the value head predicts the mean loss of the next k tokens")
-    fit_rollout_batches: int = Field(8, ge=1, le=1024, description="rollout batches collected for fitting (reused over the steps)")
-    fit_multistep: int = Field(4, ge=1, le=64, description="rollout length of the k-step dynamics loss and error report")
-    gate_steps: int = Field(20, ge=0, le=10000, description="steps fitting the learnable injection gate on realised loss (0: keep gate_init)")
+    value_horizon: int = Field(
+        8, ge=1, le=1024,
+        description="k: the value head predicts the mean loss of the next k tokens",
+    )
+    fit_rollout_batches: int = Field(
+        8, ge=1, le=1024,
+        description="rollout batches collected for fitting (reused over the steps)",
+    )
+    fit_multistep: int = Field(
+        4, ge=1, le=64,
+        description="rollout length of the k-step dynamics loss and error report",
+    )
+    gate_steps: int = Field(
+        20, ge=0, le=10000,
+        description="steps fitting the learnable injection gate on realised loss (0: keep gate_init)",
+    )
     # -- search --------------------------------------------------------------------
     simulations: int = Field(32, ge=1, le=100000, description="PUCT simulations per plan")
     depth: int = Field(4, ge=1, le=256, description="maximum search depth in tokens below the root")
     c_puct: float = Field(1.5, gt=0, description="exploration constant of PUCT")
     top_k: int = Field(4, ge=2, le=1024, description="children per expanded node: the top-k tokens of the prior")
-    max_nodes: int = Field(256, ge=8, le=1_000_000, description="bound on the tree size (preallocated); full trees stop expanding")
-    root_noise: float = Field(0.0, ge=0, le=1, description="weight of seeded Dirichlet noise on the root priors (0: none)")
+    max_nodes: int = Field(
+        256, ge=8, le=1_000_000,
+        description="bound on the tree size (preallocated); full trees stop expanding",
+    )
+    root_noise: float = Field(
+        0.0, ge=0, le=1,
+        description="weight of seeded Dirichlet noise on the root priors (0: none)",
+    )
     seed: int = Field(0, description="seed of the search's randomness (root noise, random-target ablation)")
     # -- injection -----------------------------------------------------------------
     alpha_max: float = Field(0.2, gt=0, le=1, description="a_max in a = a_max * sigmoid(gate) * confidence")
     gate_init: float = Field(0.0, ge=-20, le=20, description="initial logit of the learnable gate")
     # -- asynchronous planning -----------------------------------------------------
-    asynchronous: bool = Field(True, description="plan in a background thread (False: plan inline, for probes and debugging)")
+    asynchronous: bool = Field(
+        True,
+        description="plan in a background thread (False: plan inline, for probes and debugging)",
+    )
     plan_every: int = Field(4, ge=1, le=100000, description="request a plan every N generated tokens")
     max_lag: int = Field(8, ge=0, le=100000, description="results older than this many steps are dropped")
-    lag_decay: float = Field(0.85, gt=0, le=1, description="alpha of a result applied `lag` steps late is scaled by lag_decay**lag")
-    sync_lag: int = Field(1, ge=1, le=100000, description="inline mode only: steps between the snapshot and applying its result")
+    lag_decay: float = Field(
+        0.85, gt=0, le=1,
+        description="alpha of a result applied `lag` steps late is scaled by lag_decay**lag",
+    )
+    sync_lag: int = Field(
+        1, ge=1, le=100000,
+        description="inline mode only: steps between the snapshot and applying its result",
+    )
     device: Literal["auto", "cpu"] = Field(
         "auto", description="where the search runs: auto = the model's device; cpu = on a CPU copy of the planner "
                             "(a CUDA model's GPU then never sees the planner's work)")
-    cuda_graphs: bool = Field(True, description="on CUDA, capture the search as one CUDA graph per batch shape (eager if capture fails)")
-    queue_size: int = Field(1, ge=1, le=64, description="pending requests; when full, new requests are skipped (never waited for)")
+    cuda_graphs: bool = Field(
+        True,
+        description="on CUDA, capture the search as one CUDA graph per batch shape (eager if capture fails)",
+    )
+    queue_size: int = Field(
+        1, ge=1, le=64,
+        description="pending requests; when full, new requests are skipped (never waited for)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "MCTSParams":
@@ -53,7 +86,9 @@ class MCTSParams(BaseModel):
             raise ValueError(f"max_nodes={self.max_nodes} cannot hold the root and its {self.top_k} children; "
                              f"set max_nodes >= {1 + self.top_k}")
         if self.sync_lag > max(self.max_lag, 1) and not self.asynchronous:
-            raise ValueError(f"sync_lag={self.sync_lag} exceeds max_lag={self.max_lag}: every inline result would be dropped")
+            raise ValueError(
+                f"sync_lag={self.sync_lag} exceeds max_lag={self.max_lag}: every inline result would be dropped"
+            )
         return self
 
 
@@ -75,6 +110,15 @@ class InjectionStabilityParams(BaseModel):
 
     steps: int = Field(1200, ge=1, le=1_000_000, description="consecutive generation steps, each with an injection")
     batch_size: int = Field(2, ge=1, le=1024, description="rows generated in parallel")
-    min_alpha: float = Field(0.5, ge=0, le=1, description="injections use max(planner alpha, min_alpha) to stress the state")
-    simulations: int = Field(4, ge=1, le=10000, description="search simulations per injection (kept small: one plan per step)")
-    norm_factor: float = Field(10.0, gt=1, description="pass only if the max state norm stays below norm_factor x that of a run without injection")
+    min_alpha: float = Field(
+        0.5, ge=0, le=1,
+        description="injections use max(planner alpha, min_alpha) to stress the state",
+    )
+    simulations: int = Field(
+        4, ge=1, le=10000,
+        description="search simulations per injection (kept small: one plan per step)",
+    )
+    norm_factor: float = Field(
+        10.0, gt=1,
+        description="pass only if the max state norm stays below norm_factor x that of a run without injection",
+    )

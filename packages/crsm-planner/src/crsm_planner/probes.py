@@ -100,7 +100,8 @@ def teacher_forced_loss(model, x: Tensor, hook: PlanningHook | None) -> float:
         logits, state, _ = model.step(x[:, t], state)  # (B, V)
         losses.append(F.cross_entropy(logits.float(), x[:, t + 1]))
         if hook is not None:
-            new = hook(StepContext(model=model, step=t, generation_id=gid, tokens=x[:, : t + 1], logits=logits, state=state))
+            sc = StepContext(model=model, step=t, generation_id=gid, tokens=x[:, : t + 1], logits=logits, state=state)
+            new = hook(sc)
             state = new if new is not None else state
     if hook is not None:
         hook(StepContext(model=model, step=x.shape[1] - 1, generation_id=gid, tokens=x, logits=logits, state=state,
@@ -144,7 +145,8 @@ class PlannerEffectProbe(Probe):
         p = self.p
         planner = getattr(model, "planner", None)
         if planner is None:
-            raise ValueError("planner-effect needs a model with a planner (set model.planner in the spec, e.g. kind: mcts)")
+            raise ValueError("planner-effect needs a model with a planner "
+                             "(set model.planner in the spec, e.g. kind: mcts)")
         val = _val_tokens(ctx, "planner-effect", max(p.seq_len, p.prompt_len) + 1)
         was = model.training
         model.eval()
@@ -158,7 +160,8 @@ class PlannerEffectProbe(Probe):
             settings = {
                 "off": lambda: None,
                 "on": lambda: PlanningHook(planner, model, inline=True),
-                "random": lambda: PlanningHook(planner, model, inline=True, plan_fn=random_direction_plan(plan_fn, ctx.seed)),
+                "random": lambda: PlanningHook(planner, model, inline=True,
+                                               plan_fn=random_direction_plan(plan_fn, ctx.seed)),
             }
             hooks_used = {}
             for name, make in settings.items():
@@ -180,7 +183,8 @@ class PlannerEffectProbe(Probe):
                 "off": generate(model, prompts, use_planner=False, **kw),
                 "on": generate(model, prompts, use_planner=True, **kw),
                 "random": generate(model, prompts, use_planner=False, **kw,
-                                   hooks=[PlanningHook(planner, model, plan_fn=random_direction_plan(plan_fn, ctx.seed + 1))]),
+                                   hooks=[PlanningHook(planner, model,
+                                                       plan_fn=random_direction_plan(plan_fn, ctx.seed + 1))]),
             }
             for name, r in runs.items():
                 for k, v in sample_stats(r.tokens).items():
@@ -189,7 +193,8 @@ class PlannerEffectProbe(Probe):
             metrics["tokens_per_s_off"] = runs["off"].stats["tokens_per_s"]
             metrics["tokens_per_s_on"] = on_stats["tokens_per_s"]
             metrics["speed_ratio"] = metrics["tokens_per_s_on"] / max(metrics["tokens_per_s_off"], 1e-12)
-            for k in ("requested", "applied", "dropped_stale", "dropped_foreign", "skipped_busy", "mean_lag", "mean_alpha"):
+            for k in ("requested", "applied", "dropped_stale", "dropped_foreign", "skipped_busy", "mean_lag",
+                      "mean_alpha"):
                 metrics[f"plans_{k}"] = float(on_stats.get(f"planner.{k}", float("nan")))
             rel = metrics["loss_delta_on"] / max(abs(metrics["val_loss_off"]), 1e-12)
             if rel < -p.tolerance and metrics["val_loss_on"] < metrics["val_loss_random"]:
@@ -233,7 +238,8 @@ class RandomInjectionHook:
             s = bb[k]
             noise = torch.randn(s.shape, generator=self.g).to(s.device)
             dims = tuple(range(1, s.dim()))
-            target[k] = (noise * s.float().norm(dim=dims, keepdim=True) / noise.norm(dim=dims, keepdim=True)).to(s.dtype)
+            scale = s.float().norm(dim=dims, keepdim=True) / noise.norm(dim=dims, keepdim=True)
+            target[k] = (noise * scale).to(s.dtype)
         state = dict(sc.state)
         state.update(prefix_state("backbone", self.model.backbone.inject(bb, target, self.alpha)))
         self.stats["applied"] += 1
@@ -265,7 +271,8 @@ class InjectionStabilityProbe(Probe):
                 def hook(sc: StepContext):
                     norms = torch.stack([sc.state[k].float().flatten(1).norm(dim=1) for k in keys])  # (keys, B)
                     log["max_norm"] = max(log["max_norm"], norms.max().item())
-                    finite = all(bool(torch.isfinite(sc.state[k]).all()) for k in keys) and bool(torch.isfinite(sc.logits).all())
+                    finite = all(bool(torch.isfinite(sc.state[k]).all()) for k in keys)
+                    finite = finite and bool(torch.isfinite(sc.logits).all())
                     log["nonfinite_steps"] += 0 if finite else 1
                     log["steps"] += 1
                 return hook

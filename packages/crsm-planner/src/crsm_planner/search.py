@@ -112,7 +112,8 @@ class PUCTSearch:
         if noise is not None:
             p = (1 - self.root_noise) * p + self.root_noise * noise
         z = self.latent[rows, nodes]  # (B, L)
-        zc = self.dynamics(z.unsqueeze(1).expand(B, K, z.shape[-1]).reshape(B * K, -1), top_tok.reshape(B * K))  # (B*K, L)
+        zk = z.unsqueeze(1).expand(B, K, z.shape[-1]).reshape(B * K, -1)  # (B*K, L)
+        zc = self.dynamics(zk, top_tok.reshape(B * K))  # (B*K, L)
         v, var = self.value(zc)  # (B*K,)
         v, var = v.view(B, K).float(), var.view(B, K).float()
         idx = (self.n_used.unsqueeze(1) + torch.arange(K, device=nodes.device)).clamp_max(self.max_nodes - 1)  # (B, K)
