@@ -13,8 +13,8 @@ from statelab.tokenizers import ByteTokenizer
 from then_memory.store import TraceStore
 from then_memory.users import MemoryService, StoreConfig, UserIdError, validate_user_id
 
-TEXT_A = "Alice keeps her bicycle in the blue shed behind the bakery. " * 6
-TEXT_B = "Bob writes poems about the sea every Tuesday night. " * 5
+TEXT_A = "Alice keeps her bicycle in the blue shed behind the bakery. " * 3
+TEXT_B = "Bob writes poems about the sea every Tuesday night. " * 3
 
 
 @pytest.fixture
@@ -48,13 +48,13 @@ def test_user_ids_are_validated(bad):
 def test_ingest_then_query_and_isolation(model, tmp_path):
     svc = svc_for(model, tmp_path)
     q = "Where is the bicycle?"
-    bob_before = svc.ingest("bob", [TEXT_B]) and svc.query("bob", q, max_new_tokens=8, incognito=True)
+    bob_before = svc.ingest("bob", [TEXT_B]) and svc.query("bob", q, max_new_tokens=5, incognito=True)
     stats = svc.ingest("alice", [TEXT_A])
     assert stats["tokens"] == len(TEXT_A.encode())
     n = stats["traces"][0]
     assert n == (len(TEXT_A.encode()) // 4) * 4  # token traces of every completed chunk (chunk_size 4)
     # bob's answers do not change because alice now has a memory
-    assert svc.query("bob", q, max_new_tokens=8, incognito=True) == bob_before
+    assert svc.query("bob", q, max_new_tokens=5, incognito=True) == bob_before
     # alice's traces are exactly what her text produces, written to her directory only
     ref = statelab.build(model.spec, registry=None) if False else None
     with svc.session("alice", incognito=True) as s:
@@ -75,14 +75,14 @@ def test_incognito_reads_but_writes_nothing(model, tmp_path):
     svc = svc_for(model, tmp_path)
     svc.ingest("alice", [TEXT_A])
     before = digest(tmp_path)
-    a1 = svc.query("alice", "The bicycle is in the", max_new_tokens=12, incognito=True)
+    a1 = svc.query("alice", "The bicycle is in the", max_new_tokens=6, incognito=True)
     svc.ingest("alice", [TEXT_B], incognito=True)
-    assert svc.query("alice", "The bicycle is in the", max_new_tokens=12, incognito=True) == a1
+    assert svc.query("alice", "The bicycle is in the", max_new_tokens=6, incognito=True) == a1
     assert digest(tmp_path) == before
     svc.ingest("carol", [TEXT_B], incognito=True)  # an unknown user in incognito: nothing created
     assert digest(tmp_path) == before
     # a normal query reads the same memory (same answer) and then writes
-    assert svc.query("alice", "The bicycle is in the", max_new_tokens=12) == a1
+    assert svc.query("alice", "The bicycle is in the", max_new_tokens=6) == a1
     assert digest(tmp_path) != before
 
 
