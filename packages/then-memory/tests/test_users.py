@@ -48,7 +48,8 @@ def test_user_ids_are_validated(bad):
 def test_ingest_then_query_and_isolation(model, tmp_path):
     svc = svc_for(model, tmp_path)
     q = "Where is the bicycle?"
-    bob_before = svc.ingest("bob", [TEXT_B]) and svc.query("bob", q, max_new_tokens=5, incognito=True)
+    svc.ingest("bob", [TEXT_B])
+    bob_before = svc.query("bob", q, max_new_tokens=5, incognito=True)
     stats = svc.ingest("alice", [TEXT_A])
     assert stats["tokens"] == len(TEXT_A.encode())
     n = stats["traces"][0]
@@ -56,7 +57,6 @@ def test_ingest_then_query_and_isolation(model, tmp_path):
     # bob's answers do not change because alice now has a memory
     assert svc.query("bob", q, max_new_tokens=5, incognito=True) == bob_before
     # alice's traces are exactly what her text produces, written to her directory only
-    ref = statelab.build(model.spec, registry=None) if False else None
     with svc.session("alice", incognito=True) as s:
         k, _ = s.stores[0].fetch(0, n)
         assert s.stores[0].n_cold > 0

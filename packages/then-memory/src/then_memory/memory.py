@@ -45,7 +45,6 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from statelab.interfaces import Aux, Memory, State
