@@ -159,9 +159,13 @@ def main() -> int:
     reg = registry_for(args)
 
     trainer, bare = [], []
-    for _ in range(args.repeats):
-        bare.append(run_bare(args, reg))
-        trainer.append(run_trainer(args, reg))
+    for i in range(args.repeats):  # alternate the order so neither side always runs first
+        if i % 2 == 0:
+            bare.append(run_bare(args, reg))
+            trainer.append(run_trainer(args, reg))
+        else:
+            trainer.append(run_trainer(args, reg))
+            bare.append(run_bare(args, reg))
         print(f"  bare {bare[-1]:,.0f} tok/s | trainer {trainer[-1]:,.0f} tok/s", file=sys.stderr)
     tr, br = statistics.median(trainer), statistics.median(bare)
     # each trainer run is paired with the bare run just before it: the median of the pair ratios

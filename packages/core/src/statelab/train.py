@@ -761,6 +761,7 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
     last_reg: dict[str, Any] = {}
     lr = lr_at(step, cfg)
     mb_rows = B_rank // cfg.grad_accum
+    clip_params = [p for p in model.parameters() if p.requires_grad]  # walked once, not every step
     saved_at: int | None = None
     evaled_at: int | None = None
     budget = cfg.time_budget_s
@@ -811,7 +812,7 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
         if cfg.grad_clip > 0:
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            last_gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            last_gn = torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -904,7 +905,7 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
     # post-training: planner fit and probes on the best weights
     has_planner = getattr(model, "planner", None) is not None and cfg.planner_fit.enabled
     probes = list(resolved.probes)
-    if stop_reason == "finished" and (has_planner or probes):
+    if stop_reason in ("finished", "time_budget") and (has_planner or probes):  # not after an interruption
         if (run_dir / "best" / ckpt.MODEL_FILE).exists():
             best = ckpt.read_checkpoint(run_dir / "best")
             model.load_state_dict(best.state_dict())
