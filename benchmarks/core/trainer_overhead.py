@@ -202,13 +202,15 @@ def main() -> int:
     md = out.with_suffix(".md")
     md.write_text(
         f"### Trainer overhead ({args.device}, {dev_name})\n\n"
-        f"`python benchmarks/core/trainer_overhead.py --device {args.device}"
-        f"{' --spec ' + args.spec if args.spec else ''}{' --compile' if args.compile else ''}` "
-        f"on {result['date']}, torch {torch.__version__}\n\n"
+        f"`python benchmarks/core/trainer_overhead.py {' '.join(sys.argv[1:])}` "
+        f"on {result['date']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f} at the end\n\n"
         f"| model | batch x seq | bare loop tok/s | statelab train tok/s | ratio (goal >= 0.95) |\n"
         f"|---|---|---|---|---|\n"
         f"| {label} | {bxt} | {br:,.0f} | {tr:,.0f} "
-        f"| {ratio:.3f} {'pass' if ratio >= 0.95 else 'FAIL'} |\n"
+        f"| {ratio:.3f} {'pass' if ratio >= 0.95 else 'FAIL'} |\n\n"
+        f"Ratio = median over {args.repeats} alternating pairs; pair ratios "
+        f"{', '.join(f'{t / b:.3f}' for t, b in zip(trainer, bare))}.\n"
     )
     print(f"trainer {tr:,.0f} tok/s | bare {br:,.0f} tok/s | ratio {ratio:.3f} (goal >= 0.95: "
           f"{'pass' if ratio >= 0.95 else 'FAIL'})")
