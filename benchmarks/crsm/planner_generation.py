@@ -39,7 +39,8 @@ def build_model(args):
         return model, "checkpoint"
     planner = {"kind": "mcts", "simulations": args.simulations, "depth": args.depth, "top_k": args.top_k,
                "plan_every": args.plan_every, "max_lag": args.max_lag, "gate_steps": 0, "alpha_max": 0.2,
-               "gate_init": 2.0, "device": args.planner_device, "cuda_graphs": not args.no_cuda_graphs}
+               "gate_init": 2.0, "device": args.planner_device, "cuda_graphs": not args.no_cuda_graphs,
+               "worker_duty": args.duty}
     spec = {"name": "planner-bench", "tokenizer": {"kind": "byte"}, "tracking": {"enabled": False},
             "model": {"d_model": args.d_model, "planner": planner}}
     tried = []
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--fit-steps", type=int, default=10)
     ap.add_argument("--planner-device", default="auto", choices=["auto", "cpu"],
                     help="auto: search on the model's device (CUDA graphs on CUDA); cpu: on a CPU copy of the planner")
+    ap.add_argument("--duty", type=float, default=1.0, help="worker_duty: max fraction of time the worker plans")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="plan eagerly on CUDA (to measure what graphs buy)")
     ap.add_argument("--markdown", default=None, help="append the results as a section to this file")
     args = ap.parse_args()
@@ -102,7 +104,7 @@ def main() -> None:
     model.to(device).eval()
     planner = model.planner
     if args.ckpt:  # the benchmark's planner settings apply to a loaded planner too
-        planner.params = planner.params.model_copy(update={"device": args.planner_device,
+        planner.params = planner.params.model_copy(update={"device": args.planner_device, "worker_duty": args.duty,
                                                            "cuda_graphs": not args.no_cuda_graphs})
     sims = planner.params.simulations
     if args.fit_steps and not args.ckpt:
@@ -156,7 +158,8 @@ def main() -> None:
     cmd = "python " + " ".join(sys.argv)
     header = (f"### Planner generation ({kind} d_model={args.d_model} layers={args.layers}, batch {args.batch}, "
               f"{args.tokens} new tokens, {sims} simulations, plan every {planner.params.plan_every}, "
-              f"planner device {planner.params.device}, CUDA graphs {planner.params.cuda_graphs})")
+              f"planner device {planner.params.device}, CUDA graphs {planner.params.cuda_graphs}, "
+              f"worker duty {planner.params.worker_duty})")
     lines = [header, "", f"device: {dev_name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
              f"median of {args.repeats} repeats; `{cmd}`", "", "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in figures.items()]

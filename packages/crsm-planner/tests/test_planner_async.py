@@ -172,3 +172,27 @@ def test_worker_failure_is_raised_in_the_generating_thread(model):
     model.planner.plan = broken
     with pytest.raises(RuntimeError, match="(?s)background worker failed.*boom in the search"):
         statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=50, seed=0, hooks=[_sleepy(0.01)])
+
+
+def test_worker_duty_bounds_the_time_spent_planning():
+    from statelab.interfaces import PlanRequest
+
+    from crsm_planner.async_planner import PlanWorker
+
+    def plan(m, request):
+        time.sleep(0.1)
+        return _fixed_plan(m, request)
+
+    def run(duty):
+        w = PlanWorker(planner=None, queue_size=4, duty=duty)
+        t0 = time.perf_counter()
+        for step in range(3):
+            assert w.submit(None, PlanRequest({}, torch.zeros(2, 4), step, 1), plan)
+        for _ in range(3):
+            w.results.get(timeout=5)
+        elapsed = time.perf_counter() - t0
+        w.stop()
+        return elapsed
+
+    assert run(1.0) < 0.6  # three 0.1 s plans back to back
+    assert run(0.5) >= 0.5  # each followed by an equal rest (the last rest comes after its result)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import traceback
 from typing import Any, Callable
 
@@ -46,8 +47,9 @@ PlanFn = Callable[[Any, PlanRequest], PlanResult]
 class PlanWorker:
     """One background thread that turns :class:`PlanRequest` into :class:`PlanResult`."""
 
-    def __init__(self, planner, queue_size: int = 1) -> None:
+    def __init__(self, planner, queue_size: int = 1, duty: float = 1.0) -> None:
         self.planner = planner
+        self.duty = duty
         self.requests: queue.Queue = queue.Queue(maxsize=queue_size)
         self.results: queue.Queue = queue.Queue()
         self.finished_generations: set[int] = set()
@@ -92,6 +94,7 @@ class PlanWorker:
             if request.generation_id in self.finished_generations:
                 continue  # its generation ended while it waited
             self.busy.set()
+            t0 = time.perf_counter()
             try:
                 with torch.no_grad():
                     dev = request.logits.device
@@ -115,6 +118,8 @@ class PlanWorker:
                 return
             finally:
                 self.busy.clear()
+            if self.duty < 1.0:  # rest, so that planning takes at most `duty` of the wall time
+                time.sleep((time.perf_counter() - t0) * (1.0 / self.duty - 1.0))
 
 
 class PlanningHook:

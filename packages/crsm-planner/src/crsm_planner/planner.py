@@ -242,7 +242,7 @@ class MCTSPlanner(Planner):
 
         w = _WORKERS.get(self)
         if w is None or not w.alive:
-            w = PlanWorker(self, queue_size=self.params.queue_size)
+            w = PlanWorker(self, queue_size=self.params.queue_size, duty=self.params.worker_duty)
             _WORKERS[self] = w
         return w
 

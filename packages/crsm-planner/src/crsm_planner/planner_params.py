@@ -75,6 +75,13 @@ class MCTSParams(BaseModel):
         True,
         description="on CUDA, capture the search as one CUDA graph per batch shape (eager if capture fails)",
     )
+    worker_duty: float = Field(
+        1.0, gt=0, le=1,
+        description=(
+            "largest fraction of wall time the background worker may spend planning: after a plan of d seconds "
+            "it rests d*(1/duty - 1) (on a small CPU this leaves the cores and the interpreter lock to generation)"
+        ),
+    )
     queue_size: int = Field(
         1, ge=1, le=64,
         description="pending requests; when full, new requests are skipped (never waited for)",
