@@ -9,7 +9,8 @@ biased attention (FlexAttention on CUDA, SDPA with a float mask on CPU), and one
 ``update_interval`` also runs the capture (explicit attention weights, no gradient). The
 ratio reported is the amortised one: ``((interval - 1) * biased + capture) / interval``
 over the off step, with ``interval`` = 100 (the prototype's default), each step time a
-median over ``--steps`` timed steps.
+median over ``--steps`` timed steps; the variants' steps are interleaved so that load drift
+affects them alike.
 """
 
 from __future__ import annotations
@@ -49,30 +50,35 @@ def populate(model, x) -> None:
         block.attn.traces.update_interval = 1_000_000
 
 
-def time_steps(model, x, steps, warmup, amp, compile_, capture_every: int | None = None) -> float:
-    device = x.device
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    fwd = torch.compile(model) if compile_ else model
-    model.train()
-    times = []
-    for i in range(warmup + steps):
-        if capture_every is not None:
-            for block in model.backbone.layers:  # force a capture on this step only
-                block.attn.traces.update_interval = 1 if capture_every else 1_000_000
-        if device.type == "cuda":
+class Runner:
+    """One model, its optimizer and (optionally) its compiled forward; ``step()`` times one train step."""
+
+    def __init__(self, model, x, amp, compile_, capture: bool | None = None) -> None:
+        self.model, self.x, self.amp, self.capture = model, x, amp, capture
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.device.type == "cuda")
+        self.fwd = torch.compile(model) if compile_ else model
+        self.times: list[float] = []
+
+    def step(self, record: bool) -> None:
+        model, x = self.model, self.x
+        model.train()
+        if self.capture is not None:
+            for block in model.backbone.layers:  # force (or suppress) a capture on this step
+                block.attn.traces.update_interval = 1 if self.capture else 1_000_000
+        cuda = x.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = fwd(x[:, :-1])[0]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.fwd(x[:, :-1])[0]
             loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if cuda:
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        if record:
+            self.times.append(time.perf_counter() - t)
 
 
 def main() -> None:
@@ -99,23 +105,27 @@ def main() -> None:
     V = 256
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (B, a.T + 1), generator=g).to(device)
-    res = {}
-    torch.manual_seed(0)
-    off = make(False, d, L, a.heads, a.T, V).to(device)
-    res["off"] = time_steps(off, x, steps, warmup, cuda, a.compile)
-    del off
-    torch.manual_seed(0)
-    on = make(True, d, L, a.heads, a.T, V).to(device)
-    populate(on, x[:, :-1])
-    entries = sum(b.attn.traces.n_live for b in on.backbone.layers)
-    res["biased"] = time_steps(on, x, steps, warmup, cuda, a.compile, capture_every=0)
-    res["capture"] = time_steps(on, x, max(2, steps // 5), 1, cuda, a.compile, capture_every=1)
-    del on
-    torch.manual_seed(0)
-    fixed = make(True, d, L, a.heads, a.T, V, learn_alpha=False).to(device)
-    populate(fixed, x[:, :-1])
-    res["fixed"] = time_steps(fixed, x, steps, warmup, cuda, a.compile, capture_every=0)
-    del fixed
+    models = {}
+    for name, traces, learn in (("off", False, True), ("biased", True, True), ("fixed", True, False)):
+        torch.manual_seed(0)
+        models[name] = make(traces, d, L, a.heads, a.T, V, learn_alpha=learn).to(device)
+        if traces:
+            populate(models[name], x[:, :-1])
+    entries = sum(b.attn.traces.n_live for b in models["biased"].backbone.layers)
+    runners = {
+        "off": Runner(models["off"], x, cuda, a.compile),
+        "biased": Runner(models["biased"], x, cuda, a.compile, capture=False),
+        "fixed": Runner(models["fixed"], x, cuda, a.compile, capture=False),
+    }
+    capture = Runner(models["biased"], x, cuda, a.compile, capture=True)
+    capture.opt = runners["biased"].opt
+    for i in range(warmup + steps):  # interleaved, so load drift hits every variant alike
+        for r in runners.values():
+            r.step(record=i >= warmup)
+        if i >= warmup and (i - warmup) % 5 == 0:
+            capture.step(record=True)
+    res = {name: statistics.median(r.times) for name, r in runners.items()}
+    res["capture"] = statistics.median(capture.times)
     amort = ((a.interval - 1) * res["biased"] + res["capture"]) / a.interval
     amort_fixed = ((a.interval - 1) * res["fixed"] + res["capture"]) / a.interval
     ratio = amort / res["off"]
