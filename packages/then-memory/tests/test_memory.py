@@ -107,3 +107,21 @@ def test_assembled_model_conformance(registry, then_spec):
 def test_window_must_cover_chunk(registry, then_spec):
     with pytest.raises(statelab.SpecError, match="window"):
         statelab.build(then_spec(window=2, chunk_size=4), registry=registry)
+
+
+def test_store_backend_coarse_reads_with_all_lists_equal_exact(tmp_path):
+    mem = small("token", ring_size=64).eval()
+    x = torch.randn(1, 20, 16)
+    with torch.no_grad():
+        outs = []
+        for coarse in (False, True):
+            store = TraceStore(tmp_path / str(coarse), 16, hot_budget=2, warm_budget=4, chunk_traces=4, coarse_lists=2)
+            mem.attach_store(store, coarse=coarse, nprobe=2)  # every list probed: the same candidates
+            ys, state = [], None
+            for a in range(0, 20, 5):  # later pieces read what earlier ones stored
+                y, state, _ = mem(x[:, a : a + 5], state)
+                ys.append(y)
+            outs.append(torch.cat(ys, 1))
+            assert store.n_cold > 0 and store.centroids is not None
+        mem.attach_store(None)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)

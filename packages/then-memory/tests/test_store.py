@@ -195,3 +195,17 @@ def test_truncate_drops_the_tail_across_tiers(tmp_path, n):
     s.close()
     s = make(tmp_path)
     assert len(s) == 100 and torch.equal(s.fetch(0, 100)[1], fp16(V))
+
+
+@pytest.mark.parametrize("sizes", [[3, 6, 6, 9, 1, 13], [1] * 30, [40], [5, 17, 2, 33]])
+def test_any_append_pattern_keeps_every_trace(tmp_path, sizes):
+    K, V = traces(sum(sizes), 8)
+    s = make(tmp_path, hot_budget=2, warm_budget=5, chunk_traces=4)
+    n = 0
+    for m in sizes:
+        s.append(K[n : n + m], V[n : n + m])
+        n += m
+        assert len(s) == n and s.hot.n <= 2 and s.warm.n <= 5
+    assert torch.equal(s.fetch(0, n)[0], fp16(K)) and torch.equal(s.fetch(0, n)[1], fp16(V))
+    s.close()
+    assert torch.equal(make(tmp_path, hot_budget=2, warm_budget=5, chunk_traces=4).fetch(0, n)[0], fp16(K))

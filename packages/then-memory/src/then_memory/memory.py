@@ -87,13 +87,16 @@ class ThenMemory(Memory):
         self.out = nn.Linear(d_model, d_model, bias=False)
         nn.init.normal_(self.out.weight, std=0.02)
         self.store: "TraceStore | None" = None
+        self.store_coarse, self.store_nprobe = False, 32
 
     # -- store backend ---------------------------------------------------------------
-    def attach_store(self, store: "TraceStore | None") -> None:
-        """Read and write traces through ``store`` (batch size 1); ``None`` detaches."""
+    def attach_store(self, store: "TraceStore | None", *, coarse: bool = False, nprobe: int = 32) -> None:
+        """Read and write traces through ``store`` (batch size 1); ``None`` detaches.
+        ``coarse``: read through the store's coarse lists (``nprobe`` probed) instead of exactly."""
         if store is not None and store.dim != self.d_model:
             raise ValueError(f"then: the store holds traces of width {store.dim}, this memory writes {self.d_model}")
         self.store = store
+        self.store_coarse, self.store_nprobe = coarse, nprobe
 
     # -- state -----------------------------------------------------------------------
     def init_state(self, batch_size, device=None, dtype=None) -> State:
@@ -243,7 +246,7 @@ class ThenMemory(Memory):
                 f"then: the state says {limit} traces were written but the attached store holds {len(self.store)}; "
                 "the state and the store belong to different users or the store lost data"
             )
-        res = self.store.search(q[0].detach(), self.top_k, limit=limit)
+        res = self.store.search(q[0].detach(), self.top_k, limit=limit, coarse=self.store_coarse, nprobe=self.store_nprobe)
         kk = res.keys.to(q.device, q.dtype)[None]  # (1, T, K0, D)
         vv = res.values.to(q.device, q.dtype)[None]  # (1, T, K0, D)
         ok = (res.ids >= 0).to(q.device)[None]  # (1, T, K0)

@@ -326,11 +326,13 @@ class TraceStore:
             i += m
 
     def _to_warm(self, k: Tensor, v: Tensor) -> None:
-        over = self.warm.n + k.shape[0] - self.warm.cap
-        while over > 0:
-            self._seal()
-            over = self.warm.n + k.shape[0] - self.warm.cap
-        self.warm.push(k, v)
+        i = 0
+        while i < k.shape[0]:  # seal only a full warm tier (it then holds >= chunk_traces)
+            if self.warm.n == self.warm.cap:
+                self._seal()
+            m = min(k.shape[0] - i, self.warm.cap - self.warm.n)
+            self.warm.push(k[i : i + m], v[i : i + m])
+            i += m
 
     def _log(self, t: int, k: Tensor, v: Tensor) -> None:
         seg = t // self.chunk_traces * self.chunk_traces

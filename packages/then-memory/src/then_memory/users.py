@@ -174,6 +174,8 @@ class StoreConfig:
     warm_budget: int = 65536
     chunk_traces: int = 16384
     durable: bool = False
+    coarse_lists: int = 0  # > 0: cold chunks get k-means lists and reads probe `nprobe` of them
+    nprobe: int = 32
 
 
 @dataclass
@@ -230,7 +232,7 @@ class MemoryService:
                 root = (d if d is not None else self.user_dir(user)) / f"traces_{j}"  # read-only when incognito
                 store = TraceStore(root, mem.d_model, hot_budget=cfg.hot_budget, warm_budget=cfg.warm_budget,
                                    chunk_traces=cfg.chunk_traces, device=dev, durable=cfg.durable,
-                                   read_only=incognito)
+                                   read_only=incognito, coarse_lists=cfg.coarse_lists)
                 count = int(sess.state[f"memory.{j}.count"][0])
                 if len(store) > count:
                     if incognito:
@@ -241,7 +243,7 @@ class MemoryService:
                     raise RuntimeError(f"user {user!r}: memory {j} lost traces (state records {count}, store holds "
                                        f"{len(store)}); the user's directory was modified outside statelab")
                 sess.stores[j] = store
-                mem.attach_store(store)
+                mem.attach_store(store, coarse=cfg.coarse_lists > 0, nprobe=cfg.nprobe)
             try:
                 yield sess
                 if not incognito:
