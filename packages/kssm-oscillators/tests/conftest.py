@@ -41,3 +41,14 @@ def spec():
 @pytest.fixture
 def tiny_kssm() -> dict:
     return dict(TINY_KSSM)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: intra-op threads only add overhead (and thrash on a busy machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
