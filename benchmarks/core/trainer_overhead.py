@@ -133,7 +133,8 @@ def run_bare(args, reg) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--spec", default=None, help="benchmark this run spec's model and batch (e.g. configs/race/transformer.yaml)")
+    p.add_argument("--spec", default=None,
+                   help="benchmark this run spec's model and batch (e.g. configs/race/transformer.yaml)")
     p.add_argument("--backbone", default="toy-mlp", help="without --spec: toy-mlp (default) or an installed kind")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--d-model", type=int, default=None)

@@ -269,7 +269,9 @@ class Checkpoint:
         return state, tensors
 
 
-def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+def read_checkpoint(
+    path: str | os.PathLike, *, map_location: str | torch.device = "cpu", verify: bool = True
+) -> Checkpoint:
     d = find_checkpoint(path)
     if verify:
         _verify(d)
@@ -307,7 +309,9 @@ def build_from_checkpoint(ck: Checkpoint, *, registry: Any = None) -> Any:
     return model
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, registry: Any = None, verify: bool = True) -> Any:
+def load(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", *, registry: Any = None, verify: bool = True
+) -> Any:
     """Rebuild the :class:`~statelab.model.StatelabModel` a checkpoint holds, in eval mode.
 
     ``path``: a checkpoint directory, or a run directory (then its ``best/``, else ``last``).
@@ -329,5 +333,6 @@ def load_training_state(path: str | os.PathLike) -> tuple[Checkpoint, dict[str, 
     ck = read_checkpoint(path)
     ts = ck.trainer_state()
     if ts is None:
-        raise CheckpointError(f"checkpoint {str(ck.path)!r} holds weights only (no trainer state); cannot resume from it")
+        raise CheckpointError(f"checkpoint {str(ck.path)!r} holds weights only (no trainer state); "
+                              "cannot resume from it")
     return ck, ts[0], ts[1]

@@ -64,7 +64,8 @@ def collect(experiment: str, uri: str | None = None, *, curves: bool = True) -> 
         for k, v in tags.items():
             if k.startswith("probe.") and k.endswith(".passed"):
                 kind = k[len("probe."):-len(".passed")]
-                probes[kind] = (probes.get(kind, "") + (" " if kind in probes else "") + ("pass" if v == "true" else "FAIL"))
+                word = "pass" if v == "true" else "FAIL"
+                probes[kind] = f"{probes[kind]} {word}" if kind in probes else word
         n = params.get("model.parameters")
         curve: list[tuple[int, float]] = []
         if curves:

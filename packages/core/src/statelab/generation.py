@@ -82,7 +82,8 @@ def _as_token_lists(prompts: Any, tokenizer: Any) -> tuple[list[list[int]], bool
         raise ValueError("generate: no prompts given")
     if all(isinstance(p, str) for p in prompts):
         if tokenizer is None:
-            raise ValueError("generate: text prompts need a tokenizer (pass tokenizer=, or load the model with statelab.load)")
+            raise ValueError("generate: text prompts need a tokenizer (pass tokenizer=, or load the model with "
+                             "statelab.load)")
         return [tokenizer.encode(p) for p in prompts], True
     return [list(map(int, p)) for p in prompts], False
 

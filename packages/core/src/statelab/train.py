@@ -331,7 +331,8 @@ def evaluate(
         model.train(was)
     n = count.item()
     if n == 0:
-        raise ValueError("evaluation saw no validation tokens; the data source has no validation split for this seq_len")
+        raise ValueError("evaluation saw no validation tokens; the data source has no validation split "
+                         "for this seq_len")
     loss = loss_sum.item() / n
     bytes_pt = float(getattr(data, "bytes_per_token", None) or 1.0)
     chars_pt = float(getattr(data, "chars_per_token", None) or bytes_pt)
@@ -888,7 +889,8 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
     tokens_per_s = sum(n for n, _ in counted) * tokens_per_step / tot_t if tot_t > 0 else float("nan")
 
     if not main:
-        return TrainResult(run_dir, step, status, best_val, last_metrics, None, tokens_per_s, final_ckpt, history, model)
+        return TrainResult(run_dir, step, status, best_val, last_metrics, None, tokens_per_s, final_ckpt, history,
+                           model)
 
     if stop_reason == "interrupted":
         sig = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(signals.received, "a stop request")
@@ -969,7 +971,8 @@ def _run_probes(model, probes, data, run_dir, device, seed, tracker, prog, step)
                 tracker.log_artifact(path, f"probes/{kind}")
         results[kind] = {"metrics": res.metrics, "verdict": res.verdict, "passed": res.passed,
                          "artifacts": {k: str(v) for k, v in res.artifacts.items()}}
-        prog.note(f"probe {kind}: {res.verdict or ''} {'passed' if res.passed else 'failed' if res.passed is False else ''} "
+        outcome = {True: "passed", False: "failed", None: ""}[res.passed]
+        prog.note(f"probe {kind}: {res.verdict or ''} {outcome} "
                   + ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()))
         out.update(m)
     atomic_write_text(run_dir / "probes" / "results.json", json.dumps(results, indent=1, default=str))

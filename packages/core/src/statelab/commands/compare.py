@@ -7,7 +7,8 @@ import sys
 
 def configure(parser) -> None:
     parser.add_argument("--experiment", "-e", default="statelab", help="mlflow experiment name")
-    parser.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--uri", default=None,
+                        help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--output", "-o", default=None,
                         help="overlay plot of validation curves (default: compare-<experiment>.png)")
 
