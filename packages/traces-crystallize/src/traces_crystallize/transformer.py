@@ -46,6 +46,7 @@ _compiled_flex = None
 _block_masks: dict = {}
 
 
+@torch.compiler.disable  # under an outer torch.compile the call runs its own compiled kernel (nesting fails to lower)
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, past: int) -> Tensor:
     """Causal FlexAttention with ``score + bias[h, (past + i) - j]``; ``bias (H, >= Tk + 128)``."""
     global _compiled_flex
