@@ -106,6 +106,14 @@ def main() -> None:
     B, T, D = args.batch, args.seq, args.d_model
     x = torch.randn(B, T, D, device=device)
     paths = args.paths.split(",")
+    if paths == ["hf"]:
+        # transformers switches to mamba-ssm's fused kernels whenever mamba_ssm imports; the
+        # comparison is against its pure-PyTorch path, so hide mamba_ssm in an hf-only run.
+        import sys
+
+        sys.modules.update({"mamba_ssm": None, "causal_conv1d": None})
+    elif "hf" in paths and device == "cuda":
+        print("note: on CUDA run the HF path alone (--paths hf) so it cannot pick up mamba-ssm's kernels")
     if "hf" in paths:
         try:
             import transformers  # noqa: F401
