@@ -143,7 +143,10 @@ def generate(
     done = [max_new_tokens <= 0] * B
     stopped = ["length"] * B
     step_times: list[float] = []
-    fed: list[Tensor] = []  # tokens fed after the shared prefix, (B,) each
+    # tokens fed after the shared prefix: a preallocated buffer, so hooks get a view (B, n)
+    # in O(1) rather than a re-stacked copy every step
+    fed = torch.empty(B, max(0, Lmax - L0) + max(0, max_new_tokens), dtype=torch.long, device=device)
+    n_fed = 0
     max_stop = max((len(s) for s in stops), default=0)
     stats: dict[str, Any] = {"generation_id": gen_id}
     try:
@@ -151,15 +154,15 @@ def generate(
             t0 = time.perf_counter()
             logits, st, _ = model(prompt[:, :L0], state)  # (B, L0, V)
             logits = logits[:, -1]  # (B, V)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if device.type == "cuda":  # this stream only: a planner's side stream must not block generation
+                torch.cuda.current_stream(device).synchronize()
             stats["prefill_s"] = time.perf_counter() - t0
             pos = L0  # position of the next token to feed (absolute)
             step = 0
             t_start = time.perf_counter()
             while True:
                 t_step = time.perf_counter()
-                st = _run_hooks(all_hooks, model, step, gen_id, fed, logits, st, stats, finished=False)
+                st = _run_hooks(all_hooks, model, step, gen_id, fed[:, :n_fed], logits, st, stats, finished=False)
                 nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
                 in_prompt = lens_t > pos  # (B,) rows still consuming their prompt
                 if bool(in_prompt.any()):
@@ -179,15 +182,16 @@ def generate(
                 if all(done):
                     step_times.append(time.perf_counter() - t_step)
                     break
-                fed.append(nxt)
+                fed[:, n_fed] = nxt
+                n_fed += 1
                 logits, st, _ = model.step(nxt, st)  # (B, V)
                 pos += 1
                 step += 1
                 if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                    torch.cuda.current_stream(device).synchronize()
                 step_times.append(time.perf_counter() - t_step)
             elapsed = time.perf_counter() - t_start
-            st = _run_hooks(all_hooks, model, step, gen_id, fed, logits, st, stats, finished=True)
+            st = _run_hooks(all_hooks, model, step, gen_id, fed[:, :n_fed], logits, st, stats, finished=True)
     finally:
         model.train(was_training)
 
@@ -211,12 +215,11 @@ def generate(
 
 
 def _run_hooks(
-    hooks: list[GenerationHook], model: Any, step: int, gen_id: int, fed: list[Tensor], logits: Tensor,
+    hooks: list[GenerationHook], model: Any, step: int, gen_id: int, tokens: Tensor, logits: Tensor,
     state: State, stats: dict[str, Any], *, finished: bool,
 ) -> State:
     if not hooks:
         return state
-    tokens = torch.stack(fed, 1) if fed else torch.zeros(logits.shape[0], 0, dtype=torch.long, device=logits.device)
     for hook in hooks:
         ctx = StepContext(model=model, step=step, generation_id=gen_id, tokens=tokens, logits=logits, state=state,
                           finished=finished, stats=stats)
