@@ -18,7 +18,6 @@ qualified by where they were produced: ``"backbone.layers.2:kssm.R"``. Outside a
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Callable, Iterator, Mapping, Union
 
 import torch
@@ -26,9 +25,13 @@ from torch import Tensor
 
 Forcing = Union[float, int, Tensor, Callable[[Tensor], Tensor]]
 
-_site: contextvars.ContextVar[str | None] = contextvars.ContextVar("statelab_site", default=None)
-_forcings: contextvars.ContextVar[dict[str, Forcing]] = contextvars.ContextVar("statelab_forcings", default={})
-_seen: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("statelab_seen", default=None)
+# Plain module state rather than ContextVars: torch.compile traces through reads and writes
+# of module globals, while a ContextVar lookup is a graph break in every layer. Sites and
+# interventions are therefore process-wide while active (the runtime runs models from one
+# thread at a time; a planner's worker thread never enters a site).
+_SITES: list[str] = []
+_FORCINGS: dict[str, Forcing] = {}
+_SEEN: list[set[str]] = []
 
 __all__ = ["Forcing", "intervene", "key_name", "publish", "select", "site"]
 
@@ -38,15 +41,17 @@ def key_name(key: str) -> str:
     return key.rsplit(":", 1)[-1]
 
 
-@contextlib.contextmanager
-def site(name: str) -> Iterator[None]:
+class site:
     """Qualify internals published inside this block with ``name`` (nested sites join with '.')."""
-    outer = _site.get()
-    token = _site.set(f"{outer}.{name}" if outer else name)
-    try:
-        yield
-    finally:
-        _site.reset(token)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        _SITES.append(self.name)
+
+    def __exit__(self, *exc: object) -> None:
+        _SITES.pop()
 
 
 def _apply(forcing: Forcing, value: Tensor) -> Tensor:
@@ -65,15 +70,13 @@ def publish(aux: dict[str, Tensor], name: str, value: Tensor) -> Tensor:
     If an active :func:`intervene` block forces ``name`` (or ``"<site>:<name>"``), the
     forced value is returned and recorded instead.
     """
-    where = _site.get()
-    key = f"{where}:{name}" if where else name
-    forcings = _forcings.get()
-    forcing = forcings.get(key, forcings.get(name))
-    if forcing is not None:
-        value = _apply(forcing, value)
-        seen = _seen.get()
-        if seen is not None:
-            seen.add(key)
+    key = f"{'.'.join(_SITES)}:{name}" if _SITES else name
+    if _FORCINGS:
+        forcing = _FORCINGS.get(key, _FORCINGS.get(name))
+        if forcing is not None:
+            value = _apply(forcing, value)
+            for seen in _SEEN:
+                seen.add(key)
     aux[key] = value
     return value
 
@@ -88,10 +91,10 @@ def intervene(forcings: Mapping[str, Forcing], *, strict: bool = True) -> Iterat
     block without having forced a requested name raises ``LookupError``, so a typo in an
     internal's name never passes silently as "no effect".
     """
-    merged = {**_forcings.get(), **dict(forcings)}
-    token = _forcings.set(merged)
+    saved = dict(_FORCINGS)
+    _FORCINGS.update(dict(forcings))
     seen: set[str] = set()
-    seen_token = _seen.set(seen)
+    _SEEN.append(seen)
     failed = False
     try:
         yield seen
@@ -99,8 +102,9 @@ def intervene(forcings: Mapping[str, Forcing], *, strict: bool = True) -> Iterat
         failed = True
         raise
     finally:
-        _forcings.reset(token)
-        _seen.reset(seen_token)
+        _FORCINGS.clear()
+        _FORCINGS.update(saved)
+        _SEEN[:] = [x for x in _SEEN if x is not seen]
         if strict and not failed:
             missing = [k for k in forcings if not any(s == k or key_name(s) == k for s in seen)]
             if missing:
