@@ -267,6 +267,16 @@ def test_planner_fit_and_probes_run_after_training(reg, tmp_path, monkeypatch):
         return {"dyn_loss": 0.25}
 
     monkeypatch.setattr(ToyPlanner, "fit", fit)
+    from statelab.testing.toys import ToyNormProbe
+
+    got_ctx = {}
+    real_run = ToyNormProbe.run
+
+    def run(self, model, ctx):
+        got_ctx.update(ctx.extra)
+        return real_run(self, model, ctx)
+
+    monkeypatch.setattr(ToyNormProbe, "run", run)
     spec = toy_spec(planner={"kind": "toy-shrink"})
     spec["probes"] = [{"kind": "toy-norm", "batches": 1}]
     spec["train"].update(steps=4, eval_interval=100, sample_tokens=0)
@@ -275,6 +285,7 @@ def test_planner_fit_and_probes_run_after_training(reg, tmp_path, monkeypatch):
     assert got == {"steps": 3, "batch_size": 2, "seq_len": 8, "lr": 0.01, "shape": (2, 8), "dtype": torch.int64}
     assert res.metrics["planner/dyn_loss"] == 0.25
     assert res.metrics["probe/toy-norm/passed"] == 1.0 and res.metrics["probe/toy-norm/hidden_norm"] > 0
+    assert got_ctx["data"].vocab_size == 256  # probes get the DataSource in ctx.extra["data"]
     results = json.loads((res.run_dir / "probes" / "results.json").read_text())
     assert results["toy-norm"]["verdict"] == "finite"
 

@@ -954,7 +954,8 @@ def _run_probes(model, probes, data, run_dir, device, seed, tracker, prog, step)
         probe = build_probe(rc, model)
         pdir = run_dir / "probes" / kind
         pdir.mkdir(parents=True, exist_ok=True)
-        ctx = ProbeContext(val_tokens=data.val_tokens, tokenizer=data.tokenizer, out_dir=pdir, device=device, seed=seed)
+        ctx = ProbeContext(val_tokens=data.val_tokens, tokenizer=data.tokenizer, out_dir=pdir, device=device, seed=seed,
+                           extra={"data": data})  # the DataSource, for probes that need batches (e.g. MQAR)
         res = probe.run(model, ctx)
         m = {f"probe/{kind}/{k}": float(v) for k, v in res.metrics.items()}
         if res.passed is not None:

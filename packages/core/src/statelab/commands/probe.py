@@ -42,7 +42,8 @@ def run(args) -> int:
     probe = make_probe(args.probe, parse_params(args.param), model)
     out_dir = Path(args.out) if args.out else Path(model.checkpoint_path) / "probes" / args.probe
     out_dir.mkdir(parents=True, exist_ok=True)
-    res = probe.run(model, ProbeContext(val_tokens=val, tokenizer=tok, out_dir=out_dir, device=dev, seed=args.seed))
+    ctx = ProbeContext(val_tokens=val, tokenizer=tok, out_dir=out_dir, device=dev, seed=args.seed, extra={"data": data})
+    res = probe.run(model, ctx)
     doc = {"probe": args.probe, "metrics": res.metrics, "verdict": res.verdict, "passed": res.passed,
            "artifacts": {k: str(v) for k, v in res.artifacts.items()}}
     if args.json:
