@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=64, help="episodic slots")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=None,
-                    help="chunk length of the fast forms; default 32 on CPU, 64 on CUDA")
+                    help="chunk length of the fast forms (default 64, the params default)")
     ap.add_argument("--overhead-batch", type=int, default=8)
     ap.add_argument("--overhead-T", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=128, help="d_model of the overhead benchmark")
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         name = f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}); torch {torch.__version__}")
 
-    chunk = args.chunk or (64 if device.type == "cuda" else 32)
+    chunk = args.chunk or 64
     h = bench_hebbian(args.batch, args.T, device, args.repeats, chunk)
     print(f"hebbian  T={args.T} B={args.batch} 4x64: chunked {h['fast_s']*1e3:.1f} ms, "
           f"reference {h['ref_s']*1e3:.1f} ms, "

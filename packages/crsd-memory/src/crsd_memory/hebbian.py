@@ -59,7 +59,7 @@ def hebbian_chunked(
         return decay, g_in, g_out, carry
 
     full = consts(min(chunk_size, T))
-    outs = []
+    out = q.new_empty(B, h, T, d)
     for c0 in range(0, T, chunk_size):
         qc, kc, vc = (z[:, :, c0 : c0 + chunk_size] for z in (q, k, v))  # (B, h, C, d)
         C = qc.shape[2]
@@ -67,9 +67,9 @@ def hebbian_chunked(
         intra = ((qc @ kc.transpose(-1, -2)) * decay) @ vc  # (B, h, C, d)
         # r = intra + (q gamma^(i+1)) @ H, the product accumulated into intra by the GEMM
         r = torch.baddbmm(intra.reshape(B * h, C, d), (qc * g_in).reshape(B * h, C, d), H.reshape(B * h, d, d))
-        outs.append(r.reshape(B, h, C, d))  # (B, h, C, d)
+        out[:, :, c0 : c0 + C] = r.reshape(B, h, C, d)  # (B, h, C, d)
         H = carry * H + (kc * g_out).transpose(-1, -2) @ vc  # (B, h, d, d)
-    return topk_magnitude(torch.cat(outs, dim=2), topk), H
+    return topk_magnitude(out, topk), H
 
 
 class HebbianRecall(nn.Module):
