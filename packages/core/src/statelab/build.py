@@ -58,7 +58,7 @@ def resolve_vocab_size(spec: RunSpec, vocab_size: int | None) -> int:
             SpecIssue(
                 "model.vocab_size",
                 f"the vocabulary size of a {spec.tokenizer.kind!r} tokenizer is known only once the corpus is read; "
-                "set model.vocab_size, or build through `statelab train` / statelab.runtime, which derives it",
+                "set model.vocab_size, or build through `statelab train` (statelab.train.train), which derives it from statelab.data.make_data",
             )
         ]
     )

@@ -949,8 +949,11 @@ def _run_probes(model, probes, data, run_dir, device, seed, tracker, prog, step)
 
     out: dict[str, float] = {}
     results = {}
-    for rc in probes:
-        kind = rc.component.name
+    kinds = [rc.component.name for rc in probes]
+    for i, rc in enumerate(probes):
+        # a kind used twice in one spec (say, causality on two internals) gets its index, so
+        # directories, metrics and tags of the two never overwrite each other
+        kind = rc.component.name if kinds.count(rc.component.name) == 1 else f"{rc.component.name}.{i}"
         probe = build_probe(rc, model)
         pdir = run_dir / "probes" / kind
         pdir.mkdir(parents=True, exist_ok=True)
