@@ -69,7 +69,14 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, past: int) ->
         if len(_block_masks) > 64:
             _block_masks.clear()
         block_mask = _block_masks[key] = create_block_mask(causal, None, None, T, Tk, device=q.device)
-    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    # Inductor's default tiles for the biased kernel ask for more shared memory than an H100
+    # block has (245,760 > 232,448 bytes at head_dim 128): smaller tiles and fewer stages fit.
+    opts = _FLEX_KERNEL_OPTIONS if q.is_cuda else None
+    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=opts)
+
+
+_FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2,
+                        "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
 
 
 def _rope_tables(length: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
