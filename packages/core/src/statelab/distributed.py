@@ -24,10 +24,11 @@ class DistInfo:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
+    forced: bool = False  # STATELAB_DDP=1: process group and DDP even for one process
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.forced
 
     @property
     def is_main(self) -> bool:
@@ -47,13 +48,17 @@ def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
 
 
 def init(device_pref: str = "auto") -> DistInfo:
-    """Read torchrun's environment; set up the process group when ``WORLD_SIZE > 1``."""
+    """Read torchrun's environment; set up the process group when ``WORLD_SIZE > 1``.
+
+    ``STATELAB_DDP=1`` sets it up for a single process too, which exercises the whole
+    data-parallel path (NCCL on a GPU) on a machine with one device.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     device = resolve_device(device_pref, local)
-    info = DistInfo(rank, local, world, device)
-    if world > 1:
+    info = DistInfo(rank, local, world, device, forced=os.environ.get("STATELAB_DDP", "") == "1")
+    if info.enabled:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():

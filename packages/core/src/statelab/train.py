@@ -635,7 +635,8 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
         tracker.set_tags(tags)
         tracker.log_artifact(run_dir / "spec.yaml")
         prog.note(f"statelab: training {spec.name} ({model.num_parameters():,} parameters) on {device} x{W}, "
-                  f"{prec}{', compiled' if cfg.compile else ''}; run dir {run_dir}"
+                  f"{prec}{', compiled' if cfg.compile else ''}"
+                  f"{f', DDP over {torch.distributed.get_backend()}' if info.enabled else ''}; run dir {run_dir}"
                   + (f"; resuming at step {start_step}" if resume else ""))
 
     ck_meta = {"statelab.mlflow_run_id": run_id, "statelab.mlflow_uri": tracker.uri} if run_id else {}
