@@ -53,7 +53,12 @@ def _build_wheel(src: Path, out: Path) -> Path:
     hatch = shutil.which("hatch")
     cmd = [hatch, "build", "-t", "wheel", str(out)] if hatch else [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(out)]
     before = set(out.glob("*.whl"))
-    subprocess.run(cmd, cwd=src, check=True, capture_output=True, text=True)
+    # a clean environment: inside `hatch run`, HATCH_* and PIP_* variables describe the
+    # workspace's environment, not the package being built
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HATCH_", "PIP_", "VIRTUAL_ENV"))}
+    res = subprocess.run(cmd, cwd=src, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"building {src.name} failed:\n{res.stdout}\n{res.stderr}")
     (wheel,) = set(out.glob("*.whl")) - before
     return wheel
 
