@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statelab.interfaces import Aux, Memory, State
-from statelab.internals import publish
+from statelab.interfaces import State
 
+from crsd_memory.gated import GatedRecallMemory
 from crsd_memory.reference import episodic_step, masked_softmax, slot_priority, sort_slots, unit
 
 STATE_KEYS = ("keys", "values", "prio", "slot_t", "t")
@@ -145,38 +145,13 @@ class EpisodicRecall(nn.Module):
         return self.out(r.to(x_t.dtype)), new
 
 
-class EpisodicMemory(Memory):
+class EpisodicMemory(GatedRecallMemory):
     """``h_out = h + g * recall`` with ``recall = EpisodicRecall(LayerNorm(h))`` and a
     per-channel gate ``g = sigmoid(W_g LayerNorm(h))``. Publishes ``memory.recall`` and
     ``memory.gate``. State: see :class:`EpisodicRecall`."""
 
     def __init__(self, d_model: int, **kw) -> None:
-        super().__init__()
-        self.d_model = d_model
-        self.norm = nn.LayerNorm(d_model)
-        self.core = EpisodicRecall(d_model, d_model, **kw)
-        self.gate = nn.Linear(d_model, d_model)
-
-    def init_state(self, batch_size, device=None, dtype=None) -> State:
-        return self.core.init_state(batch_size, device)
-
-    def _out(self, h: Tensor, x: Tensor, r: Tensor) -> tuple[Tensor, Aux]:
-        aux: Aux = {}
-        r = publish(aux, "memory.recall", r)
-        g = publish(aux, "memory.gate", torch.sigmoid(self.gate(x)))
-        return h + g * r, aux
-
-    def forward(self, h: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
-        x = self.norm(h)  # (B, T, D)
-        r, s = self.core(x, state)
-        y, aux = self._out(h, x, r)
-        return y, s, aux
-
-    def step(self, h_t: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
-        x = self.norm(h_t)  # (B, D)
-        r, s = self.core.step(x, state)
-        y, aux = self._out(h_t, x, r)
-        return y, s, aux
+        super().__init__(d_model, EpisodicRecall(d_model, d_model, **kw))
 
 
 def episodic_kwargs(params) -> dict:
