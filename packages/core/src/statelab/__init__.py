@@ -1,8 +1,10 @@
 """statelab: stateful sequence models assembled from plugins.
 
 The public API. Everything a plugin may use is importable from here or from
-``statelab.interfaces``, ``statelab.internals``, ``statelab.plugins``, ``statelab.spec``
-and ``statelab.testing``.
+``statelab.interfaces``, ``statelab.internals``, ``statelab.plugins``, ``statelab.spec``,
+``statelab.testing`` and the runtime modules ``statelab.tokenizers``, ``statelab.data``,
+``statelab.train``, ``statelab.checkpoint``, ``statelab.generation``, ``statelab.tracking``
+and ``statelab.io`` (atomic writes). Names starting with an underscore are private.
 """
 
 from statelab.__about__ import __version__
