@@ -20,6 +20,7 @@ The conformance kit in :mod:`statelab.testing` checks all of these for any imple
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -316,11 +317,13 @@ class Regularizer(nn.Module):
 @dataclass
 class ProbeContext:
     """What a probe gets besides the model: validation tokens ``(N,)`` (or ``None``),
-    the tokenizer (or ``None``), a directory for artifacts, a device and a seed."""
+    the tokenizer (or ``None``), a directory for artifacts (default: a new temporary
+    directory, so a probe run by hand never writes into the working directory), a device
+    and a seed."""
 
     val_tokens: Tensor | None = None
     tokenizer: Any = None
-    out_dir: Path = Path(".")
+    out_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="statelab-probe-")))
     device: torch.device = torch.device("cpu")
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
