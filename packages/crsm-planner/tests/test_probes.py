@@ -128,3 +128,19 @@ def test_planner_effect_explains_missing_inputs(trained, tmp_path):
     model.planner = None
     with pytest.raises(ValueError, match="needs a model with a planner"):
         probe.run(model, _ctx(torch.arange(100) % 256, tmp_path))
+
+
+def test_random_direction_ablation_keeps_the_norm_on_4d_states():
+    """Mamba-2's ssm state is (B, H, P, N): the ablation's norms run over every non-batch dim."""
+    from statelab.interfaces import PlanRequest, PlanResult
+
+    from crsm_planner.probes import random_direction_plan
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 3, 4, 5, generator=g)
+    t = s + torch.randn(2, 3, 4, 5, generator=g)
+    planned = lambda model, req: PlanResult({"k": t}, torch.ones(2), torch.ones(2), req.step, req.generation_id)
+    r = random_direction_plan(planned, seed=1)(None, PlanRequest({"k": s}, torch.zeros(2, 7), 0, 0))
+    moved = torch.linalg.vector_norm(r.target["k"] - s, dim=(1, 2, 3))
+    torch.testing.assert_close(moved, torch.linalg.vector_norm(t - s, dim=(1, 2, 3)))
+    assert not torch.allclose(r.target["k"], t)

@@ -83,7 +83,9 @@ def random_direction_plan(plan_fn: Callable[[Any, PlanRequest], PlanResult], see
             d = (t - s).float()
             noise = torch.randn(d.shape, generator=g).to(d.device)
             dims = tuple(range(1, d.dim()))
-            scale = d.norm(dim=dims, keepdim=True) / noise.norm(dim=dims, keepdim=True).clamp_min(1e-12)
+            # vector norms over every non-batch dim (Tensor.norm treats a 3-tuple as a matrix norm)
+            scale = torch.linalg.vector_norm(d, dim=dims, keepdim=True) / torch.linalg.vector_norm(
+                noise, dim=dims, keepdim=True).clamp_min(1e-12)
             target[k] = (s.float() + noise * scale).to(s.dtype)
         return PlanResult(target, r.confidence, r.alpha, r.step, r.generation_id, dict(r.info))
 
@@ -238,7 +240,8 @@ class RandomInjectionHook:
             s = bb[k]
             noise = torch.randn(s.shape, generator=self.g).to(s.device)
             dims = tuple(range(1, s.dim()))
-            scale = s.float().norm(dim=dims, keepdim=True) / noise.norm(dim=dims, keepdim=True)
+            scale = torch.linalg.vector_norm(s.float(), dim=dims, keepdim=True) / torch.linalg.vector_norm(
+                noise, dim=dims, keepdim=True)
             target[k] = (noise * scale).to(s.dtype)
         state = dict(sc.state)
         state.update(prefix_state("backbone", self.model.backbone.inject(bb, target, self.alpha)))
