@@ -15,12 +15,22 @@ goes on.
 from __future__ import annotations
 
 import os
+import re
 import queue
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+
+_MLFLOW_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_key(name: str) -> str:
+    """mlflow accepts alphanumerics, ``_ - . : /`` and spaces in metric, param and tag names;
+    anything else (``acc@512``) becomes ``_`` so one odd name never loses a whole batch."""
+    return _MLFLOW_KEY_BAD.sub("_", name)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -138,7 +148,7 @@ class Tracker(NullTracker):
         import time
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        items = [Metric(mlflow_key(k), float(v), ts, int(step)) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             chunk = items[i : i + 1000]
             self._q.put(lambda chunk=chunk: self._c.log_batch(self.run_id, metrics=chunk, synchronous=True))
@@ -146,7 +156,7 @@ class Tracker(NullTracker):
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(mlflow_key(k), str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             chunk = items[i : i + 100]
             self._q.put(lambda chunk=chunk: self._c.log_batch(self.run_id, params=chunk, synchronous=True))
@@ -154,7 +164,7 @@ class Tracker(NullTracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        items = [RunTag(mlflow_key(k), str(v)[:5000]) for k, v in tags.items()]
         if items:
             self._q.put(lambda: self._c.log_batch(self.run_id, tags=items, synchronous=True))
 
