@@ -50,7 +50,7 @@ class PlanWorker:
     def __init__(self, planner, queue_size: int = 1, duty: float = 1.0) -> None:
         self.planner = planner
         self.duty = duty
-        self.requests: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.request_queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.results: queue.Queue = queue.Queue()
         self.finished_generations: set[int] = set()
         self.error: BaseException | None = None
@@ -67,14 +67,14 @@ class PlanWorker:
     def submit(self, model, request: PlanRequest, plan_fn: PlanFn, event: Any = None) -> bool:
         """Queue a request without waiting; False when the queue is full."""
         try:
-            self.requests.put_nowait((model, request, plan_fn, event))
+            self.request_queue.put_nowait((model, request, plan_fn, event))
             return True
         except queue.Full:
             return False
 
     def stop(self, timeout: float = 5.0) -> None:
         try:
-            self.requests.put(None, timeout=timeout)
+            self.request_queue.put(None, timeout=timeout)
         except queue.Full:
             pass
         self.thread.join(timeout)
@@ -87,7 +87,7 @@ class PlanWorker:
     def _loop(self) -> None:
         torch.set_num_threads(1)  # per-thread: generation keeps its own intra-op threads
         while True:
-            item = self.requests.get()
+            item = self.request_queue.get()
             if item is None:
                 return
             model, request, plan_fn, event = item
@@ -188,7 +188,7 @@ class PlanningHook:
             self.planner.prepare(self.model, ctx.state, ctx.logits, self.simulations)
 
     def _request(self, ctx: StepContext, state: State) -> None:
-        if not self.inline and self.worker.requests.full():  # busy: skip without paying for a snapshot
+        if not self.inline and self.worker.request_queue.full():  # busy: skip without paying for a snapshot
             self.stats["skipped_busy"] += 1
             return
         keys = self.planner.codec.keys
