@@ -207,3 +207,23 @@ def open_tracker(
     exp = experiment_id(c, tracking.experiment, uri)
     run = c.create_run(exp, run_name=tracking.run_name or run_name)
     return Tracker(c, run.info.run_id, uri)
+
+
+def log_probe_result(tracker: Any, kind: str, result: Any, step: int) -> dict[str, float]:
+    """Log a :class:`~statelab.interfaces.ProbeResult` under ``probe/<kind>/...``: metrics (and
+    ``passed`` as 0/1), verdict and pass/fail as tags, artifacts under ``probes/<kind>``.
+    Returns the metrics as logged."""
+    m = {f"probe/{kind}/{k}": float(v) for k, v in result.metrics.items()}
+    if result.passed is not None:
+        m[f"probe/{kind}/passed"] = 1.0 if result.passed else 0.0
+    tracker.log_metrics(m, step)
+    tags = {}
+    if result.verdict is not None:
+        tags[f"probe.{kind}.verdict"] = result.verdict
+    if result.passed is not None:
+        tags[f"probe.{kind}.passed"] = str(bool(result.passed)).lower()
+    tracker.set_tags(tags)
+    for path in result.artifacts.values():
+        if Path(path).exists():
+            tracker.log_artifact(path, f"probes/{kind}")
+    return m

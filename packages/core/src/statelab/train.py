@@ -480,7 +480,6 @@ def train(
     spec: RunSpec = resolved.spec
     cfg = spec.train
     info = distr.init(cfg.device)
-    device = info.device
     main = info.is_main
     run_dir = Path(out_dir if out_dir is not None else cfg.out_dir) / spec.name
     lock = RunLock(run_dir)
@@ -947,6 +946,7 @@ def _core_version() -> str:
 def _run_probes(model, probes, data, run_dir, device, seed, tracker, prog, step) -> dict[str, float]:
     from statelab.build import build_probe
     from statelab.interfaces import ProbeContext
+    from statelab.tracking import log_probe_result
 
     out: dict[str, float] = {}
     results = {}
@@ -961,19 +961,7 @@ def _run_probes(model, probes, data, run_dir, device, seed, tracker, prog, step)
         ctx = ProbeContext(val_tokens=data.val_tokens, tokenizer=data.tokenizer, out_dir=pdir, device=device, seed=seed,
                            extra={"data": data})  # the DataSource, for probes that need batches (e.g. MQAR)
         res = probe.run(model, ctx)
-        m = {f"probe/{kind}/{k}": float(v) for k, v in res.metrics.items()}
-        if res.passed is not None:
-            m[f"probe/{kind}/passed"] = 1.0 if res.passed else 0.0
-        tracker.log_metrics(m, step)
-        tags = {}
-        if res.verdict is not None:
-            tags[f"probe.{kind}.verdict"] = res.verdict
-        if res.passed is not None:
-            tags[f"probe.{kind}.passed"] = str(bool(res.passed)).lower()
-        tracker.set_tags(tags)
-        for name, path in res.artifacts.items():
-            if Path(path).exists():
-                tracker.log_artifact(path, f"probes/{kind}")
+        m = log_probe_result(tracker, kind, res, step)
         results[kind] = {"metrics": res.metrics, "verdict": res.verdict, "passed": res.passed,
                          "artifacts": {k: str(v) for k, v in res.artifacts.items()}}
         outcome = {True: "passed", False: "failed", None: ""}[res.passed]

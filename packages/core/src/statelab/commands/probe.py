@@ -68,22 +68,10 @@ def _log(model, kind, res) -> None:
     if not run_id:
         return
     try:
-        from statelab.tracking import Tracker, client
+        from statelab.tracking import Tracker, client, log_probe_result
 
         t = Tracker(client(uri), run_id, uri)
-        m = {f"probe/{kind}/{k}": float(v) for k, v in res.metrics.items()}
-        if res.passed is not None:
-            m[f"probe/{kind}/passed"] = float(bool(res.passed))
-        t.log_metrics(m, 0)
-        tags = {}
-        if res.verdict is not None:
-            tags[f"probe.{kind}.verdict"] = res.verdict
-        if res.passed is not None:
-            tags[f"probe.{kind}.passed"] = str(bool(res.passed)).lower()
-        t.set_tags(tags)
-        for p in res.artifacts.values():
-            if Path(p).exists():
-                t.log_artifact(p, f"probes/{kind}")
+        log_probe_result(t, kind, res, 0)
         t.close()
         print(f"  logged to mlflow run {run_id}", file=sys.stderr)
     except Exception as exc:  # noqa: BLE001
