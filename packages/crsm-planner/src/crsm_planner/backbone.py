@@ -46,6 +46,7 @@ class MambaBlock(Layer):
         self.d_model = d_model
         self.residual_in_fp32 = p.residual_in_fp32
         self.norm = RMSNorm(d_model, eps=p.norm_eps)
+        self.drop = nn.Dropout(p.dropout)
         common = dict(d_state=p.state_size(), d_conv=p.d_conv, expand=p.expand, dt_min=p.dt_min, dt_max=p.dt_max,
                       dt_init_floor=p.dt_init_floor, conv_bias=p.conv_bias, bias=p.bias, use_kernels=p.use_kernels)
         if p.mixer == "mamba1":
@@ -62,13 +63,13 @@ class MambaBlock(Layer):
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
         y, new_state = self.mixer(self.norm(x.to(self.norm.weight.dtype)), state or None)
-        return self._residual(x, y), new_state, {}
+        return self._residual(x, self.drop(y)), new_state, {}
 
     def step(self, x_t: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
         if not state:
             state = self.init_state(x_t.shape[0], x_t.device)
         y, new_state = self.mixer.step(self.norm(x_t.to(self.norm.weight.dtype)), state)
-        return self._residual(x_t, y), new_state, {}
+        return self._residual(x_t, self.drop(y)), new_state, {}
 
 
 class MambaBackbone(Backbone):

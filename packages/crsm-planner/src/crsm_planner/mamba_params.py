@@ -34,6 +34,8 @@ class MambaParams(BaseModel):
     conv_bias: bool = Field(True, description="bias in the depthwise convolution (HF use_conv_bias)")
     bias: bool = Field(False, description="bias in in_proj and out_proj (HF use_bias)")
     norm_eps: float = Field(1e-5, gt=0, description="epsilon of every RMSNorm (HF layer_norm_epsilon)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on each block's mixer output before the residual "
+                           "add (nanoGPT's resid_dropout; not in HF Mamba, so 0 keeps weight parity)")
     residual_in_fp32: bool = Field(True, description="keep the residual stream in fp32 under autocast (HF residual_in_fp32)")
     use_kernels: Literal["auto", "never", "always"] = Field(
         "auto", description="mamba-ssm kernels on CUDA tensors: auto = when `import mamba_ssm` works, "
