@@ -36,27 +36,81 @@ def build_ours(mixer: str, d_model: int, n_layers: int, impl: str, device: str):
     return MambaBackbone(d_model, p).set_impl(impl).to(device)
 
 
+KERNEL_NAMES = ("mamba_inner_fn", "selective_scan_fn", "selective_state_update", "causal_conv1d_fn",
+                "causal_conv1d_update", "mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined")
+
+
+def import_hf_torch_only(mixer: str):
+    """transformers' modeling module for ``mixer``, imported so that every kernel hook in it
+    resolves to transformers' own PyTorch code.
+
+    transformers 5.x binds each hooked function (``mamba_inner_fn``, ``selective_scan_fn``,
+    ``mamba_chunk_scan_combined``, the causal-conv ops, ...) once, when the modeling module
+    is imported: to the function of the same name in ``mamba_ssm`` / ``causal_conv1d`` if that
+    package imports, else to the torch body under the decorator (4.x imported the kernels
+    as module names and read them, or ``is_fast_path_available``, at call time). Either way
+    the module has to be (re)imported
+    with those packages hidden and the hub kernels off, and the binding is then checked:
+    a hook that still points at an outside kernel raises instead of timing the wrong thing.
+    ``mamba_ssm`` is put back afterwards for our own kernel path in the same process.
+    """
+    import importlib
+    import inspect
+    import sys
+
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
+    name = {"mamba1": "transformers.models.mamba.modeling_mamba",
+            "mamba2": "transformers.models.mamba2.modeling_mamba2"}[mixer]
+    hidden = ("mamba_ssm", "causal_conv1d", "mambapy")
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in hidden}
+    try:
+        for k in saved:
+            del sys.modules[k]
+        sys.modules.update({k: None for k in hidden})  # None in sys.modules: "import k" raises ImportError
+        sys.modules.pop(name, None)
+        mod = importlib.import_module(name)
+    finally:
+        for k in hidden:
+            sys.modules.pop(k, None)
+        sys.modules.update(saved)
+    hooks = 0
+    for attr, fn in vars(mod).items():
+        torch_fn = getattr(fn, "__wrapped__", None)
+        if inspect.isfunction(fn) and torch_fn is not None and fn.__closure__ is not None:
+            bound = inspect.getclosurevars(fn).nonlocals  # transformers 5.x hook: `implementation` is what runs
+            if "implementation" in bound:
+                hooks += 1
+                if bound["implementation"] is not torch_fn:
+                    raise RuntimeError(f"{name}.{attr} is bound to {bound['implementation']!r}, not transformers' "
+                                       "PyTorch path: this transformers version selects kernels differently")
+        elif attr in KERNEL_NAMES and fn is None:  # transformers 4.x: kernels imported as module names, None here
+            hooks += 1
+    for flag in ("is_fast_path_available", "is_mambapy_available"):  # 4.x: also module flags read at call time
+        if hasattr(mod, flag):
+            setattr(mod, flag, False if flag == "is_fast_path_available" else (lambda: False))
+    if hooks == 0:
+        raise RuntimeError(f"found no kernel switch in {name}: check how this transformers version picks kernels")
+    print(f"transformers {mixer}: {hooks} kernel hooks on transformers' PyTorch code", flush=True)
+    return mod
+
+
 def build_hf(mixer: str, d_model: int, n_layers: int, device: str):
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    mod = import_hf_torch_only(mixer)
     if mixer == "mamba1":
-        from transformers import MambaConfig, MambaModel
-        from transformers.models.mamba import modeling_mamba
+        from transformers import MambaConfig
 
-        modeling_mamba.mamba_inner_fn = None  # no fast path: HF's slow_forward
-        modeling_mamba.is_mambapy_available = lambda: False
         cfg = MambaConfig(vocab_size=16, hidden_size=d_model, state_size=16, num_hidden_layers=n_layers, expand=2,
                           conv_kernel=4, use_cache=False, use_mambapy=False)
-        return MambaModel(cfg).to(device)
-    from transformers import Mamba2Config, Mamba2Model
-    from transformers.models.mamba2 import modeling_mamba2
+        return mod.MambaModel(cfg).to(device)
+    from transformers import Mamba2Config
 
-    modeling_mamba2.is_fast_path_available = False  # HF's torch_forward
     cfg = Mamba2Config(vocab_size=16, hidden_size=d_model, state_size=64, num_hidden_layers=n_layers, expand=2,
                        head_dim=64, num_heads=2 * d_model // 64, n_groups=1, chunk_size=64, conv_kernel=4,
                        use_cache=False)
-    return Mamba2Model(cfg).to(device)
+    return mod.Mamba2Model(cfg).to(device)
 
 
 def time_train_step(run, params, x, iters: int, warmup: int, device: str) -> float:
@@ -106,19 +160,12 @@ def main() -> None:
     B, T, D = args.batch, args.seq, args.d_model
     x = torch.randn(B, T, D, device=device)
     paths = args.paths.split(",")
-    if paths == ["hf"]:
-        # transformers switches to mamba-ssm's fused kernels whenever mamba_ssm imports; the
-        # comparison is against its pure-PyTorch path, so hide mamba_ssm in an hf-only run.
-        import sys
-
-        sys.modules.update({"mamba_ssm": None, "causal_conv1d": None})
-    elif "hf" in paths and device == "cuda":
-        print("note: on CUDA run the HF path alone (--paths hf) so it cannot pick up mamba-ssm's kernels")
     if "hf" in paths:
+        os.environ.setdefault("USE_HUB_KERNELS", "0")  # before transformers imports: no kernels from the Hub
         try:
             import transformers  # noqa: F401
         except ImportError:
-            print("transformers is not installed: the HF comparison is skipped (pip install 'transformers>=4.45,<5')")
+            print("transformers is not installed: the HF comparison is skipped (pip install transformers)")
             paths.remove("hf")
     if "kernels" in paths:
         from crsm_planner import kernels
