@@ -64,9 +64,11 @@ def test_order_parameters_match_complex_reference():
     assert 0.05 < R[1].mean() < 0.8
 
 
-def test_layer_recurrence_matches_naive_reference():
+@pytest.mark.parametrize("forcing_gain", [None, (0.05, 2.0)])
+def test_layer_recurrence_matches_naive_reference(forcing_gain):
     torch.manual_seed(3)
-    layer = KuramotoLayer(16, n_oscillators=32, group_levels=[1, 4], n_harmonics=2, substeps=3).double()
+    layer = KuramotoLayer(16, n_oscillators=32, group_levels=[1, 4], n_harmonics=2, substeps=3,
+                          forcing_gain=forcing_gain).double()
     x = torch.randn(2, 15, 16, dtype=torch.float64)
     theta0 = layer.init_state(2)["theta"].double()
     with torch.no_grad():
@@ -181,6 +183,10 @@ def test_adversarial_inputs_never_give_nan_or_inf():
 def test_group_levels_are_validated(registry, spec, tiny_kssm):
     with pytest.raises(statelab.SpecError, match="group_levels"):
         statelab.validate_spec(spec({**tiny_kssm, "group_levels": [1, 3]}), registry)
+    with pytest.raises(statelab.SpecError, match=r"forcing_gain \[2.0, 1.0\] must be \[lo, hi\] with 0 < lo <= hi"):
+        statelab.validate_spec(spec({**tiny_kssm, "forcing_gain": [2.0, 1.0]}), registry)
+    with pytest.raises(ValueError, match="kernel 'cuda'"):
+        KuramotoLayer(8, n_oscillators=8, group_levels=[1], kernel="cuda")
 
 
 def test_grad_horizon_truncates_backprop_and_leaves_the_forward_alone():

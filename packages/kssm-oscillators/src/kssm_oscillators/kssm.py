@@ -109,6 +109,8 @@ class KuramotoLayer(Layer):
         den_eps: float = 1e-3,
         param_scale: float = 4.0,
         grad_horizon: int = 4,
+        forcing_gain: tuple[float, float] | None = None,
+        kernel: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -121,6 +123,9 @@ class KuramotoLayer(Layer):
         self.G = sum(group_levels)
         self.substeps, self.dt = substeps, token_time / substeps
         self.grad_horizon = grad_horizon
+        if kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel {kernel!r}: choose auto (Triton on CUDA, else the PyTorch loop), torch or triton")
+        self.kernel = kernel
         self.bistable = dict(clamp=clamp_u, u_min=u_min, u_max=u_max, den_eps=den_eps, param_scale=param_scale)
         N = n_oscillators
         self.norm = nn.LayerNorm(d_model)
@@ -132,6 +137,12 @@ class KuramotoLayer(Layer):
             self.drive.bias[3 * N :] = torch.tensor(INIT_BIAS)
         self.omega = nn.Parameter(torch.linspace(-freq_spread, freq_spread, N))
         self.coupling = nn.Parameter(torch.full((N,), coupling_init))
+        # optional learnable per-oscillator forcing gains, log-spaced: weakly forced oscillators
+        # keep their phase over many tokens (slow memory), strongly forced ones follow the input
+        self.log_gain = (
+            nn.Parameter(torch.linspace(math.log(forcing_gain[0]), math.log(forcing_gain[1]), N))
+            if forcing_gain is not None else None
+        )
         n_feat = 3 * self.G * n_harmonics
         hidden = readout_mult * d_model
         self.readout_lin = nn.Linear(n_feat, d_model)
@@ -153,7 +164,13 @@ class KuramotoLayer(Layer):
 
     def integrate(self, theta: Tensor, rate: Tensor, coupling: Tensor, f_re: Tensor, f_im: Tensor) -> Tensor:
         """The sequential part: phases after each token, (B, T, N). Inputs (B, T, N) except
-        ``theta`` (B, N) and ``coupling`` (B, T, N)."""
+        ``theta`` (B, N). Runs the fused kernel (:mod:`kssm_oscillators.fused`) when asked or,
+        with ``kernel: auto``, for float32 on CUDA; else the reference loop below."""
+        from kssm_oscillators import fused
+
+        if self.kernel == "triton" or (self.kernel == "auto" and rate.dtype == torch.float32 and fused.can_fuse(rate)):
+            horizon = self.grad_horizon if self.training else 0
+            return fused.fused_integrate(theta, rate, coupling, f_re, f_im, self.dt, self.substeps, horizon)
         out = []
         for t in range(rate.shape[1]):
             if self.grad_horizon and self.training and t % self.grad_horizon == 0 and t > 0:
@@ -177,8 +194,12 @@ class KuramotoLayer(Layer):
         u = publish(aux, "kssm.u", u)
         publish(aux, "kssm.delta", delta)
         rate = self.omega.to(work) + a.to(work)  # (B, T, N)
+        f_re, f_im = f_re.to(work), f_im.to(work)
+        if self.log_gain is not None:
+            gain = self.log_gain.to(work).exp()  # (N,)
+            f_re, f_im = f_re * gain, f_im * gain
         coupling = self.coupling.to(work) * u.unsqueeze(-1)  # (B, T, N)
-        thetas = self.integrate(theta.to(work), rate, coupling, f_re.to(work), f_im.to(work))  # (B, T, N)
+        thetas = self.integrate(theta.to(work), rate, coupling, f_re, f_im)  # (B, T, N)
         new_state = {"theta": thetas[:, -1]}
         read = publish(aux, "kssm.theta", thetas)
         R, cos_psi, sin_psi = order_parameters(read, self.K, self.group_levels)  # (B, T, G, K)

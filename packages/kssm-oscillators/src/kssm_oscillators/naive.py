@@ -57,6 +57,8 @@ def layer_phases_naive(layer, x: Tensor, theta0: Tensor) -> Tensor:
         a, f_re, f_im, p = d[:, :N], d[:, N : 2 * N], d[:, 2 * N : 3 * N], d[:, 3 * N :]
         u, _, _ = bistable_terms(p, **layer.bistable)  # (B,)
         coupling = layer.coupling * u[:, None]  # (B, N)
+        if layer.log_gain is not None:
+            f_re, f_im = f_re * layer.log_gain.exp(), f_im * layer.log_gain.exp()
         for _ in range(layer.substeps):
             theta = kuramoto_substep_naive(theta, layer.omega + a, coupling, f_re, f_im, layer.dt)
         theta = torch.atan2(torch.sin(theta), torch.cos(theta))  # wrap to (-pi, pi]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from statelab.plugins import Component, hookimpl
@@ -38,6 +40,15 @@ class KSSMParams(BaseModel):
         4, ge=0, description="training only: gradients through the phase recurrence are cut every this many tokens "
         "(truncated backprop; the forward pass is unchanged); 0 = full backprop through time",
     )
+    forcing_gain: list[float] | None = Field(
+        None, min_length=2, max_length=2,
+        description="[lo, hi]: learnable per-oscillator gains on the input forcing F, initialised log-spaced in "
+        "[lo, hi] (weakly forced oscillators keep their phase longer: slow memory); null = gain 1 for all",
+    )
+    kernel: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="the phase recurrence: 'triton' = one fused kernel per layer and pass (float32), "
+        "'torch' = the reference loop of small ops, 'auto' = triton for float32 on CUDA when Triton is installed",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "KSSMParams":
@@ -47,6 +58,8 @@ class KSSMParams(BaseModel):
                 f"group_levels {self.group_levels}: {bad} do not divide n_oscillators={self.n_oscillators} and the "
                 f"largest level {max(self.group_levels)}; use divisors such as [1, 4, 16] with n_oscillators a multiple of 16"
             )
+        if self.forcing_gain is not None and not 0 < self.forcing_gain[0] <= self.forcing_gain[1]:
+            raise ValueError(f"forcing_gain {self.forcing_gain} must be [lo, hi] with 0 < lo <= hi, e.g. [0.05, 1.0]")
         if self.u_min >= self.u_max:
             raise ValueError(f"u_min ({self.u_min}) must be below u_max ({self.u_max})")
         return self
