@@ -150,6 +150,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--mixers", default="mamba1,mamba2")
     ap.add_argument("--paths", default="ours,hf,kernels", help="subset of ours,hf,kernels")
+    ap.add_argument("--autotune", default="full", choices=["full", "first"],
+                    help="kernels path: mamba-ssm's autotuning (full) or one config per Triton kernel (first, "
+                         "as in gpu_parity.py: far less compile time, kernel timings then pessimistic)")
     ap.add_argument("--json", default="benchmarks/crsm/results/mamba_throughput_{device}.json")
     args = ap.parse_args()
 
@@ -172,6 +175,18 @@ def main() -> None:
 
         if device != "cuda" or not kernels.available():
             paths.remove("kernels")
+        elif args.autotune == "first":
+            import importlib
+
+            from gpu_parity import AUTOTUNED_MODULES, restrict_autotune  # benchmarks/crsm is sys.path[0]
+
+            mods = []
+            for name in AUTOTUNED_MODULES:
+                try:
+                    mods.append(importlib.import_module(f"mamba_ssm.ops.triton.{name}"))
+                except Exception:  # noqa: BLE001
+                    pass
+            print(f"autotuning cut to one config in {len(restrict_autotune(mods))} kernels", flush=True)
     rows = []
     for mixer in args.mixers.split(","):
         res = {}
@@ -220,7 +235,7 @@ def main() -> None:
         print(f"| {r['mixer']} | {r['path']} | {r['s_per_step'] * 1000:.1f} | {r['tokens_per_s']:.0f} | {sp} |")
     out = Path(args.json.format(device=device))
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"device": device, "device_name": dev_name, "batch": B, "seq": T, "d_model": D, "layers": args.layers,
+    payload = {"device": device, "device_name": dev_name, "autotune": args.autotune, "batch": B, "seq": T, "d_model": D, "layers": args.layers,
                "torch": torch.__version__, "rows": rows}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
