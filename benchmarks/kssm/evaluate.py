@@ -10,7 +10,13 @@ Variants (``--variants``, default ``kssm,mamba,ablation``):
 * ``mamba``: backbone ``mamba`` (mamba1 mixer, same n_layers) with ``d_model`` chosen so
   the whole model's parameter count is closest to K-SSM's; no regularizer, no probes;
 * ``ablation``: K-SSM with the regularizer weight 0 and u unclamped, with the probes;
-* ``noreg``: K-SSM with the regularizer weight 0, u still clamped.
+* ``noreg``: K-SSM with the regularizer weight 0, u still clamped;
+* ``unclamped``: K-SSM with the regularizer, u unclamped;
+* ``KIND+KEY=VALUE+...`` (``--variant``, repeatable): one of the above with more overrides,
+  e.g. ``kssm+model.backbone.substeps=2`` (pilots of design choices).
+
+``--parallel`` starts every variant at once (one process each, e.g. on one GPU: the
+tokens/s are then not timing figures).
 
 Each variant trains in its own process (``train.time_budget_s`` counts from process start),
 through ``statelab.train.train``; the table goes to ``--results`` between markers, with the
@@ -55,15 +61,25 @@ def _count(doc: dict, vocab: int) -> int:
 
 
 def derive(base: dict, variant: str, vocab: int) -> dict:
+    if "+" in variant:  # "kssm+model.backbone.substeps=2+train.lr=4e-3": a variant with overrides
+        import re
+
+        from statelab.train import apply_overrides
+
+        kind, *sets = variant.split("+")
+        doc = derive(apply_overrides(base, sets), kind, vocab)
+        doc["name"] = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base.get('name', 'kssm')}-{variant}").strip("-")[:120]
+        return doc
     doc = copy.deepcopy(base)
     doc["name"] = f"{base.get('name', 'kssm')}-{variant}"
     if variant == "kssm":
         return doc
-    if variant in ("ablation", "noreg"):
-        for r in doc["model"].get("regularizers", []):
-            if r["kind"] == "bistability":
-                r["weight"] = 0.0
-        if variant == "ablation":
+    if variant in ("ablation", "noreg", "unclamped"):
+        if variant != "unclamped":
+            for r in doc["model"].get("regularizers", []):
+                if r["kind"] == "bistability":
+                    r["weight"] = 0.0
+        if variant != "noreg":
             doc["model"]["backbone"]["clamp_u"] = False
         return doc
     if variant == "mamba":
@@ -82,7 +98,7 @@ def derive(base: dict, variant: str, vocab: int) -> dict:
             if n > target:
                 break
         return best[1]
-    raise SystemExit(f"unknown variant {variant!r}; choose from kssm, mamba, ablation, noreg")
+    raise SystemExit(f"unknown variant {variant!r}; choose from kssm, mamba, ablation, noreg, unclamped")
 
 
 def _fmt(x, nd=3):
@@ -91,21 +107,25 @@ def _fmt(x, nd=3):
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["variant"] == "mamba"), None)
-    head = ("| variant | params | steps | best val loss (nats/char) | vs mamba | train tok/s | u min..max | "
-            "causality verdict (p, KL, r) | zones visited | R mean |\n|" + "---|" * 10)
+    head = ("| variant | params | steps | best val loss (nats/char) | vs mamba | train tok/s | u (min / 5% / 50% / 95% / max) | "
+            "causality of kssm.R (std; intervention p, KL; entropy r, p) | zones visited | R mean |\n|" + "---|" * 10)
     lines = [head]
     for r in rows:
         m = r.get("metrics", {})
-        ul = [m.get(f"reg/0.bistability.u_{k}") for k in ("min", "max")]
-        u = f"{ul[0]:.3g}..{ul[1]:.3g}" if None not in ul else "-"
+        if "probe/r-zones/u_min" in m:  # on validation windows after training
+            u = " / ".join(f"{m[f'probe/r-zones/u_{k}']:.3g}" for k in ("min", "p05", "median", "p95", "max"))
+        else:  # the last logged training step
+            ul = [m.get(f"reg/0.bistability.u_{k}") for k in ("min", "max")]
+            u = f"{ul[0]:.3g}..{ul[1]:.3g}" if None not in ul else "-"
         delta = (f"{r['best_val_loss'] - base['best_val_loss']:+.3f}"
                  if base and r.get("best_val_loss") is not None and base.get("best_val_loss") is not None else "-")
         caus = "-"
         if "probe/causality/intervention_p" in m:
             verdict = r.get("verdicts", {}).get("causality", "?")
-            caus = (f"{verdict}{' (all 3 pass)' if m.get('probe/causality/passed') else ''} "
-                    f"(p={m['probe/causality/intervention_p']:.2g}, KL={m['probe/causality/intervention_kl']:.2g}, "
-                    f"r={m['probe/causality/entropy_r']:+.3f})")
+            passed = [k for k in ("variance", "intervention", "correlation") if m.get(f"probe/causality/{k}_passed")]
+            caus = (f"{verdict}, {len(passed)}/3 pass (std={m['probe/causality/std']:.3g}; "
+                    f"p={m['probe/causality/intervention_p']:.2g}, KL={m['probe/causality/intervention_kl']:.2g}; "
+                    f"r={m['probe/causality/entropy_r']:+.3f}, p={m['probe/causality/entropy_p']:.2g})")
         zones = _fmt(m.get("probe/r-zones/zones_visited"), 0)
         lines.append(
             f"| {r['variant']} | {r.get('params', '-'):,} | {r.get('step', '-')} | {_fmt(r.get('best_val_loss'))} | {delta} | "
@@ -119,11 +139,14 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "kssm.yaml"))
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
     ap.add_argument("--variants", default="kssm,mamba,ablation")
+    ap.add_argument("--variant", dest="more", action="append", default=[], metavar="KIND+KEY=VALUE+...",
+                    help="an extra variant with overrides, e.g. 'kssm+model.backbone.substeps=2' (repeatable)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="applied to the config before the variants are derived (e.g. train.steps=200)")
     ap.add_argument("--out-dir", default=str(ROOT / "runs" / "kssm-eval"))
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "kssm" / "RESULTS.md"))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of each training process")
+    ap.add_argument("--parallel", action="store_true", help="train every variant at the same time (one process each)")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -140,7 +163,8 @@ def main() -> int:
     out = Path(args.out_dir)
     (out / "specs").mkdir(parents=True, exist_ok=True)
     rows = []
-    for variant in args.variants.split(","):
+    jobs = []
+    for variant in [v for v in args.variants.split(",") if v] + args.more:
         doc = derive(base, variant.strip(), vocab)
         spec_path = out / "specs" / f"{doc['name']}.yaml"
         spec_path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -148,8 +172,18 @@ def main() -> int:
         t0 = time.time()
         print(f"[{variant}] training {spec_path} ...", flush=True)
         threads = ["--threads", str(args.threads)] if args.threads else []
-        subprocess.run([sys.executable, __file__, "--out-dir", str(out), *threads, "--worker", str(spec_path), str(res_path)],
-                       check=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        cmd = [sys.executable, __file__, "--out-dir", str(out), *threads, "--worker", str(spec_path), str(res_path)]
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        if args.parallel:
+            log = open(out / f"{doc['name']}.log", "w")
+            jobs.append((variant, res_path, t0, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+        else:
+            subprocess.run(cmd, check=True, env=env)
+            jobs.append((variant, res_path, t0, None))
+    for variant, res_path, t0, proc in jobs:
+        if proc is not None and proc.wait() != 0:
+            print(f"[{variant}] FAILED (exit {proc.returncode}); see {res_path.with_suffix('.log')}", flush=True)
+            continue
         row = json.loads(res_path.read_text())
         row["variant"] = variant.strip()
         probes = Path(row["run_dir"]) / "probes" / "results.json"
@@ -159,6 +193,7 @@ def main() -> int:
               f"{time.time() - t0:.0f} s", flush=True)
         rows.append(row)
 
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
     cmd = "python benchmarks/kssm/evaluate.py " + " ".join(sys.argv[1:])
     import torch
 
@@ -167,7 +202,7 @@ def main() -> int:
     section = "\n".join([
         BEGIN, f"### Evaluation on {where}", "", f"`{cmd}`", "", table(rows), "",
         "Validation loss is mean cross-entropy per character on the last 10% of Tiny Shakespeare "
-        "(`train.eval_batches` windows). `u` is read from the last logged training step.", END,
+        "(`train.eval_batches` windows). `u` is read over the r-zones probe's validation windows (every layer) after training.", END,
     ])
     print(section)
     res_file = Path(args.results)

@@ -95,6 +95,36 @@ def step_timing(N: int, B: int, device: str, repeats: int) -> tuple[float, float
     return t_fast, t_slow, (a - b).abs().max().item()
 
 
+def recurrence_timing(B: int, T: int, N: int, substeps: int, device: str, repeats: int) -> list[tuple[str, float, float]]:
+    """One layer's phase recurrence, forward + backward, reference loop against the fused kernel."""
+    from kssm_oscillators.kssm import KuramotoLayer
+
+    layer = KuramotoLayer(8, n_oscillators=N, group_levels=[1], substeps=substeps, grad_horizon=4).to(device).train()
+    g = torch.Generator().manual_seed(0)
+    ins = [(torch.rand(B, N, generator=g) * 2 - 1) * 3.14159] + [torch.randn(B, T, N, generator=g) * 0.7 for _ in range(4)]
+    ins = [t.to(device).requires_grad_() for t in ins]
+    rows, ref = [], None
+    for kernel in ("torch", "triton"):
+        layer.kernel = kernel
+
+        def one():
+            out = layer.integrate(*ins)
+            torch.autograd.grad(torch.sin(out).sum(), ins)
+            return out
+
+        out = one()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            one()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        ref = out if ref is None else ref
+        rows.append((kernel, statistics.median(times), (out - ref).abs().max().item()))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -108,6 +138,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--kernels", default=None,
+                    help="comma list of K-SSM recurrence kernels to time (e.g. triton,torch); default: the config's")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "kssm" / "RESULTS.md"))
     args = ap.parse_args()
     if args.threads:
@@ -128,15 +160,28 @@ def main() -> int:
     if not args.skip_train:
         lines += [f"Training step (forward + backward + AdamW), B={B}, T={T}, vocab {vocab}:", "",
                   "| model | params | tokens/s |", "|---|---|---|"]
-        for variant in ("kssm", "mamba"):
+        kernels = args.kernels.split(",") if args.kernels else [None]
+        for variant, kernel in [("kssm", k) for k in kernels] + [("mamba", None)]:
             doc = derive(base, variant, vocab)
+            if kernel:
+                doc["model"]["backbone"]["kernel"] = kernel
             n, tps = train_throughput(doc, vocab, dev, B, T, args.warmup, args.steps)
             bb = doc["model"]["backbone"]
             desc = f"{variant} (d_model {doc['model']['d_model']}, {bb.get('n_layers')} layers" + (
-                f", N={bb.get('n_oscillators', 128)}, substeps {bb.get('substeps', 2)})" if variant == "kssm" else ", mamba1)")
+                f", N={bb.get('n_oscillators', 128)}, substeps {bb.get('substeps', 1)}, kernel {bb.get('kernel', 'auto')})"
+                if variant == "kssm" else ", mamba1)")
             lines.append(f"| {desc} | {n:,} | {tps:,.0f} |")
             print(lines[-1], flush=True)
         lines.append("")
+        if args.kernels and "triton" in kernels:
+            bb = base["model"]["backbone"]
+            N, S = bb.get("n_oscillators", 128), bb.get("substeps", 1)
+            lines += [f"The phase recurrence alone (one layer, B={B}, T={T}, N={N}, substeps {S}, forward + backward, "
+                      f"median of {args.repeats}):", "", "| kernel | time | max abs diff of the phases |", "|---|---|---|"]
+            for kernel, t, diff in recurrence_timing(B, T, N, S, dev, args.repeats):
+                lines.append(f"| {kernel} | {t * 1e3:,.2f} ms | {diff:.1e} |")
+                print(lines[-1], flush=True)
+            lines.append("")
 
     lines += [f"One Kuramoto Euler substep on (B={args.step_batch}, N) phases, median of {args.repeats}:", "",
               "| N | mean field O(N) | pairwise O(N^2) | speed-up | max abs diff |", "|---|---|---|---|---|"]

@@ -32,6 +32,8 @@ def test_rzones_on_a_kssm_model(spec, registry, tmp_path):
     assert fr == pytest.approx(1.0)
     assert 1 <= m["zones_visited"] <= 7 and 0 <= m["R_min"] <= m["R_mean"] <= m["R_max"] <= 1.0001
     assert {"R_mean.backbone.layers.0", "R_mean.backbone.layers.1"} <= set(m)
+    # u's range over the same windows: the tiny spec clamps u to [0.1, 10]
+    assert 0.1 <= m["u_min"] <= m["u_p05"] <= m["u_median"] <= m["u_p95"] <= m["u_max"] <= 10.0
     assert res.verdict == ("multi-zone" if m["zones_visited"] >= 3 else "locked")
     png = res.artifacts["r_trajectory"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -43,6 +45,7 @@ def test_rzones_counts_match_a_forced_R(spec, registry, tmp_path):
     model = statelab.build(spec(), registry=registry)
     probe = statelab.make_probe("r-zones", {"n_windows": 2, "seq_len": 16, "gen_tokens": 4, "prompt_tokens": 4,
                                             "min_zones": 1}, model, registry=registry)
-    with statelab.intervene({"kssm.R": 0.6}):
+    with statelab.intervene({"kssm.R": 0.6, "kssm.u": 2.5}):
         res = probe.run(model, ProbeContext(out_dir=tmp_path))
+    assert res.metrics["u_min"] == res.metrics["u_max"] == 2.5
     assert res.metrics["zone_3_mystery"] == 1.0 and res.metrics["zones_visited"] == 1.0 and res.passed

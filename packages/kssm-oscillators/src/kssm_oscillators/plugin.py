@@ -45,6 +45,11 @@ class KSSMParams(BaseModel):
         description="[lo, hi]: learnable per-oscillator gains on the input forcing F, initialised log-spaced in "
         "[lo, hi] (weakly forced oscillators keep their phase longer: slow memory); null = gain 1 for all",
     )
+    integrator: Literal["euler", "split"] = Field(
+        "euler", description="'euler': explicit Euler substeps of the Kuramoto ODE (the prototype); 'split': the rotation "
+        "exactly, then the pull of forcing + mean field solved exactly over the substep (no overshoot: a strong field "
+        "writes its phase instead of making the map chaotic)",
+    )
     kernel: Literal["auto", "torch", "triton"] = Field(
         "auto", description="the phase recurrence: 'triton' = one fused kernel per layer and pass (float32), "
         "'torch' = the reference loop of small ops, 'auto' = triton for float32 on CUDA when Triton is installed",

@@ -8,7 +8,8 @@ harmonic) at every position and every site (layer) is binned into the zones
     0.70-0.85 wonder | 0.85-0.95 passion | 0.95-1.00 ache
 
 Metrics: the fraction in each zone, the number of zones visited (at least one value),
-R's mean, std, min and max, and each site's mean. A text is then generated from a
+R's mean, std, min and max, and each site's mean; when the model publishes ``kssm.u``, u's
+min, max, 5% / 50% / 95% quantiles over the same windows. A text is then generated from a
 validation prompt (``statelab.generate``) and R is read along it by one forward pass over
 prompt + continuation (``forward`` equals ``step`` by the state contract): the plot
 ``r_trajectory.png`` shows R per layer against the token index with the zones shaded.
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from statelab.interfaces import Probe, ProbeContext, ProbeResult
+from statelab.internals import select
 
 from kssm_oscillators.plugin import TONE_NAMES, TONE_ZONES
 from kssm_oscillators.probing import atomic_path, eval_mode, model_device, pick, windows, write_text
@@ -46,12 +48,14 @@ class RZonesProbe(Probe):
     def __init__(self, params) -> None:
         self.p = params
 
-    def _read(self, model, toks: Tensor) -> dict[str, Tensor]:
+    def _read(self, model, toks: Tensor, us: list[Tensor] | None = None) -> dict[str, Tensor]:
         out: dict[str, list[Tensor]] = {}
         for chunk in toks.split(16):
             _, _, aux = model(chunk)
             for k, v in pick(aux, self.p.internal).items():
                 out.setdefault(k, []).append(_select_element(v, *chunk.shape, self.p.element, self.p.internal).cpu())
+            if us is not None:  # the bistability variable, when the model has one
+                us.extend(v.detach().float().reshape(-1).cpu() for v in select(aux, "kssm.u").values())
         return {k: torch.cat(v) for k, v in out.items()}  # site -> (n, T)
 
     def _generate(self, model, ctx: ProbeContext, prompt: Tensor) -> tuple[list[int], str]:
@@ -70,7 +74,8 @@ class RZonesProbe(Probe):
         device = model_device(model)
         with eval_mode(model), torch.no_grad():
             toks = windows(ctx, model.vocab_size, p.n_windows, p.seq_len).to(device)
-            per_site = self._read(model, toks)
+            us: list[Tensor] = []
+            per_site = self._read(model, toks, us)
             prompt = toks[0, : p.prompt_tokens]
         values = torch.cat([v.reshape(-1) for v in per_site.values()])
         counts = torch.bincount(zone_index(values), minlength=7).double()
@@ -81,6 +86,11 @@ class RZonesProbe(Probe):
             zones_visited=float(visited), R_mean=values.mean().item(), R_std=values.std(unbiased=False).item(),
             R_min=values.min().item(), R_max=values.max().item(),
         )
+        if us:  # u's range on the same windows (kssm.u, every layer)
+            u = torch.cat(us)
+            q = torch.quantile(u[:: max(1, len(u) // 100_000)], torch.tensor([0.05, 0.5, 0.95]))
+            metrics.update(u_min=u.min().item(), u_max=u.max().item(), u_p05=q[0].item(), u_median=q[1].item(),
+                           u_p95=q[2].item())
         for site, v in per_site.items():
             metrics[f"R_mean.{site.rsplit(':', 1)[0] or 'model'}"] = v.mean().item()
 
