@@ -53,12 +53,21 @@ def child(args) -> None:
     Path(args.json).write_text(json.dumps(out))
 
 
-def run_spec(name: str, overrides: list[str], device: str, tmp: Path) -> dict:
+def start_spec(name: str, overrides: list[str], device: str, tmp: Path) -> tuple[subprocess.Popen, Path]:
     out = tmp / f"{name}.json"
     cmd = [sys.executable, __file__, "--child", "--json", str(out), "--out-dir", str(tmp / name), "--device", device,
            "--overrides", json.dumps(overrides)]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    return subprocess.Popen(cmd, cwd=ROOT), out
+
+
+def finish_spec(proc: subprocess.Popen, out: Path) -> dict:
+    if proc.wait() != 0:
+        raise RuntimeError(f"training run {out.stem} failed (exit {proc.returncode}); see its output above")
     return json.loads(out.read_text())
+
+
+def run_spec(name: str, overrides: list[str], device: str, tmp: Path) -> dict:
+    return finish_spec(*start_spec(name, overrides, device, tmp))
 
 
 def copy_task(traces: bool, device: str, steps: int, L: int, vocab: int, seed: int) -> dict:
@@ -121,6 +130,7 @@ def main() -> None:
     ap.add_argument("--copy-steps", type=int, default=400)
     ap.add_argument("--copy-len", type=int, default=16)
     ap.add_argument("--skip-shakespeare", action="store_true")
+    ap.add_argument("--parallel", action="store_true", help="run the on/off trainings and the copy task at the same time")
     ap.add_argument("--seed", type=int, default=0, help="copy task seed")
     ap.add_argument("--out", help="write the markdown section to this file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -131,6 +141,7 @@ def main() -> None:
     if a.child:
         return child(a)
     lines = []
+    copy_res = None
     if not a.skip_shakespeare:
         common = [f"train.device={a.device}", "tracking.enabled=false"]
         if a.steps:
@@ -145,8 +156,13 @@ def main() -> None:
         off = ["model.backbone.traces.enabled=false", "model.backbone.crystallization.enabled=false",
                "model.regularizers=[{kind: load-balance, weight: 0.01}]", "probes=[]"]
         with tempfile.TemporaryDirectory() as tmp:
-            r_on = run_spec("on", common, a.device, Path(tmp))
-            r_off = run_spec("off", common + off, a.device, Path(tmp))
+            if a.parallel:  # both runs and the copy task share the device: tokens/s are indicative only
+                jobs = [start_spec("on", common, a.device, Path(tmp)), start_spec("off", common + off, a.device, Path(tmp))]
+                copy_res = {tr: copy_task(tr, a.device, a.copy_steps, a.copy_len, 32, a.seed) for tr in (False, True)}
+                r_on, r_off = (finish_spec(*j) for j in jobs)
+            else:
+                r_on = run_spec("on", common, a.device, Path(tmp))
+                r_off = run_spec("off", common + off, a.device, Path(tmp))
         m = r_on["metrics"]
         lines += [
             f"### Tiny Shakespeare: MoE transformer with traces + crystallization vs without ({a.device})",
@@ -154,6 +170,8 @@ def main() -> None:
             f"`configs/traces.yaml`{' (--small: ' + ', '.join(SMALL[:5]) + ')' if a.small else ''}"
             f"{f', {a.steps} steps' if a.steps else ''}.",
             "",
+            *(["The two runs and the copy task ran at the same time on one device (`--parallel`): the tokens/s "
+               "are indicative only.", ""] if a.parallel else []),
             "| run | best val loss | train tokens/s | peak memory | trace bytes (entries) | trie bytes |",
             "|---|---|---|---|---|---|",
             f"| traces + crystallization on | {r_on['best_val_loss']:.4f} | {r_on['tokens_per_s']:,.0f} | {r_on['peak_mem_mb']:.0f} MB "
@@ -169,9 +187,9 @@ def main() -> None:
             f"| {m.get('probe/motifs/val_loss_no_motifs', float('nan')):.4f} |",
             "",
         ]
-    res = {tr: copy_task(tr, a.device, a.copy_steps, a.copy_len, 32, a.seed) for tr in (False, True)}
+    res = copy_res if copy_res is not None else {tr: copy_task(tr, a.device, a.copy_steps, a.copy_len, 32, a.seed) for tr in (False, True)}
     lines += [
-        f"### Copy task (x SEP x, length {a.copy_len}, vocabulary 32; 2 layers, 4 heads, 64 wide; {a.copy_steps} steps, batch 32, lr 1e-3; traces from step 20, captured every 5 steps, alpha 0.5 learnable)",
+        f"### Copy task (x SEP x, length {a.copy_len}, vocabulary 32; 2 layers, 4 heads, 64 wide; {a.copy_steps} steps, batch 32, lr 1e-3; traces from step 20, captured every 5 steps, alpha 0.5 (fixed, ramped over 20 steps))",
         "",
         "| traces | accuracy on the copied half (512 held-out) at steps " + ", ".join(map(str, res[False]["curve"])) +
         " | final train loss | trace entries | train time |",
@@ -181,7 +199,7 @@ def main() -> None:
         "",
         f"Reproduce: `python benchmarks/traces/evaluate.py --device {a.device}"
         f"{f' --steps {a.steps}' if a.steps else ''}{' --small' if a.small else ''}"
-        f"{f' --copy-steps {a.copy_steps}' if a.copy_steps != 400 else ''}{f' --copy-len {a.copy_len}' if a.copy_len != 16 else ''}{' --skip-shakespeare' if a.skip_shakespeare else ''}`",
+        f"{f' --copy-steps {a.copy_steps}' if a.copy_steps != 400 else ''}{f' --copy-len {a.copy_len}' if a.copy_len != 16 else ''}{' --skip-shakespeare' if a.skip_shakespeare else ''}{' --parallel' if a.parallel else ''}`",
         "",
     ]
     md = "\n".join(lines)

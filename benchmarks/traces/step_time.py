@@ -5,12 +5,15 @@
 
 "Off" is the transformer with traces disabled (the flash path). "On" has traces enabled
 and populated (every head holds entries, as after training), so every step runs the
-biased attention (FlexAttention on CUDA, SDPA with a float mask on CPU), and one step in
-``update_interval`` also runs the capture (explicit attention weights, no gradient). The
-ratio reported is the amortised one: ``((interval - 1) * biased + capture) / interval``
-over the off step, with ``interval`` = 100 (the prototype's default), each step time a
-median over ``--steps`` timed steps; the variants' steps are interleaved so that load drift
-affects them alike.
+biased attention (FlexAttention traced into the compiled graph on CUDA, SDPA with a float
+mask on CPU) with the default fixed alpha (a non-learnable tensor: no bias gradient). One
+step in ``update_interval`` is a capture step: a forward-only pass over ``capture_rows``
+rows (explicit attention weights, no gradient) before the ordinary step. The ratio reported
+is the amortised one, ``((interval - 1) * biased + capture) / interval`` over the off step
+with ``interval`` = 100 (the prototype's default), each step time a median over ``--steps``
+timed steps; the variants' steps are interleaved so that load drift affects them alike.
+``--learn-alpha`` adds the learnable-alpha variant (its gradient through the bias costs a
+scatter in the attention backward). Both sides are compiled unless ``--no-compile``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 import statelab
 
 
-def make(traces: bool, d: int, layers: int, heads: int, T: int, vocab: int, learn_alpha: bool = True):
+def make(traces: bool, d: int, layers: int, heads: int, T: int, vocab: int, learn_alpha: bool = False):
     tr = {"enabled": traces, "warmup_steps": 0, "alpha_warmup_steps": 0, "update_interval": 1_000_000, "learn_alpha": learn_alpha}
     spec = {"name": "bench", "tokenizer": {"kind": "byte"},
             "model": {"d_model": d, "vocab_size": vocab,
@@ -35,19 +38,20 @@ def make(traces: bool, d: int, layers: int, heads: int, T: int, vocab: int, lear
     return statelab.build(spec)
 
 
-def populate(model, x) -> None:
-    """Capture traces from a few forward passes (as training would), so every head has entries."""
+def set_interval(model, interval: int) -> None:
     for block in model.backbone.layers:
-        t = block.attn.traces
-        t.threshold = 0.0
-    bb = model.backbone
-    for block in bb.layers:
-        block.attn.traces.update_interval = 1
+        block.attn.traces.update_interval = interval
+
+
+def populate(model, x) -> None:
+    """One capture with theta = 0 (as training would, but keeping every salient offset), so every head has entries."""
+    for block in model.backbone.layers:
+        block.attn.traces.threshold = 0.0
+    set_interval(model, 1)
     model.train()
     with torch.no_grad():
         model(x)
-    for block in bb.layers:
-        block.attn.traces.update_interval = 1_000_000
+    set_interval(model, 1_000_000)
 
 
 class Runner:
@@ -62,9 +66,8 @@ class Runner:
     def step(self, record: bool) -> None:
         model, x = self.model, self.x
         model.train()
-        if self.capture is not None:
-            for block in model.backbone.layers:  # force (or suppress) a capture on this step
-                block.attn.traces.update_interval = 1 if self.capture else 1_000_000
+        if self.capture is not None:  # force (or suppress) a capture on this step
+            set_interval(model, 1 if self.capture else 1_000_000)
         cuda = x.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -92,61 +95,71 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps; default 30 on CUDA, 5 on CPU")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--interval", type=int, default=100, help="update_interval for the amortised ratio")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (both variants)")
+    ap.add_argument("--no-compile", action="store_true", help="run both variants eagerly")
+    ap.add_argument("--learn-alpha", action="store_true", help="also time the learnable-alpha variant")
     ap.add_argument("--out", help="write the markdown section to this file")
     a = ap.parse_args()
     device = torch.device(a.device)
     cuda = device.type == "cuda"
+    compile_ = not a.no_compile
     B = a.batch or (16 if cuda else 2)
     d = a.d or (512 if cuda else 128)
     L = a.layers or (8 if cuda else 2)
     steps = a.steps or (30 if cuda else 5)
-    warmup = a.warmup if a.warmup is not None else (10 if cuda else 2)
+    warmup = a.warmup if a.warmup is not None else (5 if cuda else 2)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
     V = 256
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (B, a.T + 1), generator=g).to(device)
+    variants = [("off", False, False), ("on", True, False)] + ([("learnable", True, True)] if a.learn_alpha else [])
     models = {}
-    for name, traces, learn in (("off", False, True), ("biased", True, True), ("fixed", True, False)):
+    for name, traces, learn in variants:
         torch.manual_seed(0)
         models[name] = make(traces, d, L, a.heads, a.T, V, learn_alpha=learn).to(device)
         if traces:
             populate(models[name], x[:, :-1])
-    entries = sum(b.attn.traces.n_live for b in models["biased"].backbone.layers)
-    runners = {
-        "off": Runner(models["off"], x, cuda, a.compile),
-        "biased": Runner(models["biased"], x, cuda, a.compile, capture=False),
-        "fixed": Runner(models["fixed"], x, cuda, a.compile, capture=False),
-    }
-    capture = Runner(models["biased"], x, cuda, a.compile, capture=True)
-    capture.opt = runners["biased"].opt
+    entries = sum(b.attn.traces.n_live for b in models["on"].backbone.layers)
+    rows = models["on"].backbone.params.traces.capture_rows
+    runners = {name: Runner(models[name], x, cuda, compile_, capture=None if name == "off" else False) for name, _, _ in variants}
+    capture = Runner(models["on"], x, cuda, compile_, capture=True)
+    capture.opt, capture.fwd = runners["on"].opt, runners["on"].fwd  # same compiled model: a capture must not recompile
     for i in range(warmup + steps):  # interleaved, so load drift hits every variant alike
         for r in runners.values():
             r.step(record=i >= warmup)
-        if i >= warmup and (i - warmup) % 5 == 0:
-            capture.step(record=True)
+        if i == 0 or (i >= warmup and (i - warmup) % 3 == 0):
+            capture.step(record=i >= warmup)
     res = {name: statistics.median(r.times) for name, r in runners.items()}
     res["capture"] = statistics.median(capture.times)
-    amort = ((a.interval - 1) * res["biased"] + res["capture"]) / a.interval
-    amort_fixed = ((a.interval - 1) * res["fixed"] + res["capture"]) / a.interval
-    ratio = amort / res["off"]
+
+    def amortised(name: str) -> float:
+        return ((a.interval - 1) * res[name] + res["capture"]) / a.interval / res["off"]
+
     dev = torch.cuda.get_device_name(device) if cuda else f"cpu {platform.machine()}, {torch.get_num_threads()} threads"
     kernel = "FlexAttention score_mod" if cuda else "SDPA + float mask"
+    rows_md = [
+        f"| traces off (flash / SDPA causal) | {res['off'] * 1e3:.1f} ms |",
+        f"| traces on, biased attention (fixed alpha, the default) | {res['on'] * 1e3:.1f} ms ({res['on'] / res['off']:.3f}x) |",
+        f"| traces on, capture step (forward-only pass over {rows} rows + the step) | {res['capture'] * 1e3:.1f} ms ({res['capture'] / res['off']:.3f}x) |",
+    ]
+    if "learnable" in res:
+        rows_md.append(f"| traces on, biased attention, learnable alpha (bias gradient) | {res['learnable'] * 1e3:.1f} ms "
+                       f"({res['learnable'] / res['off']:.3f}x) |")
+    rows_md.append(f"| **on / off, amortised over update_interval={a.interval}** | **{amortised('on'):.3f}** (goal <= 1.10 on the H100) |")
+    if "learnable" in res:
+        rows_md.append(f"| on / off amortised, learnable alpha | {amortised('learnable'):.3f} |")
     md = "\n".join([
         f"### Train step time, traces on / off, T={a.T} ({dev}, torch {torch.__version__})",
         "",
         f"{L} layers, {a.heads} heads, {d} wide, batch {B}, T={a.T}{', bf16 autocast' if cuda else ''}, "
-        f"compile {'on' if a.compile else 'off'}; biased attention via {kernel}; {entries} trace entries in the model.",
+        f"compile {'on' if compile_ else 'off'} (both); biased attention via {kernel}; {entries} trace entries in the model.",
         "",
         "| step | median time |",
         "|---|---|",
-        f"| traces off (flash / SDPA causal) | {res['off'] * 1e3:.1f} ms |",
-        f"| traces on, biased attention | {res['biased'] * 1e3:.1f} ms ({res['biased'] / res['off']:.3f}x) |",
-        f"| traces on, capture step | {res['capture'] * 1e3:.1f} ms ({res['capture'] / res['off']:.3f}x) |",
-        f"| traces on, biased attention, fixed alpha (learn_alpha: false, no bias gradient) | {res['fixed'] * 1e3:.1f} ms ({res['fixed'] / res['off']:.3f}x) |",
-        f"| **on / off, amortised over update_interval={a.interval}** | **{ratio:.3f}** (goal <= 1.10 on the H100) |",
-        f"| on / off amortised, fixed alpha | {amort_fixed / res['off']:.3f} |",
+        *rows_md,
         "",
-        f"Reproduce: `python benchmarks/traces/step_time.py --device {a.device}{' --compile' if a.compile else ''}`",
+        f"Reproduce: `python benchmarks/traces/step_time.py --device {a.device}{' --no-compile' if not compile_ else ''}"
+        f"{' --learn-alpha' if a.learn_alpha else ''}`",
         "",
     ])
     print(md)

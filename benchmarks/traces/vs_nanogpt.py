@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 
 class RefAttention(nn.Module):
-    def __init__(self, d: int, h: int, dropout: float) -> None:
+    def __init__(self, d: int, h: int, dropout: float, rope: tuple | None = None) -> None:
         super().__init__()
-        self.h, self.dropout = h, dropout
+        self.h, self.dropout, self.rope = h, dropout, rope
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
         self.drop = nn.Dropout(dropout)
@@ -36,15 +36,20 @@ class RefAttention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, T, self.h, D // self.h).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if self.rope is not None:  # --diagnose: the reference with our rotary positions instead of learned ones
+            from traces_crystallize.transformer import apply_rotary
+
+            cos, sin = self.rope[0][:T].to(x.device), self.rope[1][:T].to(x.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.drop(self.out(y.transpose(1, 2).contiguous().view(B, T, D)))  # (B, T, D)
 
 
 class RefBlock(nn.Module):
-    def __init__(self, d: int, h: int, dropout: float) -> None:
+    def __init__(self, d: int, h: int, dropout: float, rope: tuple | None = None) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
-        self.attn = RefAttention(d, h, dropout)
+        self.attn = RefAttention(d, h, dropout, rope)
         self.fc, self.proj, self.drop = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False), nn.Dropout(dropout)
 
     def forward(self, x):
@@ -55,11 +60,16 @@ class RefBlock(nn.Module):
 class RefGPT(nn.Module):
     """nanoGPT's GPT architecture (written from its description, not copied)."""
 
-    def __init__(self, vocab: int, ctx: int, d: int, h: int, n_layers: int, dropout: float) -> None:
+    def __init__(self, vocab: int, ctx: int, d: int, h: int, n_layers: int, dropout: float, rope: bool = False) -> None:
         super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.wte, self.wpe = nn.Embedding(vocab, d), (None if rope else nn.Embedding(ctx, d))
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([RefBlock(d, h, dropout) for _ in range(n_layers)])
+        tables = None
+        if rope:
+            from traces_crystallize.transformer import _rope_tables
+
+            tables = _rope_tables(ctx, d // h, 10000.0)
+        self.blocks = nn.ModuleList([RefBlock(d, h, dropout, tables) for _ in range(n_layers)])
         self.ln_f = nn.LayerNorm(d, bias=False)
         self.head = nn.Linear(d, vocab, bias=False)
         self.head.weight = self.wte.weight
@@ -69,7 +79,8 @@ class RefGPT(nn.Module):
 
     def forward(self, idx):
         T = idx.shape[1]
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))  # (B, T, D)
+        x = self.wte(idx)  # (B, T, D)
+        x = self.drop(x if self.wpe is None else x + self.wpe(torch.arange(T, device=idx.device)))
         for b in self.blocks:
             x = b(x)
         return self.head(self.ln_f(x)), None, None
@@ -86,7 +97,18 @@ def ours(vocab: int, ctx: int, d: int, h: int, n_layers: int, dropout: float):
     return statelab.build(spec)
 
 
-def tokens_per_s(model, device, batch, ctx, vocab, steps, warmup, compile_, amp) -> float:
+class LogitsOnly(nn.Module):
+    """--diagnose: our model with the state and aux dropped inside the compiled function."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)[0], None, None
+
+
+def tokens_per_s(model, device, batch, ctx, vocab, steps, warmup, compile_, amp, profile: bool = False) -> float:
     model.to(device).train()
     fused = device.type == "cuda"
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -116,7 +138,19 @@ def tokens_per_s(model, device, batch, ctx, vocab, steps, warmup, compile_, amp)
         step(i)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * batch * ctx / (time.perf_counter() - t)
+    tps = steps * batch * ctx / (time.perf_counter() - t)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with prof(activities=acts) as p:
+            for i in range(5):
+                step(i % (steps + warmup))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(p.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    return tps
 
 
 def main() -> None:
@@ -129,6 +163,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternate the two models this many times; best of rounds")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", help="write the markdown section to this file")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also time the reference with our rotary and our model returning logits only, and profile both")
     args = ap.parse_args()
     device = torch.device(args.device)
     amp = device.type == "cuda"
@@ -137,12 +173,20 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     V, D, H, L, drop = 65, 384, 6, 6, 0.2
-    best = {"nanogpt-arch GPT": 0.0, "statelab transformer": 0.0}
-    for _ in range(args.rounds):
-        for name, make in (("nanogpt-arch GPT", RefGPT), ("statelab transformer", ours)):
+    makers = [("nanogpt-arch GPT", RefGPT), ("statelab transformer", ours)]
+    if args.diagnose:
+        makers += [("nanogpt-arch GPT with our rotary", lambda *a: RefGPT(*a, rope=True)),
+                   ("statelab transformer, logits only", lambda *a: LogitsOnly(ours(*a)))]
+    best = {name: 0.0 for name, _ in makers}
+    for r in range(args.rounds):
+        for name, make in makers:
             torch.manual_seed(0)
             model = make(V, args.ctx, D, H, L, drop)
-            tps = tokens_per_s(model, device, args.batch, args.ctx, V, args.steps, args.warmup, compile_, amp)
+            profile = args.diagnose and r == args.rounds - 1 and name in ("nanogpt-arch GPT", "statelab transformer")
+            if profile:
+                print(f"== profile: {name}")
+            tps = tokens_per_s(model, device, args.batch, args.ctx, V, args.steps, args.warmup, compile_, amp, profile)
+            print(f"{name}: {tps:,.0f} tok/s", flush=True)
             best[name] = max(best[name], tps)
             del model
             if device.type == "cuda":

@@ -142,7 +142,7 @@ def test_weights_and_traces_roundtrip_safetensors():
 
 
 def test_moe_and_traces_train_under_bf16_autocast():
-    bb = make(ffn="moe", n_experts=4, traces={**TR, "update_interval": 1, "threshold": 0.0})()
+    bb = make(ffn="moe", n_experts=4, traces={**TR, "update_interval": 1, "threshold": 0.0, "learn_alpha": True})()
     x = torch.randn(2, 8, D)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bb(x)  # capture: traces now hold entries

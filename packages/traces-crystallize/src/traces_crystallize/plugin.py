@@ -22,9 +22,16 @@ class TracesParams(_Params):
     retention: float = Field(0.95, ge=0, le=1, description="lambda: M <- lambda M + (1 - lambda) S for salient links")
     decay: float = Field(0.98, ge=0, le=1, description="gamma: M <- gamma M for the other links")
     alpha: float = Field(0.1, description="initial bias strength alpha (per head)")
-    learn_alpha: bool = Field(True, description="make alpha a learnable per-head parameter")
+    learn_alpha: bool = Field(
+        False, description="make alpha a learnable per-head parameter (its gradient through the bias costs a "
+        "scatter in the attention backward; the default is the fixed alpha with its warmup schedule)"
+    )
     alpha_warmup_steps: int = Field(500, ge=0, description="alpha ramps linearly from 0 over this many steps after warmup_steps")
     update_interval: int = Field(100, ge=1, description="capture traces every N training steps")
+    capture_rows: int = Field(
+        8, ge=1, description="batch rows of a capture step fed to the forward-only capture pass (explicit attention "
+        "weights cost O(rows * heads * T^2) memory)"
+    )
     warmup_steps: int = Field(1000, ge=0, description="first capture at this training step")
     attention: Literal["auto", "sdpa", "flex"] = Field(
         "auto", description="biased attention kernel: auto = FlexAttention on CUDA, SDPA with a float mask elsewhere"

@@ -26,6 +26,11 @@ where ``r[h, d]`` (recurrence) is the fraction of the batch's sequences in which
 ``theta`` is scale-free. ``reference.exact_salience`` computes the same aggregate with the
 true gradient; a test checks that the two rank offsets the same on a planted case.
 
+Capture runs in a separate forward-only pass (no gradient) over the first ``capture_rows``
+rows of the batch, before the step's ordinary (compiled) forward, so its explicit attention
+weights cost ``O(rows * H * T^2)`` once per ``update_interval`` steps and never touch the
+training graph (see ``TransformerBackbone.capture_traces``).
+
 Update (every ``update_interval`` training steps after ``warmup_steps``)
 ------------------------------------------------------------------------
 ``M <- lambda M + (1 - lambda) S`` where ``S > theta``, else ``M <- gamma M``; then each
@@ -74,11 +79,15 @@ class TraceStore(nn.Module):
             self.alpha = nn.Parameter(a)
         else:
             self.register_buffer("alpha", a)
-        self.n_live = 0  # python mirror of (off >= 0).sum(): picks the zero-overhead path without a device sync
+        self.n_live = 0  # python mirror of (off >= 0).sum(), for reports (no device sync)
+        # picks the zero-overhead path; a bool, so under torch.compile it flips (and recompiles) once,
+        # not at every capture as a guard on the entry count would
+        self.active = False
         self.register_load_state_dict_post_hook(lambda module, _: module.sync())
 
     def sync(self) -> None:
         self.n_live = int((self.off >= 0).sum())
+        self.active = self.n_live > 0
 
     def nbytes(self) -> int:
         return self.off.numel() * self.off.element_size() + self.val.numel() * self.val.element_size()
@@ -108,17 +117,19 @@ class TraceStore(nn.Module):
 
     # -- capture ----------------------------------------------------------------------
     @torch.no_grad()
-    def capture(self, q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
+    def capture(self, q: Tensor, k: Tensor, v: Tensor, past: int, alpha: Tensor | None = None) -> Tensor:
         """One capture from a layer's (rotated) ``q (B, H, T, hd)``, ``k, v (B, H, Tk, hd)``,
-        where the queries sit at positions ``past .. past+T-1``. Updates ``use`` and the
-        memory; returns the salience ``S (H, Tk)`` by offset."""
+        where the queries sit at positions ``past .. past+T-1``, with bias strength ``alpha (H,)``
+        (default: ``self.alpha``). Updates ``use`` and the memory; returns the attention
+        weights ``A (B, H, T, Tk)`` of this forward (the bias before the update)."""
         B, H, T, hd = q.shape
         Tk = k.shape[2]
         off = offsets_matrix(T, Tk, past, q.device)  # (T, Tk), -1 above the diagonal
         causal = off >= 0
-        bias = self.bias_vector(Tk, None) if self.n_live else None
         logits = (q.float() @ k.float().transpose(-2, -1)) / hd**0.5  # (B, H, T, Tk)
-        if bias is not None:
+        if self.n_live:
+            a = (self.alpha if alpha is None else alpha).detach().float()
+            bias = a[:, None] * self.dense(Tk)  # (H, Tk)
             logits = logits + bias[:, off.clamp(min=0)]  # (H, T, Tk) broadcast over B
         A = logits.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, Tk)
         if self.n_live:
@@ -127,9 +138,8 @@ class TraceStore(nn.Module):
         else:
             self.use.zero_()
         s = A * v.float().norm(dim=-1)[:, :, None, :]  # (B, H, T, Tk): A_ij * |v_j|
-        S = aggregate_by_offset(s, off, Tk)
-        self.update(S)
-        return S
+        self.update(aggregate_by_offset(s, off, Tk))
+        return A
 
     @torch.no_grad()
     def update(self, S: Tensor) -> None:

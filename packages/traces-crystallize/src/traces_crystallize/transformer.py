@@ -14,13 +14,17 @@ Attention paths (per layer, per call):
   or with a boolean causal mask offset by the cache length;
 * traces active: the bias ``alpha * M[h, i - j]`` is added to the scores. On CUDA
   (``attention: auto|flex``) through FlexAttention with a ``score_mod`` that indexes a
-  precomputed ``alpha * M`` vector; elsewhere SDPA with a float mask built from it.
+  precomputed ``alpha * M`` vector of shape ``(H, Tk + 129)`` (traced into the caller's
+  torch.compile graph; FlexAttention has no dropout, so attention dropout is skipped there);
+  elsewhere SDPA with a float mask built from it. ``alpha`` (warmup ramp included) is a
+  tensor computed from the ``train_step`` buffer, so its schedule never recompiles.
 
 How the periodic updates run (the trainer only calls the model's forward and the
 regularizers): the backbone keeps a step counter (buffer ``train_step``), incremented by layer 0
 at every forward in training mode when traces or crystallization are enabled. On a
-capture step each layer's attention computes its explicit attention weights under
-``no_grad`` and updates its trace memory; every ``crystallization.log_interval`` steps the
+capture step layer 0 first runs a forward-only pass (``no_grad``) over the batch's first
+``traces.capture_rows`` rows in which each attention computes its explicit attention weights
+and updates its trace memory; the step's own forward then runs as usual. Every ``crystallization.log_interval`` steps the
 MoE layers log the tokens' routing paths into the trie. Utility measurement and
 crystallization need the loss, so the ``crystallization`` regularizer drives them (see
 :mod:`traces_crystallize.crystallize`). Eval-mode forwards never update anything.
@@ -29,6 +33,7 @@ crystallization need the loss, so the ``crystallization`` regularizer drives the
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -46,37 +51,47 @@ _compiled_flex = None
 _block_masks: dict = {}
 
 
-@torch.compiler.disable  # under an outer torch.compile the call runs its own compiled kernel (nesting fails to lower)
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, past: int) -> Tensor:
-    """Causal FlexAttention with ``score + bias[h, (past + i) - j]``; ``bias (H, >= Tk + 128)``."""
-    global _compiled_flex
+    """Causal FlexAttention with ``score + bias[h, (past + i) - j]``; ``bias (H, >= Tk + 128)``.
+
+    Under the caller's ``torch.compile`` it is traced into that graph (block mask included),
+    so the biased layer stays one fused graph; in eager mode it runs a separately compiled
+    ``flex_attention`` (eager FlexAttention is a slow dense reference) with a cached mask.
+    ``bias`` is ``alpha * M``, computed outside the score_mod (a product of two captured
+    tensors inside it does not compile); without ``learn_alpha`` it needs no gradient, so
+    the backward kernel skips the bias scatter.
+    """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
     T, Tk = q.shape[2], k.shape[2]
     n = bias.shape[1] - 1
 
     def score_mod(score, b, h, qi, kj):
-        return score + bias[h, (qi + past - kj).clamp(0, n)]  # alpha * M is precomputed outside
+        return score + bias[h, (qi + past - kj).clamp(0, n)]
 
     def causal(b, h, qi, kj):
         return qi + past >= kj
 
+    opts = _FLEX_KERNEL_OPTIONS if q.is_cuda else None
+    if torch.compiler.is_compiling():
+        block_mask = create_block_mask(causal, None, None, T, Tk, device=q.device)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=opts)
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
     key = (T, Tk, past, str(q.device))
     block_mask = _block_masks.get(key)
     if block_mask is None:
         if len(_block_masks) > 64:
             _block_masks.clear()
         block_mask = _block_masks[key] = create_block_mask(causal, None, None, T, Tk, device=q.device)
-    # Inductor's default tiles for the biased kernel ask for more shared memory than an H100
-    # block has (245,760 > 232,448 bytes at head_dim 128): smaller tiles and fewer stages fit.
-    opts = _FLEX_KERNEL_OPTIONS if q.is_cuda else None
     return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=opts)
 
 
-_FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2,
-                        "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+# Inductor's default tiles for the biased kernel asked for more shared memory than an H100
+# block has (245,760 > 232,448 bytes); these fit. None = Inductor's defaults.
+_FLEX_KERNEL_OPTIONS: dict | None = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2,
+                                     "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
 
 
 def _rope_tables(length: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
@@ -90,6 +105,23 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, hd/2) each
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+_TICKING: "weakref.WeakValueDictionary[int, TransformerBackbone]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("traces_crystallize::tick", mutates_args=("step",))
+def _tick(step: Tensor, x: Tensor, key: int) -> None:
+    """``RunContext.tick`` of backbone ``key`` as an opaque op: with traces on and crystallization
+    off, torch.compile keeps the whole model one graph (a graph break inside the core's layer
+    loop would make Dynamo compile every layer as a separate frame) and never guards on the
+    Python step counter."""
+    _TICKING[key]._ctx.tick(step, x)
+
+
+@_tick.register_fake
+def _(step: Tensor, x: Tensor, key: int) -> None:
+    return None
 
 
 class RunContext:
@@ -112,20 +144,28 @@ class RunContext:
         return self._backbone[0]
 
     @torch.compiler.disable
-    def begin(self, training: bool) -> None:
+    def begin(self, training: bool, x: Tensor) -> None:
+        """Per-forward start with crystallization on (a graph break under torch.compile)."""
         bb = self.backbone
         self.match, self.paths, self.entropy, self.served = None, [], [], None
         self.capture = self.log_now = False
         if not (training and bb.ticking):
             return
-        bb.train_step.add_(1)
-        self.step += 1
+        self.tick(bb.train_step, x)
         for moe in bb.moe_layers():
             if moe.n_frozen:
                 moe.restore_frozen()
-        self.capture = any(b.attn.traces is not None and b.attn.traces.is_capture_step(self.step) for b in bb.layers)
         cr = bb.params.crystallization
         self.log_now = cr.enabled and self.step % cr.log_interval == 0
+
+    def tick(self, step: Tensor, x: Tensor) -> None:
+        """Count one training forward (``step`` is the ``train_step`` buffer) and, on a capture
+        step, run the forward-only capture pass on the layer-0 input ``x``."""
+        bb = self.backbone
+        step.add_(1)
+        self.step += 1
+        if any(b.attn.traces is not None and b.attn.traces.is_capture_step(self.step) for b in bb.layers):
+            bb.capture_traces(x)
 
     @torch.compiler.disable
     def log_paths(self) -> None:
@@ -199,10 +239,12 @@ class CausalSelfAttention(nn.Module):
         Tk = past + T
         aux: Aux = {}
         tr = self.traces
-        if tr is not None and capture:
-            tr.capture(q.detach(), k.detach(), v.detach(), past)
         p_drop = self.dropout if self.training else 0.0
-        if tr is None or tr.n_live == 0:
+        if tr is not None and capture:  # the forward-only capture pass: explicit weights, no dropout
+            alpha = publish(aux, "traces.alpha", tr.alpha_eff(step))
+            A = tr.capture(q, k, v, past, alpha)  # (B, H, T, Tk)
+            y = (A @ v.float()).to(q.dtype)  # (B, H, T, hd)
+        elif tr is None or not tr.active:
             if tr is not None:
                 publish(aux, "traces.alpha", tr.alpha_eff(step))
             if past == 0:
@@ -256,8 +298,12 @@ class Block(Layer):
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
         ctx = self._ctx
-        if self.index == 0 and ctx.backbone.bookkeeping:  # the plain model never leaves the compiled graph here
-            ctx.begin(self.training)
+        bb = ctx.backbone
+        if self.index == 0 and bb.bookkeeping:  # the plain model never leaves the compiled graph here
+            if bb.params.crystallization.enabled:
+                ctx.begin(self.training, x)
+            elif self.training:  # traces only: an opaque op, no graph break
+                torch.ops.traces_crystallize.tick(bb.train_step, x, id(bb))
         if ctx.capture or ctx.log_now or ctx.record:
             return self._forward_eager(x, state)  # rare bookkeeping steps run outside torch.compile
         return self._forward(x, state)
@@ -322,6 +368,7 @@ class TransformerBackbone(Backbone):
         self.motifs: MotifTable | None = MotifTable(p.n_layers, p.n_experts, cr.max_motifs) if cr.enabled else None
         self.trie: PathTrie | None = PathTrie(p.n_layers, cr.max_motif_len, cr.max_nodes) if cr.enabled else None
         self._init_weights(p)
+        _TICKING[id(self)] = self
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module._ctx, "step", int(module.train_step)))
 
     def _init_weights(self, p: TransformerParams) -> None:
@@ -331,6 +378,22 @@ class TransformerBackbone(Backbone):
                 nn.init.normal_(mod.weight, std=std)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
+
+    @torch.no_grad()
+    def capture_traces(self, x: Tensor) -> None:
+        """The forward-only capture pass: run the layers on the first ``capture_rows`` rows of
+        the layer-0 input ``x (B, T, D)``, each attention computing its explicit weights and
+        updating its trace memory. Called by layer 0 on a capture step, before the ordinary
+        forward (which then runs unchanged, compiled or not)."""
+        ctx = self._ctx
+        h = x[: self.params.traces.capture_rows].detach()  # (rows, T, D)
+        saved = ctx.log_now, ctx.record
+        ctx.capture, ctx.log_now, ctx.record, ctx.match = True, False, False, None
+        try:
+            for block in self.layers:
+                h = block._forward(h, None)[0]
+        finally:
+            ctx.capture, (ctx.log_now, ctx.record), ctx.match, ctx.paths, ctx.entropy = False, saved, None, [], []
 
     # -- reporting ----------------------------------------------------------------------
     def trace_stores(self) -> list[TraceStore | None]:
