@@ -50,7 +50,8 @@ def _worker(spec_path: str, out_json: str, out_dir: str, threads: int | None) ->
     res = train(spec_path, out_dir=out_dir, progress=False)
     doc = {"status": res.status, "step": res.step, "best_val_loss": res.best_val_loss, "tokens_per_s": res.tokens_per_s,
            "metrics": {k: float(v) for k, v in res.metrics.items()}, "run_dir": str(res.run_dir),
-           "params": res.model.num_parameters() if res.model is not None else None}
+           "params": res.model.num_parameters() if res.model is not None else None,
+           "val_history": [(h["step"], h.get("val/loss")) for h in res.history.get("val", [])]}
     Path(out_json).write_text(json.dumps(doc, indent=1))
 
 
@@ -107,8 +108,16 @@ def _fmt(x, nd=3):
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["variant"] == "mamba"), None)
-    head = ("| variant | params | steps | best val loss (nats/char) | vs mamba | train tok/s | u (min / 5% / 50% / 95% / max) | "
-            "causality of kssm.R (std; intervention p, KL; entropy r, p) | zones visited | R mean |\n|" + "---|" * 10)
+    # the last evaluation step every run reached (runs cut by train.time_budget_s stop early)
+    ends = [r["val_history"][-1][0] for r in rows if r.get("val_history")]
+    common = min(ends) if ends else None
+
+    def at_common(r):
+        return next((v for st, v in r.get("val_history", []) if st == common), None)
+
+    head = ("| variant | params | steps | " + (f"val loss at step {common} | vs mamba | " if common else "") +
+            "best val loss (nats/char) | vs mamba | train tok/s | u (min / 5% / 50% / 95% / max) | "
+            "causality of kssm.R (std; intervention p, KL; entropy r, p) | zones visited | R mean |\n|" + "---|" * (12 if common else 10))
     lines = [head]
     for r in rows:
         m = r.get("metrics", {})
@@ -127,8 +136,12 @@ def table(rows: list[dict]) -> str:
                     f"p={m['probe/causality/intervention_p']:.2g}, KL={m['probe/causality/intervention_kl']:.2g}; "
                     f"r={m['probe/causality/entropy_r']:+.3f}, p={m['probe/causality/entropy_p']:.2g})")
         zones = _fmt(m.get("probe/r-zones/zones_visited"), 0)
+        at = ""
+        if common:
+            v, vb = at_common(r), (at_common(base) if base else None)
+            at = f"{_fmt(v)} | {f'{v - vb:+.3f}' if v is not None and vb is not None else '-'} | "
         lines.append(
-            f"| {r['variant']} | {r.get('params', '-'):,} | {r.get('step', '-')} | {_fmt(r.get('best_val_loss'))} | {delta} | "
+            f"| {r['variant']} | {r.get('params', '-'):,} | {r.get('step', '-')} | {at}{_fmt(r.get('best_val_loss'))} | {delta} | "
             f"{_fmt(r.get('tokens_per_s'), 0)} | {u} | {caus} | {zones} | {_fmt(m.get('probe/r-zones/R_mean'))} |"
         )
     return "\n".join(lines)
