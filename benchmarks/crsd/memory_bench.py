@@ -114,7 +114,10 @@ def train_tokens_per_s(spec: dict, B: int, T: int, device, repeats: int) -> tupl
 def bench_overhead(B: int, T: int, d_model: int, device, repeats: int) -> list[dict]:
     reg = get_registry()
     if ("backbone", "mamba") in reg:
-        base = {"kind": "mamba", "n_layers": 2, "mixer": "mamba2", "d_state": 64, "headdim": 32}
+        # pure PyTorch Mamba-2: mamba-ssm's Triton SSD kernels take minutes to compile and autotune in a
+        # fresh process and ran no faster on the H100 (docs/benchmarks.md, crsm-planner)
+        base = {"kind": "mamba", "n_layers": 2, "mixer": "mamba2", "d_state": 64, "headdim": 32,
+                "use_kernels": "never"}
     else:
         base = {"kind": "toy-rnn", "n_layers": 2, "d_state": 64}
         os.environ.setdefault("STATELAB_PLUGIN_MODULES", "statelab.testing.toys")
@@ -163,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--overhead-T", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=128, help="d_model of the overhead benchmark")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="only part 3 (training tokens/s with and without memories); skips the slow references")
     ap.add_argument("--out", type=Path, default=RESULTS, help="markdown file to update (one section per device)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -176,6 +181,13 @@ def main(argv=None) -> int:
         name = f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}); torch {torch.__version__}")
 
+    chunk = args.chunk or 64
+    if args.overhead_only:
+        rows = bench_overhead(args.overhead_batch, args.overhead_T, args.d_model, device, max(2, args.repeats))
+        for r in rows:
+            print(f"train {r['model']:<36} {r['tokens_per_s']:>10,.0f} tok/s  x{r['relative']:.2f}  "
+                  f"({r['params']:,} params)")
+        return 0
     chunk = args.chunk or 64
     h = bench_hebbian(args.batch, args.T, device, args.repeats, chunk)
     print(f"hebbian  T={args.T} B={args.batch} 4x64: chunked {h['fast_s']*1e3:.1f} ms, "
