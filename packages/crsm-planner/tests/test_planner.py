@@ -166,3 +166,28 @@ def test_cpu_shadow_plans_like_the_planner_and_is_refreshed_after_a_fit(trained)
     assert all(torch.equal(a.target[k], b.target[k]) for k in a.target) and torch.equal(a.alpha, b.alpha)
     pl.fit(model, window_batches(tokens, 2, 16), steps=1)
     assert pl.shadow_for(model, "cpu") is not shadow
+
+
+def test_cap_target_norm_bounds_each_head_and_keeps_short_targets():
+    from crsm_planner.planner import cap_target_norm
+
+    g = torch.Generator().manual_seed(0)
+    h = {"a": torch.randn(2, 3, 4, 5, generator=g), "b": torch.randn(2, 6, 5, generator=g), "c": torch.randn(2, 7, generator=g)}
+    long = {k: 5.0 * torch.randn(v.shape, generator=g) for k, v in h.items()}
+    short = {k: 0.1 * v for k, v in h.items()}
+    capped = cap_target_norm(long, h)
+    for k, v in h.items():
+        dims = tuple(range(max(1, v.dim() - 2), v.dim()))  # per head (B, H, P, N); per layer (B, Di, N); per row (B, d)
+        hn = torch.linalg.vector_norm(v, dim=dims)
+        torch.testing.assert_close(torch.linalg.vector_norm(capped[k], dim=dims), hn)  # long targets: cut to |h|
+        ratio = capped[k] / long[k]  # one positive scale per unit: the direction is kept
+        assert (ratio > 0).all() and (ratio.amax(dims) - ratio.amin(dims)).abs().max() < 1e-5
+        for a in (0.3, 0.5, 1.0):
+            mixed = torch.lerp(v, capped[k], a)
+            assert (torch.linalg.vector_norm(mixed, dim=dims) <= hn * (1 + 1e-6)).all()
+        torch.testing.assert_close(cap_target_norm(short, h)[k], short[k])  # within the bound: untouched
+    # per head, not per layer: a head with a tiny state gets a tiny target even if others are large
+    h4 = torch.ones(1, 2, 2, 2)
+    h4[:, 1] *= 1e-3
+    t4 = cap_target_norm({"k": torch.full((1, 2, 2, 2), 10.0)}, {"k": h4})["k"]
+    torch.testing.assert_close(torch.linalg.vector_norm(t4[0, 1]), torch.linalg.vector_norm(h4[0, 1]))

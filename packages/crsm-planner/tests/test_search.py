@@ -134,3 +134,19 @@ def test_max_nodes_too_small_is_refused():
     m = RandomLatentModel()
     with pytest.raises(ValueError, match="cannot hold the root and its 4 children"):
         PUCTSearch(m.dynamics, m.value, m.prior, top_k=4, max_nodes=4)
+
+
+def test_confidence_grows_as_the_visits_concentrate_on_a_clear_winner():
+    """More simulations on a problem with a clear best action concentrate the root visits on
+    it; the confidence must rise with that, not fall (the gap is measured against the
+    alternatives, not against a visit-weighted mean that the winner itself dominates)."""
+    dynamics, value, prior = _chain_problem()
+    logits = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+    conf = {}
+    for sims in (64, 256):
+        res = PUCTSearch(dynamics, value, prior, simulations=sims, depth=3, c_puct=1.0, top_k=4, max_nodes=512).run(
+            torch.zeros(1, 4), logits)
+        assert res.best_token.item() == 2
+        conf[sims] = res.confidence.item()
+    assert conf[256] > conf[64]
+    assert conf[256] > 0.5

@@ -5,7 +5,8 @@ Timeline of one plan (``statelab.generate`` calls the hook after every step)::
     step t      hook: snapshot (clone) of the injectable state + logits -> request queue
     ...         generation continues; the worker thread searches on the snapshot
     step t+lag  hook: the result is taken from the result queue and applied with
-                a = alpha * lag_decay**lag, or dropped if lag > max_lag
+                a = alpha * lag_decay**lag, or dropped if lag > max_lag; the target is
+                first capped at the norm of the state it replaces (``target_norm``)
 
 Guarantees, each tested:
 
@@ -40,6 +41,8 @@ from torch import Tensor
 
 from statelab.interfaces import PlanRequest, PlanResult, State, StepContext, prefix_state, unprefix_state
 from statelab.internals import publish
+
+from crsm_planner.planner import cap_target_norm
 
 PlanFn = Callable[[Any, PlanRequest], PlanResult]
 
@@ -250,6 +253,8 @@ class PlanningHook:
             return None
         lag = ctx.step - r.step
         target = {k: v.to(ctx.state[k].device) for k, v in r.target.items()}  # from the CPU shadow, if any
+        if self.planner.params.target_norm == "cap":  # never above the norm of the state it replaces
+            target = cap_target_norm(target, ctx.state)
         alpha = r.alpha.to(ctx.logits.device) * (self.lag_decay**lag)
         if self.alpha_fn is not None:
             alpha = self.alpha_fn(alpha)

@@ -12,7 +12,9 @@ part of the state the latent cannot represent is kept as it is. The gate is
 the backbone after injection (see :meth:`MCTSPlanner._fit_gate`), and the confidence
 comes from the search (see :mod:`crsm_planner.search`), so an uncertain value head or a
 flat search gives ``a ~ 0``. ``Backbone.inject`` (``gated_inject``) clamps ``a`` to
-``[0, 1]``.
+``[0, 1]``. Before injection a target is scaled so that its norm does not exceed that of
+the state it replaces (:func:`cap_target_norm`, ``target_norm: cap``), so no injection
+can raise the state's norm.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ class MCTSPlanner(Planner):
         self.prior_head = PriorHead(p.d_latent, p.d_hidden, d_model)
         self.gate = nn.Parameter(torch.tensor(float(p.gate_init)))
         self.register_buffer("fitted", torch.zeros(()))  # 1.0 once fit() has run
+        # number of value-head training targets of the last fit (see _value_fn); 1 = outcome variance
+        self.register_buffer("value_count", torch.ones(()))
         self.lm_head: nn.Module | None = None  # set only on a CPU shadow (see shadow_for)
         # the backbone trains without the planner: its parts get no gradient from the LM loss
         for prm in self.parameters():
@@ -115,8 +119,18 @@ class MCTSPlanner(Planner):
 
     # -- planning ------------------------------------------------------------------
     def _value_fn(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Value ``-predicted loss`` and the variance the search treats as the head's uncertainty.
+
+        The head's own variance is that of a single outcome: the spread of the realised
+        k-token loss around its mean (about 1.2-2 nats on text), however well the mean is
+        known. The search compares *expected* losses of its children, which differ by a
+        few hundredths of a nat, so against that spread every confidence was ~0 and the
+        planner never injected. What matters for the comparison is how well the mean is
+        known; the squared standard error ``var / n`` with ``n`` the number of targets the
+        head was fitted on stands in for it (a heuristic: a head that predicts an enormous
+        variance still gets confidence ~0, an unfitted planner keeps ``n = 1``)."""
         mean, logvar = self.value_head(z)
-        return -mean, logvar.exp()  # value = -predicted loss
+        return -mean, logvar.exp() / self.value_count.clamp_min(1.0)  # value = -predicted loss
 
     def make_search(self, model, simulations: int | None = None) -> PUCTSearch:
         p = self.params
@@ -206,9 +220,11 @@ class MCTSPlanner(Planner):
     def _version(self) -> tuple:
         return (self._fit_count, self.codec.enc_weight.data_ptr())
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._fit_count += 1
-        return super()._load_from_state_dict(*args, **kwargs)
+        # checkpoints from before value_count existed: the outcome variance, as they were fitted
+        state_dict.setdefault(prefix + "value_count", torch.ones(()))
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def shadow_for(self, model, device: torch.device | str) -> "MCTSPlanner":
         """A copy of this planner (and of the LM head it takes priors from) on ``device``,
@@ -389,6 +405,8 @@ class MCTSPlanner(Planner):
                 prm.requires_grad_(False)
             if losses:
                 self.fitted.fill_(1.0)
+                k = p.value_horizon  # value targets per rollout: B * (T - k)
+                self.value_count.fill_(float(sum(b.shape[0] * max(b.shape[1] - k, 1) for b in token_batches)))
             self._fit_count += 1
             with torch.no_grad():
                 _, metrics = self._losses(model, heldout_roll, metrics=True)
@@ -426,7 +444,8 @@ class MCTSPlanner(Planner):
                 alpha = self.alpha_from(res.confidence) * p.lag_decay**lag  # (B,) with grad to the gate
                 bb = unprefix_state("backbone", st2)
                 injected = dict(st2)
-                new_bb = model.backbone.inject(bb, unprefix_state("backbone", res.target), alpha)
+                target = res.target if p.target_norm == "none" else cap_target_norm(res.target, st2)
+                new_bb = model.backbone.inject(bb, unprefix_state("backbone", target), alpha)
                 injected.update(prefix_state("backbone", new_bb))
                 with torch.enable_grad():
                     lg, _, _ = model(x[:, a0 : a0 + k], injected)  # (B, k, V)
@@ -448,6 +467,30 @@ class MCTSPlanner(Planner):
             out["gate/loss_delta"] = sum(deltas) / len(deltas)
             out["gate/alpha_mean"] = sum(alphas) / len(alphas)
         return out
+
+
+def cap_target_norm(target: State, current: State, eps: float = 1e-12) -> State:
+    """``target`` with each entry scaled down to at most the norm of ``current[k]``, the state
+    it is about to replace, per batch row and per unit: the norm runs over an entry's last
+    two dims (a Mamba-2 head ``(P, N)`` of ``(B, H, P, N)``, a Mamba-1 layer ``(Di, N)``, a
+    row of a ``(B, d)`` state). Targets already within the bound are unchanged.
+
+    Then ``|(1 - a) h + a t| <= (1 - a) |h| + a |t| <= |h|`` for every unit and every
+    ``a in [0, 1]``: an injection can move the state anywhere on or inside its own sphere
+    but never push it outward. Without this, a target is the snapshot plus a decoded latent
+    move (``s + D(z_best) - D(z_root)``) whose size nothing bounds; at a high gate and one
+    injection per step those moves add up faster than the SSM's decay removes them (the
+    Mamba-2 state norm of a briefly fitted planner grew 11.7x over 1200 forced injections).
+    """
+    out: State = {}
+    for k, t in target.items():
+        h = current[k]
+        dims = tuple(range(max(1, t.dim() - 2), t.dim()))
+        tn = torch.linalg.vector_norm(t.float(), dim=dims, keepdim=True)
+        hn = torch.linalg.vector_norm(h.float(), dim=dims, keepdim=True).to(tn.device)
+        scale = (hn / tn.clamp_min(eps)).clamp(max=1.0)  # 1 where the target is already within the bound
+        out[k] = (t.float() * scale).to(t.dtype)
+    return out
 
 
 def build_planner(params: MCTSParams, ctx) -> MCTSPlanner:

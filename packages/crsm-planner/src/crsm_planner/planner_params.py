@@ -53,6 +53,14 @@ class MCTSParams(BaseModel):
     # -- injection -----------------------------------------------------------------
     alpha_max: float = Field(0.2, gt=0, le=1, description="a_max in a = a_max * sigmoid(gate) * confidence")
     gate_init: float = Field(0.0, ge=-20, le=20, description="initial logit of the learnable gate")
+    target_norm: Literal["cap", "none"] = Field(
+        "cap",
+        description=(
+            "cap: before injection, each target is scaled down where its norm exceeds that of the state it replaces "
+            "(per batch row and per head for Mamba-2, per layer for Mamba-1), so an injection can never raise a "
+            "state's norm; none: inject the target as planned"
+        ),
+    )
     # -- asynchronous planning -----------------------------------------------------
     asynchronous: bool = Field(
         True,

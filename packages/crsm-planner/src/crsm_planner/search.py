@@ -20,11 +20,17 @@ The result is the most visited root child (ties broken by value), its latent, an
 confidence in ``[0, 1]``:
 
     concentration = (max_c pi(c) - 1/K) / (1 - 1/K)       pi = root visit distribution
-    gap           = Q(best) - sum_c pi(c) Q(c)              how much better the choice is
+    gap           = Q(best) - sum_{c != best} pi'(c) Q(c)   how much better the choice is than
+                                                            the alternatives (pi' = pi over the
+                                                            other children, renormalised; uniform
+                                                            if none of them was visited)
     spread        = sqrt(Var[backed-up values under best] + predicted value variance)
     confidence    = concentration * gap / (gap + spread)
 
-so a flat search (equal visits, equal values) or an uncertain value head gives ~0.
+so a flat search (equal visits, equal values) or an uncertain value head gives ~0. (The
+gap used to be taken against the visit-weighted mean of *all* children, best included:
+``(1 - pi(best)) (Q(best) - Q(others))``, which vanishes as the visits concentrate, so the
+product with ``concentration`` fell to 0 exactly when the search was most decided.)
 The search is deterministic; its only randomness (optional Dirichlet noise on the root
 priors) comes from the generator it is given.
 """
@@ -205,7 +211,11 @@ class PUCTSearch:
         pi = n_c / n_c.sum(dim=1, keepdim=True).clamp_min(1)  # (B, K)
         concentration = ((pi.max(dim=1).values - 1.0 / K) / (1.0 - 1.0 / K)).clamp(0, 1)
         q_best = q_c.gather(1, best_k[:, None]).squeeze(1)
-        gap = (q_best - (pi * q_c).sum(dim=1)).clamp_min(0)
+        others = torch.ones_like(pi).scatter_(1, best_k[:, None], 0.0)  # (B, K): 1 except at the choice
+        w = pi * others
+        w_sum = w.sum(dim=1, keepdim=True)
+        w = torch.where(w_sum > 0, w / w_sum.clamp_min(1e-12), others / (K - 1))  # (B, K) over the alternatives
+        gap = (q_best - (w * q_c).sum(dim=1)).clamp_min(0)
         n_b = self.visits[rows, best].clamp_min(1)
         var_backed = (self.wsq[rows, best] / n_b - (self.wsum[rows, best] / n_b).pow(2)).clamp_min(0)
         spread = (var_backed + self.var0[rows, best]).sqrt()

@@ -77,7 +77,12 @@ def reference_search(dynamics, value, prior, z0: Tensor, root_logits: Tensor, *,
     best = kids[keys.index(max(keys))]
     pi = [c.visits / total for c in kids]
     concentration = min(max((max(pi) - 1 / top_k) / (1 - 1 / top_k), 0.0), 1.0)
-    gap = max(best.q() - sum(p * c.q() for p, c in zip(pi, kids)), 0.0)
+    others = [(p, c) for p, c in zip(pi, kids) if c is not best]
+    if sum(p for p, _ in others) > 0:
+        alt = sum(p * c.q() for p, c in others) / sum(p for p, _ in others)
+    else:  # no alternative was visited: their own value estimates, equally weighted
+        alt = sum(c.q() for _, c in others) / len(others)
+    gap = max(best.q() - alt, 0.0)
     n_b = max(best.visits, 1)
     var_backed = max(best.wsq / n_b - (best.wsum / n_b) ** 2, 0.0)
     spread = math.sqrt(var_backed + best.var)
