@@ -31,7 +31,7 @@ sets() { local a=(); for kv in $1; do a+=(--set "$kv"); done; echo "${a[@]}"; }
 echo "== quality: ${#variant[@]} variants side by side, $STEPS steps each"
 for name in "${!variant[@]}"; do
   # shellcheck disable=SC2046
-  race "q-$name" --budget 250 "${sched[@]}" --set model.backbone.use_kernels=never $(sets "${variant[$name]}") &
+  race "q-$name" --budget "${QBUDGET:-250}" "${sched[@]}" --set model.backbone.use_kernels=never $(sets "${variant[$name]}") &
 done
 wait
 best=$(python3 - "$out" <<'PY'
