@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--warm", type=int, default=262_144, help="warm budget (traces)")
     ap.add_argument("--chunk", type=int, default=65_536, help="traces per cold chunk")
     ap.add_argument("--lists", type=int, default=1024, help="coarse lists (k-means centroids)")
-    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--nprobe", default="32", help="lists probed; a comma list (16,32,64) sweeps the trade-off")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--centers", type=int, default=4096, help="clusters of the synthetic keys")
     ap.add_argument("--queries", type=int, default=100, help="coarse queries timed")
@@ -122,18 +122,28 @@ def main() -> int:
         return r, (time.perf_counter() - t0) * 1000
 
     store.search(qs[:1], args.k)  # warm-up (page cache, kernels)
-    store.search(qs[:1], args.k, coarse=True, nprobe=args.nprobe)
-    exact_ms, coarse_ms, recalls = [], [], []
+    nprobes = [int(x) for x in str(args.nprobe).split(",")]
+    store.search(qs[:1], args.k, coarse=True, nprobe=nprobes[0])
+    exact_ms = []
     exact_ids = []
     for i in range(args.exact_queries):
         r, ms = timed(lambda q: store.search(q, args.k), qs[i : i + 1])
         exact_ms.append(ms)
         exact_ids.append(set(r.ids[0].tolist()))
-    for i in range(args.queries):
-        r, ms = timed(lambda q: store.search(q, args.k, coarse=True, nprobe=args.nprobe), qs[i : i + 1])
-        coarse_ms.append(ms)
-        if i < args.exact_queries:
-            recalls.append(len(exact_ids[i] & set(r.ids[0].tolist())) / args.k)
+    sweep = []  # per nprobe: latency over --queries, recall over the exact queries
+    for npb in nprobes:
+        ms_list, rec = [], []
+        for i in range(args.queries):
+            r, ms = timed(lambda q: store.search(q, args.k, coarse=True, nprobe=npb), qs[i : i + 1])
+            ms_list.append(ms)
+            if i < args.exact_queries:
+                rec.append(len(exact_ids[i] & set(r.ids[0].tolist())) / args.k)
+        sweep.append({"nprobe": npb, "p50_ms": pct(ms_list, 50), "p99_ms": pct(ms_list, 99),
+                      "recall": statistics.mean(rec)})
+        print(f"nprobe {npb}: p50 {sweep[-1]['p50_ms']:.2f} ms p99 {sweep[-1]['p99_ms']:.2f} ms "
+              f"recall@{args.k} {sweep[-1]['recall']:.3f}", flush=True)
+    main_row = sweep[0]
+    coarse_ms = None
 
     # model ingest through a `then` memory writing token traces into a fresh store
     mem = ThenMemory(d, n_heads=4, chunk_size=16, window=32, ring_size=256, top_k=16).to(dev).eval()
@@ -161,8 +171,8 @@ def main() -> int:
         "chunk": args.chunk, "lists": args.lists, "nprobe": args.nprobe,
         "ingest_traces_per_s": args.traces / ingest_s, "ingest_s": ingest_s,
         "exact_p50_ms": pct(exact_ms, 50), "exact_p99_ms": pct(exact_ms, 99),
-        "coarse_p50_ms": pct(coarse_ms, 50), "coarse_p99_ms": pct(coarse_ms, 99),
-        "coarse_recall_at_k": statistics.mean(recalls),
+        "coarse_p50_ms": main_row["p50_ms"], "coarse_p99_ms": main_row["p99_ms"],
+        "coarse_recall_at_k": main_row["recall"], "nprobe_sweep": sweep,
         "model_ingest_tokens_per_s": model_tok_s,
         "hot_mb": budgets["hot"] / 2**20, "warm_mb": budgets["warm"] / 2**20, "cold_disk_mb": disk / 2**20,
         "rss_start_mb": rss0, "rss_samples": samples,
@@ -172,15 +182,15 @@ def main() -> int:
     lines = [
         f"### {args.traces:,} traces, d={d}, {res['device']}",
         "",
-        f"command: `python benchmarks/then/store_bench.py --device {args.device} --traces {args.traces}`"
+        f"command: `python {' '.join(sys.argv)}`"
         f" (hot {args.hot:,} / warm {args.warm:,} traces = {res['hot_mb']:.0f} / {res['warm_mb']:.0f} MiB, "
-        f"chunks of {args.chunk:,}, {args.lists} lists, nprobe {args.nprobe})",
+        f"chunks of {args.chunk:,}, {args.lists} lists)",
         "",
         "| metric | value |",
         "|---|---|",
         f"| exact top-{args.k} p50 / p99 | {res['exact_p50_ms']:.1f} / {res['exact_p99_ms']:.1f} ms ({args.exact_queries} queries) |",
-        f"| coarse top-{args.k} p50 / p99 | {res['coarse_p50_ms']:.1f} / {res['coarse_p99_ms']:.1f} ms ({args.queries} queries) |",
-        f"| coarse recall@{args.k} vs exact | {res['coarse_recall_at_k']:.3f} |",
+        *[f"| coarse top-{args.k}, nprobe {r['nprobe']}: p50 / p99, recall@{args.k} vs exact | {r['p50_ms']:.1f} / "
+          f"{r['p99_ms']:.1f} ms ({args.queries} queries), recall {r['recall']:.3f} |" for r in sweep],
         f"| store ingest | {res['ingest_traces_per_s']:,.0f} traces/s ({ingest_s:.1f} s) |",
         f"| model ingest (then memory, token traces, T=512 segments) | {model_tok_s:,.0f} tokens/s |",
         f"| RSS while ingesting (min / max over {len(rss)} samples) | {min(rss):.0f} / {max(rss):.0f} MiB |",
@@ -193,7 +203,7 @@ def main() -> int:
     print("RSS samples:", json.dumps(samples))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"{dev.type}-{args.traces}"
+    tag = f"{dev.type}-{args.traces}-{args.lists}"
     (out / f"store_{tag}.json").write_text(json.dumps(res, indent=1))
     (out / f"store_{tag}.md").write_text(text + "\n")
     store.close()

@@ -20,10 +20,11 @@ def test_conformance(mode):
     check_memory(lambda: small(mode, ring_size=3, top_k=2), 16)
 
 
+@pytest.mark.parametrize("trace_key", ["previous", "self"])
 @pytest.mark.parametrize("mode", ["token", "pooled"])
-def test_matches_naive_reference_in_random_pieces(mode):
+def test_matches_naive_reference_in_random_pieces(mode, trace_key):
     torch.manual_seed(1)
-    mem = small(mode).eval()
+    mem = small(mode, trace_key=trace_key).eval()
     x = torch.randn(2, 23, 16)
     with torch.no_grad():
         ref, reads = naive_forward(mem, x)

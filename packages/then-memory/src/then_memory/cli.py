@@ -52,6 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048], help="document lengths (chars)")
     p.add_argument("--digits", type=int, default=5, help="digits of each key")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--min-gap", type=int, default=None,
+                   help="characters of Shakespeare between documents (default: the longest document); at least the "
+                        "memory's ring_size, so no question sees an earlier document's key")
 
 
 def _service(args):
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             from then_memory.corpus import make_passkey_corpus
 
             print(json.dumps(make_passkey_corpus(args.out, docs=args.docs, lengths=args.lengths, digits=args.digits,
-                                                 seed=args.seed)))
+                                                 seed=args.seed, min_gap=args.min_gap)))
             return 0
         if action == "list":
             from then_memory.users import UserDirectories

@@ -15,7 +15,9 @@ Each document uses the Landmark filler and wording of :mod:`statelab.data.passke
     What is the pass key? The pass key is K.
 
 with ``a + b`` drawn from ``lengths`` (characters, = tokens for the char tokenizer) and the
-key at a uniform random depth. Documents and Shakespeare passages alternate.
+key at a uniform random depth. Documents and Shakespeare passages alternate, at least
+``min_gap`` characters of Shakespeare apart, so that a memory ring of ``min_gap`` traces
+never holds an earlier document's key when a question is asked.
 """
 
 from __future__ import annotations
@@ -46,17 +48,30 @@ def make_passkey_corpus(
     digits: int = 5,
     seed: int = 0,
     base_text: str | None = None,
+    min_gap: int | None = None,
 ) -> dict:
-    """Write the corpus to ``out`` (atomically); returns counts."""
+    """Write the corpus to ``out`` (atomically); returns counts.
+
+    ``min_gap``: at least this many characters of the base text between two documents
+    (default: the longest document). With a memory ring of at most ``min_gap`` traces, a
+    document's key and answer have left the ring before the next document's question, so
+    every question has exactly one key to find."""
     if base_text is None:
         from statelab.data import bundled_corpus_path
 
         base_text = Path(bundled_corpus_path()).read_text(encoding="utf-8")
+    gap = max(lengths) if min_gap is None else min_gap
+    spacing = len(base_text) // docs
+    if spacing < gap + 100:
+        raise ValueError(f"{docs} documents at least {gap} characters apart do not fit in {len(base_text)} characters "
+                         f"of text; use at most {len(base_text) // (gap + 100)} documents or a smaller min_gap")
     rng = np.random.default_rng(seed)
-    cuts = np.sort(rng.choice(len(base_text), size=docs, replace=False))
     parts, prev, n_doc_chars = [], 0, 0
-    for c in cuts:
-        c = base_text.rfind("\n\n", prev, int(c)) + 2 if base_text.rfind("\n\n", prev, int(c)) >= 0 else prev
+    for i in range(docs):
+        c = i * spacing + int(rng.integers(0, spacing - gap)) + (gap if i else 0)
+        c = max(c, prev + gap) if i else c
+        nl = base_text.find("\n", c)  # documents start at a line boundary
+        c = nl + 1 if nl >= 0 else len(base_text)
         parts.append(base_text[prev:c])
         key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
         doc = passkey_document_text(int(rng.choice(lengths)), float(rng.random()), key)
@@ -66,4 +81,5 @@ def make_passkey_corpus(
     parts.append(base_text[prev:])
     text = "".join(parts)
     atomic_write_text(out, text)
-    return {"chars": len(text), "passkey_docs": docs, "passkey_chars": n_doc_chars, "shakespeare_chars": len(base_text)}
+    return {"chars": len(text), "passkey_docs": docs, "passkey_chars": n_doc_chars, "shakespeare_chars": len(base_text),
+            "min_gap": gap}

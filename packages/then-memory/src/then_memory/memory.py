@@ -8,14 +8,31 @@ Config (:class:`then_memory.plugin.ThenParams`)::
     window      32      local causal attention over the last W tokens (W >= C)
     ring_size   256     traces kept in the state (the in-graph hot tier, newest S)
     top_k       16      traces each position reads
+    trace_key   previous  previous: a token's trace key is the key of the token *before* it (its
+                        context), its value is the token's own value, so a query finds "what
+                        followed this context" (an induction-style lookup); self: key and value
+                        of the same token
 
 Per position ``p`` with normed input ``h = LN(x_p)`` and ``q, k, v = W_qkv h``::
 
     local  = softmax-attention of q over k, v of positions (p - W, p]
     recall = softmax-attention of q over the top-k traces (by the inner product q . k_trace,
-             summed over heads) among the traces *available* at p
+             summed over heads) among the traces *available* at p; the logits of each
+             head are multiplied by a learned temperature tau_h (init ``recall_temperature``)
     g      = sigmoid(W_g h)                      (B, T, H), published as ``memory.gate``
     y_p    = x_p + W_o [(1 - g) local + g recall]   (recall published as ``memory.recall``)
+
+With ``trace_key: previous`` the trace of the token at ``p`` is ``(k_{p-1}, v_p)``: the query
+at the question's "The pass key is" matches the key of the same context at the key line,
+whose value carries the digit that followed it (position 0's predecessor has a zero key).
+
+Why the read path is learnable from the first step: the key projection starts as a copy
+of the query projection (``tie_qk_init``), so q . k is largest between hidden states of
+the same context, and the trace of the token that followed the query's context ranks
+first among all traces before any training; with the sharper trace softmax (tau = 4) its
+value dominates the read-out, and training only has to map values to the next token and
+sharpen the match. Without these the gate closes before the match is found (tested on
+passkey documents: chance level after 1,200 steps; with them, solved in 250).
 
 A trace written from chunk ``[cC, (c+1)C)`` becomes available at position ``(c+1)C``: no
 position ever reads a trace written from itself or a later position. Traces carry a time
@@ -68,6 +85,9 @@ class ThenMemory(Memory):
         ring_size: int = 256,
         top_k: int = 16,
         gate_bias: float = 0.0,
+        trace_key: str = "previous",
+        recall_temperature: float = 4.0,
+        tie_qk_init: bool = True,
     ) -> None:
         super().__init__()
         if d_model % n_heads:
@@ -76,6 +96,9 @@ class ThenMemory(Memory):
             raise ValueError(f"then: window ({window}) must be >= chunk_size ({chunk_size})")
         if trace_mode not in ("token", "pooled"):
             raise ValueError(f"then: trace_mode must be 'token' or 'pooled', not {trace_mode!r}")
+        if trace_key not in ("previous", "self"):
+            raise ValueError(f"then: trace_key must be 'previous' or 'self', not {trace_key!r}")
+        self.trace_key = trace_key
         self.d_model, self.n_heads, self.dh = d_model, n_heads, d_model // n_heads
         self.chunk_size, self.trace_mode, self.window = chunk_size, trace_mode, window
         self.ring_size, self.top_k = ring_size, top_k
@@ -84,6 +107,12 @@ class ThenMemory(Memory):
         self.gate = nn.Linear(d_model, n_heads)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, gate_bias)
+        if tie_qk_init:  # a query first finds the traces written in its own context (see the module doc)
+            with torch.no_grad():
+                self.qkv.weight[d_model : 2 * d_model] = self.qkv.weight[:d_model]
+        if recall_temperature <= 0:
+            raise ValueError(f"then: recall_temperature must be > 0, got {recall_temperature}")
+        self.recall_log_temp = nn.Parameter(torch.full((n_heads,), math.log(recall_temperature)))
         self.out = nn.Linear(d_model, d_model, bias=False)
         nn.init.normal_(self.out.weight, std=0.02)
         self.store: "TraceStore | None" = None
@@ -159,8 +188,11 @@ class ThenMemory(Memory):
         att = att.masked_fill(~ok_loc[:, None], float("-inf")).softmax(-1)
         local = torch.einsum("bhtl,blhd->bthd", att, ev.view(B, -1, H, dh))  # (B, T, H, dh)
 
-        # traces completed during this call, with their time indices
-        nk, nv, nvalid, navail = self._new_traces(ek, ev, ep, pos0, T)  # (B, N, D), (B, N), (B, N)
+        # traces completed during this call, with their time indices; with trace_key=previous the
+        # key of position p is the cached/new key of p - 1 (ek[:, 0] never belongs to a chunk
+        # completed now, since W >= C, so its missing predecessor is never used)
+        tk = torch.cat([ek.new_zeros(B, 1, D), ek[:, :-1]], 1) if self.trace_key == "previous" else ek  # (B, L, D)
+        nk, nv, nvalid, navail = self._new_traces(tk, ev, ep, pos0, T)  # (B, N, D), (B, N), (B, N)
         nseq = count0[:, None] + nvalid.long().cumsum(1) - 1  # (B, N) time index of each new trace
         can = nvalid[:, None, :] & (navail[:, None, :] <= qp[:, :, None])  # (B, T, N) available at p
 
@@ -174,7 +206,6 @@ class ThenMemory(Memory):
             rk = state["ring_k"].to(k.dtype).view(B, S, H, dh)
             s_old = torch.einsum("bthd,bshd->bhts", qh, rk)  # (B, H, T, S)
             v_all = torch.cat([state["ring_v"].to(v.dtype), nv], 1)  # (B, M, D), M = S + N
-            v_all = v_all[:, None].expand(B, T, -1, D)  # (B, T, M, D) (a view)
         else:
             ok_old, s_old, v_old = self._store_candidates(q, count0)  # per-query candidates (B, T, K0, ...)
             ok_new = can
@@ -189,14 +220,18 @@ class ThenMemory(Memory):
         idx = sel.topk(K, dim=-1).indices  # (B, T, K)
         okk = ok.gather(-1, idx)  # (B, T, K)
         sk = s.gather(-1, idx[:, None].expand(B, H, T, K))  # (B, H, T, K)
+        sk = sk * self.recall_log_temp.exp().to(sk.dtype)[None, :, None, None]  # learned sharpness per head
         sk = sk.masked_fill(~okk[:, None], torch.finfo(sk.dtype).min)
         wts = sk.softmax(-1) * okk[:, None].to(sk.dtype)  # (B, H, T, K); all zero when nothing to read
+        # gathers from the (B, M, D) rows with a flat (B, T*K) index: the backward pass then
+        # scatters into (B, M, D), never into a (B, T, M, D) expansion
         if v_all is not None:
-            vk = v_all.gather(2, idx[..., None].expand(B, T, K, D))  # (B, T, K, D)
+            vk = v_all.gather(1, idx.reshape(B, T * K, 1).expand(B, T * K, D)).view(B, T, K, D)  # (B, T, K, D)
         else:  # chosen among the store's candidates (index < K0) or this call's new traces
             K0 = v_old.shape[2]
             vo = v_old.gather(2, idx.clamp(max=K0 - 1)[..., None].expand(B, T, K, D))  # (B, T, K, D)
-            vn = nv[:, None].expand(B, T, -1, D).gather(2, (idx - K0).clamp(min=0)[..., None].expand(B, T, K, D))
+            i_new = (idx - K0).clamp(min=0).reshape(B, T * K, 1).expand(B, T * K, D)  # (B, T*K, D)
+            vn = nv.gather(1, i_new).view(B, T, K, D)  # (B, T, K, D)
             vk = torch.where((idx < K0)[..., None], vo, vn)  # (B, T, K, D)
         vk = vk.view(B, T, K, H, dh)  # (B, T, K, H, dh)
         recall = torch.einsum("bhtk,btkhd->bthd", wts, vk)  # (B, T, H, dh)
@@ -276,4 +311,7 @@ def build_then(params: "ThenParams", ctx) -> ThenMemory:
         ring_size=params.ring_size,
         top_k=params.top_k,
         gate_bias=params.gate_bias,
+        trace_key=params.trace_key,
+        recall_temperature=params.recall_temperature,
+        tie_qk_init=params.tie_qk_init,
     )

@@ -48,7 +48,7 @@ def naive_forward(mem: ThenMemory, x: Tensor) -> tuple[Tensor, list[list[tuple[i
                 row_reads += [(p, n) for _, _, n, _ in chosen]
                 for hd in range(H):
                     sl = slice(hd * dh, (hd + 1) * dh)
-                    sc = torch.stack([q[sl] @ tk[sl] for tk, _, _, _ in chosen]) * scale
+                    sc = torch.stack([q[sl] @ tk[sl] for tk, _, _, _ in chosen]) * scale * mem.recall_log_temp[hd].exp()
                     a = sc.softmax(0)
                     recall[hd] = sum(a[i] * chosen[i][1][sl] for i in range(len(chosen)))
             g = torch.sigmoid(mem.gate(h))  # (H,)
@@ -56,11 +56,15 @@ def naive_forward(mem: ThenMemory, x: Tensor) -> tuple[Tensor, list[list[tuple[i
             out[b, p] = x[b, p] + mem.out(mixed.reshape(D))
             if (p + 1) % C == 0:  # chunk [p - C + 1, p] completes: write its traces
                 chunk = toks[p - C + 1 : p + 1]
+                if mem.trace_key == "previous":  # key of the token before (zeros before position 0)
+                    keys = [toks[i - 1][0] if i > 0 else torch.zeros(D) for i in range(p - C + 1, p + 1)]
+                else:
+                    keys = [c[0] for c in chunk]
                 if mem.trace_mode == "token":
-                    for kk, vv in chunk:
+                    for kk, vv in zip(keys, (c[1] for c in chunk)):
                         traces.append((kk, vv, len(traces), p))
                 else:
-                    kk = torch.stack([c[0] for c in chunk]).mean(0)
+                    kk = torch.stack(keys).mean(0)
                     vv = torch.stack([c[1] for c in chunk]).mean(0)
                     traces.append((kk, vv, len(traces), p))
         reads.append(row_reads)

@@ -7,6 +7,11 @@ state: recurrent state, local window and traces); then the question "What is the
 key? The pass key is" is run from that state and the answer decoded greedily. The key is in
 the memory only, never in the question's tokens. Exact match on the first number.
 
+Every trace of a document stays readable: the ring of each ``then`` memory is enlarged for
+the probe to hold the longest document's traces (``ring_size`` overrides), so the read is
+the top-k over all of them, exactly what a memory backed by a trace store reads at
+inference (the ring holds no parameters; it is restored afterwards).
+
 Params: :class:`then_memory.plugin.PasskeyParams`. Metrics: ``acc@<L>`` per length,
 ``acc@<L>@<d>`` per cell, ``acc`` overall; artifacts ``passkey.md`` (table) and
 ``passkey.png`` (heatmap); ``passed``: accuracy at ``pass_length`` >= ``pass_threshold``.
@@ -36,6 +41,7 @@ class PasskeyProbe(Probe):
         from statelab.data.passkey import QUESTION, SEP, make_passkey_example, passkey_accuracy
         from statelab.generation import generate
 
+        from then_memory.memory import ThenMemory
         from then_memory.users import ingest_tokens
 
         tok = ctx.tokenizer if ctx.tokenizer is not None else getattr(model, "tokenizer", None)
@@ -44,12 +50,18 @@ class PasskeyProbe(Probe):
         p = self.p
         q_ids = list(tok.encode(SEP)) + list(tok.encode(QUESTION))
         rng = np.random.default_rng(ctx.seed)
+        # ring of every `then` memory: big enough for every trace of a document (or as asked)
+        mems = [m for m in model.modules() if isinstance(m, ThenMemory)]
+        rings = [m.ring_size for m in mems]
         was = model.training
         model.eval()
         device = next(model.parameters()).device
         acc: dict[tuple[int, float], float] = {}
         try:
             for L in p.lengths:
+                for m, r in zip(mems, rings):  # every trace of the document stays readable
+                    need = L if m.trace_mode == "token" else L // m.chunk_size + 1
+                    m.ring_size = p.ring_size if p.ring_size is not None else max(r, need)
                 for d in p.depths:
                     preds: list[str] = []
                     keys: list[str] = []
@@ -74,6 +86,8 @@ class PasskeyProbe(Probe):
                     acc[(L, d)] = passkey_accuracy(preds, keys)
         finally:
             model.train(was)
+            for m, r in zip(mems, rings):
+                m.ring_size = r
         return self._report(acc, ctx.out_dir)
 
     def _report(self, acc: dict[tuple[int, float], float], out_dir: Path) -> ProbeResult:

@@ -33,6 +33,13 @@ class ThenParams(BaseModel):
     ring_size: int = Field(256, ge=1, description="traces kept in the in-model ring (the hot tier used in training)")
     top_k: int = Field(16, ge=1, description="traces each position attends to (top-k by inner product)")
     gate_bias: float = Field(0.0, description="initial bias of the trace/local gate (sigmoid; 0 = half and half)")
+    recall_temperature: float = Field(4.0, gt=0, description="initial multiplier of the trace-attention logits "
+                                      "(learned per head); sharp reads make the retrieved value dominate early")
+    tie_qk_init: bool = Field(True, description="initialise the key projection as a copy of the query projection, so "
+                              "a query first retrieves traces written in the same context (the lookup exists at step 0)")
+    trace_key: Literal["previous", "self"] = Field(
+        "previous", description="previous: a token's trace is (key of the token before it, its own value), so a query "
+        "retrieves what followed its context (induction-style lookup); self: key and value of the same token")
 
     @model_validator(mode="after")
     def _window_covers_chunk(self) -> "ThenParams":
@@ -57,6 +64,10 @@ class PasskeyParams(BaseModel):
     mode: Literal["ingest", "context"] = Field(
         "ingest", description="ingest: key only in ingested memory (the question starts from the carried state); "
         "context: question appended to the document in one pass (baseline)")
+    ring_size: int | None = Field(
+        None, ge=1, description="traces readable per trial: null = every trace of the longest document (the ring of "
+        "each `then` memory is enlarged for the probe, which then reads exactly what a store-backed memory reads); "
+        "an int = that ring size")
     pass_threshold: float = Field(0.95, ge=0, le=1, description="accuracy needed at pass_length for passed=True")
     pass_length: int = Field(10240, ge=1, description="length at which pass_threshold is judged (nearest tested)")
 

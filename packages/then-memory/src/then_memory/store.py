@@ -361,10 +361,12 @@ class TraceStore:
             return
         tensors = {"k": k.contiguous(), "v": v.contiguous()}
         if self.coarse_lists > 0:
+            kf = k.to(self.device).float()  # k-means and assignment on the compute device
             if self.centroids is None:
-                self.centroids = _kmeans(k.float(), self.coarse_lists, iters=10, seed=0).to(self.device)
+                self.centroids = _kmeans(kf, self.coarse_lists, iters=10, seed=0)
                 atomic_write_bytes(self.root / "centroids.safetensors", st_save({"c": self.centroids.cpu().contiguous()}))
-            assign = _nearest(k.float(), self.centroids.cpu())  # (n,) nearest list
+            assign = _nearest(kf, self.centroids).cpu()  # (n,) nearest list
+            del kf
             order = torch.argsort(assign, stable=True)
             rows = torch.empty_like(order)
             rows[order] = torch.arange(order.numel())
@@ -551,11 +553,19 @@ class TraceStore:
             if c.t0 >= limit:
                 break
             if use_coarse and c.offsets is not None:
-                off = c.offsets
-                spans = [(int(off[j]), int(off[j + 1])) for j in lists if off[j + 1] > off[j]]
-            else:
-                spans = [(0, c.t1 - c.t0)]
-            for a0, b0 in spans:
+                # the probed lists' rows of this chunk, gathered in one fancy index (file order)
+                a0, b0 = c.offsets[lists], c.offsets[lists + 1]  # (nprobe,) row spans
+                n = b0 - a0
+                if n.sum() == 0:
+                    continue
+                rows = np.repeat(a0 - np.cumsum(n) + n, n) + np.arange(n.sum())  # (sum n,) rows of every span
+                pend_k.append(c.k[rows])
+                pend_i.append(c.ids[rows])
+                pend_n += rows.size
+                if pend_n >= self.block * 4:
+                    flush()
+                continue
+            for a0, b0 in [(0, c.t1 - c.t0)]:
                 for a in range(a0, b0, self.block):
                     b = min(b0, a + self.block)
                     pend_k.append(c.k[a:b])
