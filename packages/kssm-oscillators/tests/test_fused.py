@@ -1,7 +1,9 @@
 """The fused Triton recurrence against the reference PyTorch loop: values and gradients.
 
 Runs where Triton can execute: on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (slow,
-so the sizes are tiny). Skipped on installs without Triton (CPU-only torch)."""
+so the sizes are tiny). Skipped on installs without Triton (CPU-only torch). Note: Triton 3.6's
+interpreter calls ``int()`` on 1-element numpy arrays, which numpy >= 2.4 refuses ("only
+0-dimensional arrays can be converted"); use an older numpy there, or run on CUDA."""
 
 import os
 

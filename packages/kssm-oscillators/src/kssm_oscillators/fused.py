@@ -20,6 +20,11 @@ stored phases are the values the next token started from), with ``gv = dt g``::
     g <- g + gv (-(f_im + coup ms) s - (f_re + coup mc) c) + (A c - Bm s) / N
     A = sum(gv coup c),  Bm = -sum(gv coup s)        (the mean field's share)
 
+``integrator: split`` (:func:`kssm_oscillators.kssm.split_substep`) is fused the same way:
+rotation, then ``theta += 2 atan((g - 1) y / ((1 + g) |H| + (1 - g) x))`` with ``H`` the total
+field, ``x + i y = |H| e^{i (theta - arg H)}`` and ``g = exp(-|H| dt)``; its backward is the
+chain rule through that expression (``_split_parts`` holds the shared intermediates).
+
 ``horizon`` reproduces the reference's truncated backprop: the gradient reaching the
 phases that token ``t`` starts from is dropped when ``t % horizon == 0`` and ``t > 0``.
 
