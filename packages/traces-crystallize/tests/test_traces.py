@@ -161,3 +161,58 @@ def test_capture_runs_on_schedule_in_training_only():
     assert captured == [False, False, True, False, True, False, True]  # steps 3, 5, 7
     assert int(bb.train_step) == 7
     assert bb.layers[1].attn.traces.n_live > 0
+
+
+def test_capture_pass_reads_only_capture_rows():
+    """The forward-only capture pass sees the first ``capture_rows`` rows: changing another row
+    leaves the captured memory unchanged; changing a captured row does not."""
+    tr = {"enabled": True, "warmup_steps": 0, "update_interval": 1, "threshold": 0.0, "capture_rows": 1}
+    p = TransformerParams(n_layers=2, n_heads=2, max_seq_len=32, traces=tr)
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, D)
+    mems = []
+    for change in (None, 2, 0):
+        torch.manual_seed(1)
+        bb = TransformerBackbone(p, D).train()
+        xi = x.clone()
+        if change is not None:
+            xi[change] = torch.randn(10, D)
+        bb(xi)
+        mems.append(torch.cat([b.attn.traces.val for b in bb.layers]))
+    assert mems[0].abs().sum() > 0
+    torch.testing.assert_close(mems[1], mems[0])
+    assert not torch.allclose(mems[2], mems[0])
+
+
+def test_traces_only_training_forward_is_one_graph_and_still_captures():
+    """With crystallization off, the step counter and the capture run in an opaque op: Dynamo
+    sees no graph break (a break inside the core's layer loop would split every layer into
+    its own compiled frame), and the capture still happens on schedule."""
+    import statelab
+
+    spec = {"name": "t", "tokenizer": {"kind": "byte"},
+            "model": {"d_model": D, "backbone": {"kind": "transformer", "n_layers": 2, "n_heads": 2, "max_seq_len": 16,
+                                                  "traces": {"enabled": True, "warmup_steps": 1, "update_interval": 1,
+                                                             "threshold": 0.0}}},
+            "tracking": {"enabled": False}}
+    model = statelab.build(spec).train()
+    x = torch.randint(0, 256, (2, 12))
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert int(model.backbone.train_step) == 1 and model.backbone.layers[0].attn.traces.n_live > 0
+
+
+def test_diagonal_sums_match_the_scatter_by_offset():
+    """The atomics-free relative shift used for whole sequences equals the scatter over the
+    offsets matrix (which the KV-cache case still uses), and a brute-force sum."""
+    from traces_crystallize.traces import aggregate_by_offset, diagonal_sums
+
+    g = torch.Generator().manual_seed(0)
+    T = 9
+    s = torch.rand(2, 3, T, T, generator=g)
+    off = reference.offsets_matrix(T, T, 0)
+    brute = torch.stack([sum(s[..., i, i - d] for i in range(d, T)) for d in range(T)], -1)  # (2, 3, T)
+    torch.testing.assert_close(diagonal_sums(s * (off >= 0)), brute)
+    # the full aggregate: diagonal path (T == Tk, no cache) against the scatter path it replaced
+    fast = aggregate_by_offset(s, off, T)
+    torch.testing.assert_close(fast, aggregate_by_offset(s, off, T, shift=False))

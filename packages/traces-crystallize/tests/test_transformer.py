@@ -66,6 +66,23 @@ def test_flex_path_matches_sdpa_mask_path():
     torch.testing.assert_close(flex.out, sdpa.out, atol=1e-5, rtol=1e-4)
 
 
+def test_flex_path_traced_into_the_callers_compile_matches_sdpa():
+    """Under the caller's torch.compile the FlexAttention call (block mask included) is traced
+    into that graph; its output equals the SDPA float-mask path (aot_eager: CPU Inductor has no
+    FlexAttention backward, and the trace is what is checked here)."""
+    sdpa = seeded(traces={**TR, "attention": "sdpa"})().eval()
+    flex = seeded(traces={**TR, "attention": "flex"})().eval()
+    flex.load_state_dict(sdpa.state_dict())
+    x = torch.randn(2, 11, D)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(flex)(x)
+        out = torch.compile(flex, backend="aot_eager")(x)[0]
+        ref = sdpa(x)[0]
+    assert explained.graph_break_count == 0
+    assert any("flex_attention" in str(n.target) for g in explained.graphs for n in g.graph.nodes)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_assembled_model_conformance_and_spec_build():
     spec = {"name": "t", "tokenizer": {"kind": "byte"},
             "model": {"d_model": D, "backbone": {"kind": "transformer", "n_layers": 2, "n_heads": 2, "ffn": "moe",

@@ -159,17 +159,37 @@ class TraceStore(nn.Module):
         self.sync()
 
 
-def aggregate_by_offset(s: Tensor, off: Tensor, Tk: int) -> Tensor:
-    """Salience by offset from per-link salience ``s (B, H, T, Tk)`` (see the module doc)."""
+def diagonal_sums(s: Tensor) -> Tensor:
+    """``out[..., d] = sum_i s[..., i, i - d]`` for a causal square ``s (..., T, T)`` (zero above
+    the diagonal), ``(..., T)``, without atomics: the rows are flipped and padded to width 2T,
+    so that, read back with row width 2T - 1, link (i, i - d) lands in column d (the
+    Transformer-XL relative shift). The scatter in :func:`aggregate_by_offset` computes the
+    same sums with T-way contention on every address, which dominated a capture on the GPU."""
+    *lead, T, _ = s.shape
+    n = s.numel() // (T * T)
+    padded = torch.nn.functional.pad(s.reshape(n, T, T).flip(-1), (0, T))  # (n, T, 2T)
+    flat = padded.reshape(n, 2 * T * T)[:, T - 1 : T - 1 + T * (2 * T - 1)]  # (n, T * (2T - 1))
+    return flat.reshape(n, T, 2 * T - 1)[:, :, :T].sum(1).reshape(*lead, T)  # (..., T)
+
+
+def aggregate_by_offset(s: Tensor, off: Tensor, Tk: int, shift: bool = True) -> Tensor:
+    """Salience by offset from per-link salience ``s (B, H, T, Tk)`` (see the module doc).
+    A whole sequence (no KV cache) uses :func:`diagonal_sums` unless ``shift`` is false."""
     B, H, T, _ = s.shape
-    valid = off >= 0  # (T, Tk)
-    idx = torch.where(valid, off, torch.full_like(off, Tk)).reshape(1, 1, T * Tk).expand(B, H, T * Tk)
-    tot = torch.zeros(B, H, Tk + 1, device=s.device, dtype=s.dtype)
-    tot.scatter_add_(2, idx, s.reshape(B, H, T * Tk))  # (B, H, Tk+1)
-    cnt = torch.zeros(Tk + 1, device=s.device, dtype=s.dtype)
-    cnt.scatter_add_(0, idx[0, 0], valid.reshape(-1).to(s.dtype))
-    per_seq = (tot / cnt.clamp(min=1))[:, :, :Tk]  # (B, H, Tk): mean over the queries at that offset
-    present = cnt[:Tk] > 0  # (Tk,)
+    if shift and T == Tk and bool(off[-1, 0] == T - 1):  # a whole sequence (no KV cache): diagonal sums
+        tot = diagonal_sums(s * (off >= 0))  # (B, H, T); links above the diagonal never count
+        cnt = torch.arange(T, 0, -1, device=s.device, dtype=s.dtype)  # T - d queries at offset d
+        per_seq = tot / cnt
+    else:
+        valid = off >= 0  # (T, Tk)
+        idx = torch.where(valid, off, torch.full_like(off, Tk)).reshape(1, 1, T * Tk).expand(B, H, T * Tk)
+        tot = torch.zeros(B, H, Tk + 1, device=s.device, dtype=s.dtype)
+        tot.scatter_add_(2, idx, s.reshape(B, H, T * Tk))  # (B, H, Tk+1)
+        cnt = torch.zeros(Tk + 1, device=s.device, dtype=s.dtype)
+        cnt.scatter_add_(0, idx[0, 0], valid.reshape(-1).to(s.dtype))
+        cnt = cnt[:Tk]
+        per_seq = (tot[:, :, :Tk] / cnt.clamp(min=1))  # (B, H, Tk): mean over the queries at that offset
+    present = cnt > 0  # (Tk,)
     mean_b = per_seq.mean(0)  # (H, Tk)
     norm = mean_b / mean_b.amax(dim=1, keepdim=True).clamp(min=1e-12)
     row_mean = (per_seq * present).sum(-1, keepdim=True) / present.sum().clamp(min=1)  # (B, H, 1)

@@ -101,8 +101,9 @@ def _rope_tables(length: int, head_dim: int, base: float, device=None) -> tuple[
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate halves of ``x (B, H, T, hd)`` by angles ``cos, sin (T, hd/2)``."""
-    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, hd/2) each
+    """Rotate halves of ``x (..., hd)`` by angles ``cos, sin`` broadcastable to ``(..., hd/2)``:
+    ``(T, hd/2)`` for ``x (B, H, T, hd)``, ``(T, 1, hd/2)`` for ``x (B, T, H, hd)``."""
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hd/2) each
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -226,13 +227,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, state: State | None, step: Tensor | None, capture: bool) -> tuple[Tensor, Tensor, Tensor, Aux]:
         B, T, D = x.shape
         H, hd = self.n_heads, self.head_dim
-        q, k, v = self.c_attn(x).split(D, dim=2)  # (B, T, D) each
-        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, H, hd).transpose(1, 2)
-        v = v.view(B, T, H, hd).transpose(1, 2)
+        q, k, v = self.c_attn(x).view(B, T, 3, H, hd).unbind(2)  # (B, T, H, hd) each
         past = state["k"].shape[2] if state else 0
         cos, sin = self._rope(past, T)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # rotate in the (B, T, H, hd) layout the projection wrote, so q and k reach the attention
+        # kernel with the same strides as v (as nanoGPT's views do) and the backward's
+        # gradient for the fused projection is written without a transposing copy
+        cos, sin = cos[:, None], sin[:, None]  # (T, 1, hd/2)
+        q = apply_rotary(q, cos, sin).transpose(1, 2)  # (B, H, T, hd)
+        k = apply_rotary(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
         if past:
             k = torch.cat([state["k"].to(k.dtype), k], 2)  # (B, H, past + T, hd)
             v = torch.cat([state["v"].to(v.dtype), v], 2)
