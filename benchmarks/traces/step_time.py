@@ -29,8 +29,10 @@ import torch.nn.functional as F
 import statelab
 
 
-def make(traces: bool, d: int, layers: int, heads: int, T: int, vocab: int, learn_alpha: bool = False):
-    tr = {"enabled": traces, "warmup_steps": 0, "alpha_warmup_steps": 0, "update_interval": 1_000_000, "learn_alpha": learn_alpha}
+def make(traces: bool, d: int, layers: int, heads: int, T: int, vocab: int, learn_alpha: bool = False,
+         attention: str = "auto"):
+    tr = {"enabled": traces, "warmup_steps": 0, "alpha_warmup_steps": 0, "update_interval": 1_000_000, "learn_alpha": learn_alpha,
+          "attention": attention}
     spec = {"name": "bench", "tokenizer": {"kind": "byte"},
             "model": {"d_model": d, "vocab_size": vocab,
                       "backbone": {"kind": "transformer", "n_layers": layers, "n_heads": heads, "max_seq_len": T, "traces": tr}},
@@ -97,6 +99,8 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=100, help="update_interval for the amortised ratio")
     ap.add_argument("--no-compile", action="store_true", help="run both variants eagerly")
     ap.add_argument("--learn-alpha", action="store_true", help="also time the learnable-alpha variant")
+    ap.add_argument("--sdpa", action="store_true",
+                    help="also time the biased attention through SDPA with a float mask (attention: sdpa) on CUDA")
     ap.add_argument("--out", help="write the markdown section to this file")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -113,10 +117,12 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (B, a.T + 1), generator=g).to(device)
     variants = [("off", False, False), ("on", True, False)] + ([("learnable", True, True)] if a.learn_alpha else [])
+    variants += [("sdpa", True, False)] if a.sdpa and cuda else []
     models = {}
     for name, traces, learn in variants:
         torch.manual_seed(0)
-        models[name] = make(traces, d, L, a.heads, a.T, V, learn_alpha=learn).to(device)
+        models[name] = make(traces, d, L, a.heads, a.T, V, learn_alpha=learn,
+                            attention="sdpa" if name == "sdpa" else "auto").to(device)
         if traces:
             populate(models[name], x[:, :-1])
     entries = sum(b.attn.traces.n_live for b in models["on"].backbone.layers)
@@ -145,7 +151,12 @@ def main() -> None:
     if "learnable" in res:
         rows_md.append(f"| traces on, biased attention, learnable alpha (bias gradient) | {res['learnable'] * 1e3:.1f} ms "
                        f"({res['learnable'] / res['off']:.3f}x) |")
+    if "sdpa" in res:
+        rows_md.append(f"| traces on, biased attention through SDPA + float mask | {res['sdpa'] * 1e3:.1f} ms "
+                       f"({res['sdpa'] / res['off']:.3f}x) |")
     rows_md.append(f"| **on / off, amortised over update_interval={a.interval}** | **{amortised('on'):.3f}** (goal <= 1.10 on the H100) |")
+    if "sdpa" in res:
+        rows_md.append(f"| on / off amortised, SDPA + float mask | {amortised('sdpa'):.3f} |")
     if "learnable" in res:
         rows_md.append(f"| on / off amortised, learnable alpha | {amortised('learnable'):.3f} |")
     md = "\n".join([
@@ -159,7 +170,7 @@ def main() -> None:
         *rows_md,
         "",
         f"Reproduce: `python benchmarks/traces/step_time.py --device {a.device}{' --no-compile' if not compile_ else ''}"
-        f"{' --learn-alpha' if a.learn_alpha else ''}`",
+        f"{' --learn-alpha' if a.learn_alpha else ''}{' --sdpa' if a.sdpa else ''}`",
         "",
     ])
     print(md)

@@ -27,7 +27,10 @@ import torch.nn.functional as F
 class RefAttention(nn.Module):
     def __init__(self, d: int, h: int, dropout: float, rope: tuple | None = None) -> None:
         super().__init__()
-        self.h, self.dropout, self.rope = h, dropout, rope
+        self.h, self.dropout, self.rope = h, dropout, rope is not None
+        if rope is not None:  # buffers, so they move to the GPU with the model
+            self.register_buffer("cos", rope[0].clone(), persistent=False)
+            self.register_buffer("sin", rope[1].clone(), persistent=False)
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
         self.drop = nn.Dropout(dropout)
@@ -35,12 +38,13 @@ class RefAttention(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (t.view(B, T, self.h, D // self.h).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        if self.rope is not None:  # --diagnose: the reference with our rotary positions instead of learned ones
+        if self.rope:  # --diagnose: the reference with our rotary positions instead of learned ones
             from traces_crystallize.transformer import apply_rotary
 
-            cos, sin = self.rope[0][:T].to(x.device), self.rope[1][:T].to(x.device)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cos, sin = self.cos[:T, None], self.sin[:T, None]  # (T, 1, hd/2)
+            q = apply_rotary(q.view(B, T, self.h, D // self.h), cos, sin).view(B, T, D)  # (B, T, D)
+            k = apply_rotary(k.view(B, T, self.h, D // self.h), cos, sin).view(B, T, D)
+        q, k, v = (t.view(B, T, self.h, D // self.h).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.drop(self.out(y.transpose(1, 2).contiguous().view(B, T, D)))  # (B, T, D)
 
@@ -206,7 +210,8 @@ def main() -> None:
         "",
         f"Reproduce: `python benchmarks/traces/vs_nanogpt.py --device {args.device}"
         f"{'' if args.batch == 64 else f' --batch {args.batch}'}{'' if args.steps == 50 else f' --steps {args.steps}'}"
-        f"{' --no-compile' if not compile_ else ''}`",
+        f"{'' if args.warmup == 10 else f' --warmup {args.warmup}'}{'' if args.rounds == 2 else f' --rounds {args.rounds}'}"
+        f"{' --diagnose' if args.diagnose else ''}{' --no-compile' if not compile_ else ''}`",
         "",
     ])
     print(md)

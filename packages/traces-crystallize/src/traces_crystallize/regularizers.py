@@ -5,7 +5,8 @@
   1.0 when perfectly balanced. Averaged over layers.
 * ``trace-utilization``: ``mean_h alpha_h^2 (1 - u_h)`` where ``u_h`` is the fraction of
   head ``h``'s attention mass that fell on traced links at the last capture: it shrinks the
-  bias strength of heads whose traces attention does not use.
+  bias strength of heads whose traces attention does not use. It has a gradient only with
+  ``traces.learn_alpha: true``; with the default fixed alpha schedule it is a constant (a metric).
 * ``crystallization``: the mean router entropy divided by ``log E`` (stable routing lets
   paths crystallize). It also *drives* crystallization: it keeps the last training batch's
   tokens (a forward pre-hook on the model's embedding) and every ``prune_interval`` steps
