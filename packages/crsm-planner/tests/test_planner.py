@@ -191,3 +191,21 @@ def test_cap_target_norm_bounds_each_head_and_keeps_short_targets():
     h4[:, 1] *= 1e-3
     t4 = cap_target_norm({"k": torch.full((1, 2, 2, 2), 10.0)}, {"k": h4})["k"]
     torch.testing.assert_close(torch.linalg.vector_norm(t4[0, 1]), torch.linalg.vector_norm(h4[0, 1]))
+
+
+def test_value_head_without_heldout_skill_never_injects():
+    """On uniformly random bytes the future loss cannot be read from the state: the fitted
+    value head does no better than a constant on held-out text, its skill is 0 and so is
+    every alpha. On the mode-switch text (where it can) the skill is positive."""
+    model = planner_model(simulations=8, d_latent=8, gate_steps=2)
+    noise = torch.randint(0, 256, (6000,), generator=torch.Generator().manual_seed(0))
+    m = model.planner.fit(model, window_batches(noise, 8, 24), steps=10, lr=3e-3)
+    assert m["value/mse"] >= m["value/const_mse"] * 0.98
+    assert m["value/skill"] == pytest.approx(max(0.0, 1 - m["value/mse"] / m["value/const_mse"]), abs=1e-6)
+    assert model.planner.value_skill.item() < 0.02
+    with torch.no_grad():
+        logits, state, _ = model(noise[:64].view(2, 32))
+    res = model.planner.plan(model, PlanRequest(state, logits[:, -1], 31, 1))
+    assert res.alpha.abs().max().item() <= 0.02 * model.planner.params.alpha_max
+    _, metrics, _ = trained_planner_model()
+    assert metrics["value/skill"] > 0.05

@@ -8,7 +8,9 @@
 The target of a plan is ``s + D(z_best) - D(z_root)``: the snapshot moved by the change
 the decoder attributes to going from the root latent to the chosen child's, so the
 part of the state the latent cannot represent is kept as it is. The gate is
-``a = a_max * sigmoid(gate) * confidence``; ``gate`` is fitted on the realised loss of
+``a = a_max * sigmoid(gate) * confidence``, where the search's confidence is scaled by
+the value head's held-out skill ``1 - mse / var`` at the last fit (0 for a head that
+predicts no better than a constant); ``gate`` is fitted on the realised loss of
 the backbone after injection (see :meth:`MCTSPlanner._fit_gate`), and the confidence
 comes from the search (see :mod:`crsm_planner.search`), so an uncertain value head or a
 flat search gives ``a ~ 0``. ``Backbone.inject`` (``gated_inject``) clamps ``a`` to
@@ -98,6 +100,8 @@ class MCTSPlanner(Planner):
         self.register_buffer("fitted", torch.zeros(()))  # 1.0 once fit() has run
         # number of value-head training targets of the last fit (see _value_fn); 1 = outcome variance
         self.register_buffer("value_count", torch.ones(()))
+        # held-out skill of the value head at the last fit, 1 - mse / var (clamped to [0, 1]); scales the confidence
+        self.register_buffer("value_skill", torch.ones(()))
         self.lm_head: nn.Module | None = None  # set only on a CPU shadow (see shadow_for)
         # the backbone trains without the planner: its parts get no gradient from the LM loss
         for prm in self.parameters():
@@ -151,7 +155,7 @@ class MCTSPlanner(Planner):
         z0 = self.codec.encode(s)  # (B, L)
         res = self.make_search(model, simulations).run(z0, logits, noise=noise)
         target_flat = s + self.codec.decode_delta(res.best_latent, z0)  # (B, S)
-        conf = res.confidence * self.fitted  # an unfitted planner never injects
+        conf = res.confidence * self.fitted * self.value_skill  # unfitted, or a value head no better than a constant: 0
         return target_flat, conf, self.alpha_from(conf), res.best_token, res.root_visits, res.nodes_used
 
     @torch.no_grad()
@@ -224,6 +228,7 @@ class MCTSPlanner(Planner):
         self._fit_count += 1
         # checkpoints from before value_count existed: the outcome variance, as they were fitted
         state_dict.setdefault(prefix + "value_count", torch.ones(()))
+        state_dict.setdefault(prefix + "value_skill", torch.ones(()))
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def shadow_for(self, model, device: torch.device | str) -> "MCTSPlanner":
@@ -410,6 +415,10 @@ class MCTSPlanner(Planner):
             self._fit_count += 1
             with torch.no_grad():
                 _, metrics = self._losses(model, heldout_roll, metrics=True)
+                if losses:  # a head that predicts held-out loss no better than its mean gets no say
+                    skill = 1.0 - metrics["value/mse"] / max(metrics["value/const_mse"], 1e-12)
+                    self.value_skill.fill_(min(max(skill, 0.0), 1.0))
+                    metrics["value/skill"] = self.value_skill.item()
             metrics["fit/loss_first"] = losses[0] if losses else float("nan")
             metrics["fit/loss_last"] = losses[-1] if losses else float("nan")
             metrics.update(self._fit_gate(model, token_batches, gen, lr=0.05))
