@@ -126,3 +126,27 @@ def test_store_backend_coarse_reads_with_all_lists_equal_exact(tmp_path):
             assert store.n_cold > 0 and store.centroids is not None
         mem.attach_store(None)
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
+
+
+def test_ingest_writes_only_through_the_tail_memory_and_keeps_the_state_exact(registry, then_spec):
+    """ingest_tokens skips the reads of a memory that only feeds the head: same state as a full run."""
+    from then_memory.users import ingest_tokens
+
+    model = statelab.build(then_spec(), registry=registry).eval()
+    model.memory_layers = [len(model.backbone.layers) - 1]  # the memory after the last layer
+    x = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        full = None
+        for a in range(0, 40, 16):
+            _, full, _ = model.hidden(x[:, a : a + 16], full)
+        reads = []
+        mem = model.memories[0]
+        orig = mem._read
+        mem._read = lambda *a: reads.append(1) or orig(*a)
+        fast = ingest_tokens(model, x, None, 16)
+        del mem._read
+    assert not reads  # the ingest never read
+    assert set(full) == set(fast)
+    for k in full:
+        assert torch.allclose(full[k].float(), fast[k].float(), atol=1e-6), k
+    assert not model.memories[0].write_only  # reset after the ingest

@@ -115,6 +115,8 @@ class ThenMemory(Memory):
         self.recall_log_temp = nn.Parameter(torch.full((n_heads,), math.log(recall_temperature)))
         self.out = nn.Linear(d_model, d_model, bias=False)
         nn.init.normal_(self.out.weight, std=0.02)
+        # set by ingest_tokens when nothing downstream reads this memory's output (see there)
+        self.write_only = False
         self.store: "TraceStore | None" = None
         self.store_coarse, self.store_nprobe = False, 32
 
@@ -166,7 +168,7 @@ class ThenMemory(Memory):
     # -- forward ---------------------------------------------------------------------
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
         B, T, D = x.shape
-        H, dh, W, S = self.n_heads, self.dh, self.window, self.ring_size
+        W = self.window
         if state is None or not state:
             state = self.init_state(B, x.device)
         pos0, count0 = state["pos"], state["count"]
@@ -178,6 +180,23 @@ class ThenMemory(Memory):
         ev = torch.cat([state["cache_v"].to(v.dtype), v], 1)  # (B, L, D)
         ep = pos0[:, None] + torch.arange(-W, T, device=dev)  # (B, L) absolute positions
         qp = pos0[:, None] + torch.arange(T, device=dev)  # (B, T)
+
+        # traces completed during this call, with their time indices; with trace_key=previous the
+        # key of position p is the cached/new key of p - 1 (ek[:, 0] never belongs to a chunk
+        # completed now, since W >= C, so its missing predecessor is never used)
+        tk = torch.cat([ek.new_zeros(B, 1, D), ek[:, :-1]], 1) if self.trace_key == "previous" else ek  # (B, L, D)
+        nk, nv, nvalid, navail = self._new_traces(tk, ev, ep, pos0, T)  # (B, N, D), (B, N), (B, N)
+        nseq = count0[:, None] + nvalid.long().cumsum(1) - 1  # (B, N) time index of each new trace
+        if self.write_only:  # ingest only: the traces and the state, no reads, the output is the input
+            return x, self._next_state(state, nk, nv, nvalid, nseq, ek, ev, T), {}
+        y, aux = self._read(x, h, q, ek, ev, ep, qp, state, nk, nv, nvalid, navail, nseq)
+        return y, self._next_state(state, nk, nv, nvalid, nseq, ek, ev, T), aux
+
+    def _read(self, x, h, q, ek, ev, ep, qp, state, nk, nv, nvalid, navail, nseq) -> tuple[Tensor, Aux]:
+        """Local attention and the trace read-out, merged by the gate: ``y`` (B, T, D)."""
+        B, T, D = x.shape
+        H, dh, W, S = self.n_heads, self.dh, self.window, self.ring_size
+        count0 = state["count"]
         scale = 1.0 / math.sqrt(dh)
         qh = q.view(B, T, H, dh)  # (B, T, H, dh)
 
@@ -187,13 +206,6 @@ class ThenMemory(Memory):
         att = torch.einsum("bthd,blhd->bhtl", qh, ek.view(B, -1, H, dh)) * scale  # (B, H, T, L)
         att = att.masked_fill(~ok_loc[:, None], float("-inf")).softmax(-1)
         local = torch.einsum("bhtl,blhd->bthd", att, ev.view(B, -1, H, dh))  # (B, T, H, dh)
-
-        # traces completed during this call, with their time indices; with trace_key=previous the
-        # key of position p is the cached/new key of p - 1 (ek[:, 0] never belongs to a chunk
-        # completed now, since W >= C, so its missing predecessor is never used)
-        tk = torch.cat([ek.new_zeros(B, 1, D), ek[:, :-1]], 1) if self.trace_key == "previous" else ek  # (B, L, D)
-        nk, nv, nvalid, navail = self._new_traces(tk, ev, ep, pos0, T)  # (B, N, D), (B, N), (B, N)
-        nseq = count0[:, None] + nvalid.long().cumsum(1) - 1  # (B, N) time index of each new trace
         can = nvalid[:, None, :] & (navail[:, None, :] <= qp[:, :, None])  # (B, T, N) available at p
 
         if self.store is None:
@@ -203,9 +215,9 @@ class ThenMemory(Memory):
             rn = state["ring_n"]
             ok_old = (rn[:, None, :] >= 0) & (rn[:, None, :] >= lo)  # (B, T, S)
             ok_new = can & (nseq[:, None, :] >= lo)  # (B, T, N)
-            rk = state["ring_k"].to(k.dtype).view(B, S, H, dh)
+            rk = state["ring_k"].to(q.dtype).view(B, S, H, dh)
             s_old = torch.einsum("bthd,bshd->bhts", qh, rk)  # (B, H, T, S)
-            v_all = torch.cat([state["ring_v"].to(v.dtype), nv], 1)  # (B, M, D), M = S + N
+            v_all = torch.cat([state["ring_v"].to(nv.dtype), nv], 1)  # (B, M, D), M = S + N
         else:
             ok_old, s_old, v_old = self._store_candidates(q, count0)  # per-query candidates (B, T, K0, ...)
             ok_new = can
@@ -241,8 +253,13 @@ class ThenMemory(Memory):
         g = publish(aux, "memory.gate", torch.sigmoid(self.gate(h)))  # (B, T, H)
         mixed = (1 - g)[..., None] * local + g[..., None] * recall  # (B, T, H, dh)
         y = x + self.out(mixed.reshape(B, T, D))  # (B, T, D)
+        return y, aux
 
-        # the new state: window cache, ring (slot n % S, newest S only), counters
+    def _next_state(self, state, nk, nv, nvalid, nseq, ek, ev, T) -> State:
+        """Window cache, ring (slot n % S, newest S only) and counters after this call; with
+        a store attached the new traces are appended to it."""
+        W, S = self.window, self.ring_size
+        pos0, count0 = state["pos"], state["count"]
         n_new = nvalid.long().sum(1)  # (B,)
         count1 = count0 + n_new
         keep = nvalid & (nseq >= (count1 - S)[:, None])  # (B, N)
@@ -261,7 +278,7 @@ class ThenMemory(Memory):
         }
         if self.store is not None:
             self._store_write(nk, nv, nvalid, nseq)
-        return y, new_state, aux
+        return new_state
 
     @staticmethod
     def _scatter(ring: Tensor, slot: Tensor, new: Tensor) -> Tensor:

@@ -4,7 +4,9 @@ For each length ``L`` and depth ``d`` (``trials`` times): a document of ``L`` to
 with "The pass key is K. Remember it. K is the pass key." at depth ``d`` is *ingested*
 (the frozen model runs over it without gradient, segment by segment, and keeps only its
 state: recurrent state, local window and traces); then the question "What is the pass
-key? The pass key is" is run from that state and the answer decoded greedily. The key is in
+key? The pass key is" is run from that state and the answer decoded greedily (as many
+tokens as the answer " K" has, so a model that never learned where a key ends is not
+penalised for the token after it; a shorter or wrong number still fails). The key is in
 the memory only, never in the question's tokens. Exact match on the first number.
 
 Every trace of a document stays readable: the ring of each ``then`` memory is enlarged for
@@ -70,7 +72,7 @@ class PasskeyProbe(Probe):
                         for ex in exs:
                             if ex.ids[-len(q_ids):] != q_ids:  # pragma: no cover - the generator's layout changed
                                 raise RuntimeError("passkey: the example does not end with the question")
-                        max_new = max(len(ex.answer_ids) for ex in exs) + 1
+                        max_new = max(len(ex.answer_ids) for ex in exs)  # " K": as many tokens as the answer
                         ids = torch.tensor([ex.ids for ex in exs], device=device)  # (b, L)
                         if p.mode == "ingest":
                             state = ingest_tokens(model, ids[:, : -len(q_ids)], None, p.segment_len)

@@ -102,10 +102,22 @@ def ingest_tokens(model, tokens: Tensor, state: State | None = None, segment_len
     tokens = tokens.to(next(model.parameters()).device)
     if state is None:
         state = model.init_state(tokens.shape[0])
-    for a in range(0, tokens.shape[1], segment_len):
-        _, state, _ = model.hidden(tokens[:, a : a + segment_len], state)
-        if on_segment is not None:
-            on_segment(state, min(a + segment_len, tokens.shape[1]))
+    # the last memory after the last backbone layer feeds only the head: its reads cannot
+    # change the carried state, so while ingesting it only writes (same state, far less work)
+    mems, layers = list(getattr(model, "memories", [])), list(getattr(model, "memory_layers", []))
+    n_layers = len(model.backbone.layers) if hasattr(model, "backbone") else -1
+    tail = [m for m, layer in zip(mems, layers) if layer == n_layers - 1][-1:]
+    tail = [m for m in tail if isinstance(m, ThenMemory)]
+    try:
+        for m in tail:
+            m.write_only = True
+        for a in range(0, tokens.shape[1], segment_len):
+            _, state, _ = model.hidden(tokens[:, a : a + segment_len], state)
+            if on_segment is not None:
+                on_segment(state, min(a + segment_len, tokens.shape[1]))
+    finally:
+        for m in tail:
+            m.write_only = False
     return state
 
 
