@@ -1,3 +1,4 @@
+import copy
 import math
 
 import torch
@@ -200,6 +201,9 @@ def test_traces_only_training_forward_is_one_graph_and_still_captures():
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert int(model.backbone.train_step) == 1 and model.backbone.layers[0].attn.traces.n_live > 0
+    twin = copy.deepcopy(model)  # a copy ticks (and captures) on its own
+    twin(x)
+    assert int(twin.backbone.train_step) == 2 and int(model.backbone.train_step) == 1
 
 
 def test_diagonal_sums_match_the_scatter_by_offset():

@@ -159,7 +159,7 @@ def salience(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, traced: Tenso
     ``A (B, H, T, Tk)`` with the bias ``bias (H, Tk)`` by offset, the fraction ``use (H,)`` of
     attention mass on traced offsets (``traced (H, Tk)``, 1 where M > 0) and the salience by
     offset ``S (H, Tk)`` (see the module doc)."""
-    B, H, T, hd = q.shape
+    _, H, T, hd = q.shape
     Tk = k.shape[2]
     off = offsets_matrix(T, Tk, past, q.device)  # (T, Tk), -1 above the diagonal
     causal = off >= 0

@@ -375,6 +375,10 @@ class TransformerBackbone(Backbone):
         _TICKING[id(self)] = self
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module._ctx, "step", int(module.train_step)))
 
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy / unpickling: register the copy for the tick op
+        super().__setstate__(state)
+        _TICKING[id(self)] = self
+
     def _init_weights(self, p: TransformerParams) -> None:
         for name, mod in self.named_modules():
             if isinstance(mod, nn.Linear):
