@@ -16,9 +16,11 @@ Config (:class:`then_memory.plugin.ThenParams`)::
 Per position ``p`` with normed input ``h = LN(x_p)`` and ``q, k, v = W_qkv h``::
 
     local  = softmax-attention of q over k, v of positions (p - W, p]
-    recall = softmax-attention of q over the top-k traces (by the inner product q . k_trace,
-             summed over heads) among the traces *available* at p; the logits of each
-             head are multiplied by a learned temperature tau_h (init ``recall_temperature``)
+    recall = softmax-attention of q over the top-k traces among the traces *available* at p;
+             the logits of head h are multiplied by a learned temperature tau_h (init
+             ``recall_temperature``), and the top-k are those with the largest
+             sum_h tau_h q_h . k_h (an inner product with the query scaled per head, so a
+             store ranks the same way)
     g      = sigmoid(W_g h)                      (B, T, H), published as ``memory.gate``
     y_p    = x_p + W_o [(1 - g) local + g recall]   (recall published as ``memory.recall``)
 
@@ -226,13 +228,14 @@ class ThenMemory(Memory):
         s = torch.cat([s_old, s_new], -1) * scale  # (B, H, T, M)
         ok = torch.cat([ok_old, ok_new], -1)  # (B, T, M)
 
-        # top-k by the full inner product (summed over heads), then per-head softmax
+        # top-k by the temperature-weighted inner product sum_h tau_h q_h . k_h (the logits the
+        # softmax uses, so selection ranks what the read-out has learned to prefer), then per-head softmax
         K = min(self.top_k, s.shape[-1])
+        s = s * self.recall_log_temp.exp().to(s.dtype)[None, :, None, None]  # learned sharpness per head
         sel = s.sum(1).masked_fill(~ok, float("-inf"))  # (B, T, M)
         idx = sel.topk(K, dim=-1).indices  # (B, T, K)
         okk = ok.gather(-1, idx)  # (B, T, K)
         sk = s.gather(-1, idx[:, None].expand(B, H, T, K))  # (B, H, T, K)
-        sk = sk * self.recall_log_temp.exp().to(sk.dtype)[None, :, None, None]  # learned sharpness per head
         sk = sk.masked_fill(~okk[:, None], torch.finfo(sk.dtype).min)
         wts = sk.softmax(-1) * okk[:, None].to(sk.dtype)  # (B, H, T, K); all zero when nothing to read
         # gathers from the (B, M, D) rows with a flat (B, T*K) index: the backward pass then
@@ -298,7 +301,9 @@ class ThenMemory(Memory):
                 f"then: the state says {limit} traces were written but the attached store holds {len(self.store)}; "
                 "the state and the store belong to different users or the store lost data"
             )
-        res = self.store.search(q[0].detach(), self.top_k, limit=limit, coarse=self.store_coarse, nprobe=self.store_nprobe)
+        tau = self.recall_log_temp.exp().to(q.dtype).repeat_interleave(dh)  # (D,): each head's dims by its tau
+        res = self.store.search((q[0] * tau).detach(), self.top_k, limit=limit, coarse=self.store_coarse,
+                                nprobe=self.store_nprobe)  # ranks by sum_h tau_h q_h . k_h, as the ring does
         kk = res.keys.to(q.device, q.dtype)[None]  # (1, T, K0, D)
         vv = res.values.to(q.device, q.dtype)[None]  # (1, T, K0, D)
         ok = (res.ids >= 0).to(q.device)[None]  # (1, T, K0)

@@ -42,7 +42,8 @@ def naive_forward(mem: ThenMemory, x: Tensor) -> tuple[Tensor, list[list[tuple[i
                 local[hd] = sum(a[i] * win[i][1][sl] for i in range(len(win)))
             readable = traces[-S:]  # all written traces are from positions < p
             if readable:
-                full = torch.stack([q @ tk for tk, _, _, _ in readable])
+                tau = mem.recall_log_temp.exp().repeat_interleave(dh)  # (D,) per-head temperature
+                full = torch.stack([(q * tau) @ tk for tk, _, _, _ in readable])
                 top = full.topk(min(mem.top_k, len(readable))).indices.tolist()
                 chosen = [readable[i] for i in top]
                 row_reads += [(p, n) for _, _, n, _ in chosen]
