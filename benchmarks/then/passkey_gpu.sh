@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train configs/then.yaml on a GPU and run the passkey probe (the device run of docs/benchmarks.md).
+# Train configs/then.yaml (Shakespeare + passkey, stream) on a GPU and run the full passkey grid.
+# Written for a device run that did not happen (no device time was left): untested on a GPU.
 #   bash benchmarks/then/passkey_gpu.sh OUT_DIR TRAIN_SECONDS [probe args...]
 # Writes OUT_DIR/then/ (the run; the probe reads its last checkpoint) and the probe's passkey.md / passkey.png.
 set -euo pipefail

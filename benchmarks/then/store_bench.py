@@ -143,7 +143,6 @@ def main() -> int:
         print(f"nprobe {npb}: p50 {sweep[-1]['p50_ms']:.2f} ms p99 {sweep[-1]['p99_ms']:.2f} ms "
               f"recall@{args.k} {sweep[-1]['recall']:.3f}", flush=True)
     main_row = sweep[0]
-    coarse_ms = None
 
     # model ingest through a `then` memory writing token traces into a fresh store
     mem = ThenMemory(d, n_heads=4, chunk_size=16, window=32, ring_size=256, top_k=16).to(dev).eval()
