@@ -185,6 +185,27 @@ def test_resume_refuses_a_model_change_and_allows_train_changes(reg, tmp_path):
     assert res.step == 6 and len(losses(res.run_dir)) == 6
 
 
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(reg, tmp_path):
+    first = toy_spec()
+    first["train"].update(steps=5, lr=1e-2, eval_interval=100, sample_tokens=0)
+    trained = train(first, registry=reg, out_dir=tmp_path / "a", progress=False).model
+    second = toy_spec()
+    second["name"] = "second"
+    second["train"].update(steps=0, eval_interval=100, sample_tokens=0, init_from=str(tmp_path / "a" / "toy"))
+    res = train(second, registry=reg, out_dir=tmp_path / "b", progress=False)
+    assert res.step == 0
+    for (k, a), (_, b) in zip(trained.state_dict().items(), res.model.state_dict().items()):
+        assert torch.equal(a.cpu(), b.cpu()), k
+    fresh = train(dict(second, train=dict(second["train"], init_from=None)), registry=reg, out_dir=tmp_path / "c",
+                  progress=False).model
+    assert not all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), fresh.state_dict().values()))
+
+    wider = toy_spec(d_model=32)
+    wider["train"] = dict(second["train"])
+    with pytest.raises(ValueError, match=r"train.init_from .*does not fit the model this spec builds \(of another shape: "):
+        train(wider, registry=reg, out_dir=tmp_path / "d", progress=False)
+
+
 def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(reg, tmp_path):
     spec = toy_spec()
     spec["train"].update(steps=2, eval_interval=100, sample_tokens=0)

@@ -134,6 +134,10 @@ class TrainSpec(_Strict):
     keep_last: int = Field(2, ge=1, description="periodic checkpoints kept")
     sample_tokens: int = Field(200, ge=0, description="tokens sampled at each evaluation (0: none)")
     out_dir: str = Field("runs", description="runs are written to <out_dir>/<name>")
+    init_from: str | None = Field(
+        None, description="start a new run from these weights: a checkpoint directory, or a run directory (its "
+        "best/, else last/); optimizer, schedule and step start afresh, and the spec must build the same model. "
+        "Ignored by --resume, which continues from the run's own checkpoint")
     planner_fit: PlannerFitSpec = Field(default_factory=PlannerFitSpec, description="planner fitting after training")
 
 

@@ -438,6 +438,28 @@ def _spec_diff(old: Mapping[str, Any], new: Mapping[str, Any], sections: tuple[s
 # the trainer
 
 
+def _init_from(model: torch.nn.Module, path: str) -> None:
+    """Load ``train.init_from``'s weights into the freshly built ``model``, or say why they do not fit."""
+    ck = ckpt.read_checkpoint(path)
+    if ck.vocab_size != model.vocab_size:
+        raise ValueError(f"train.init_from {path!r}: the checkpoint's vocabulary has {ck.vocab_size} tokens and this "
+                         f"spec's has {model.vocab_size}; use the tokenizer and data the checkpoint was trained with")
+    theirs, ours = ck.state_dict(), model.state_dict()
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    reshaped = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
+    if missing or unexpected or reshaped:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = [f"{what}: {few(keys)}" for what, keys in
+                 (("missing from the checkpoint", missing), ("not in this model", unexpected),
+                  ("of another shape", [f"{k} {tuple(theirs[k].shape)} -> {tuple(ours[k].shape)}" for k in reshaped]))
+                 if keys]
+        raise ValueError(f"train.init_from {path!r}: the checkpoint does not fit the model this spec builds ("
+                         + "; ".join(parts) + "); make the spec's model section match the checkpoint's")
+    model.load_state_dict(theirs)
+
+
 def _load_doc(spec_or_path: Any) -> tuple[dict[str, Any], str | None]:
     if isinstance(spec_or_path, RunSpec):
         return dump_spec(spec_or_path), None
@@ -552,6 +574,8 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
         best_val, best_step = tstate.get("best_val_loss"), tstate.get("best_step")
         run_id = tstate.get("mlflow_run_id")
         history = tstate.get("history", history)
+    elif cfg.init_from:
+        _init_from(model, cfg.init_from)
     model.to(device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as in nanoGPT
