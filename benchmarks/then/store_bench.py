@@ -34,10 +34,12 @@ from then_memory.memory import ThenMemory
 from then_memory.store import TraceStore
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory in MiB: VmRSS (all), RssAnon (heap: what the budgets bound), RssFile
+    (mapped file pages: the cold tier read through mmap, which the OS reclaims under pressure)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -102,7 +104,8 @@ def main() -> int:
         n += m
         if n % args.sample_every < args.batch or n == args.traces:
             gpu = torch.cuda.memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0
-            samples.append({"traces": n, "rss_mb": round(rss_mb(), 1), "gpu_mb": round(gpu, 1),
+            samples.append({"traces": n, "rss_mb": round(rss_mb(), 1), "anon_mb": round(rss_mb("RssAnon"), 1),
+                            "file_mb": round(rss_mb("RssFile"), 1), "gpu_mb": round(gpu, 1),
                             "hot": store.hot.n, "warm": store.warm.n, "cold": store.n_cold})
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -193,6 +196,9 @@ def main() -> int:
         f"| store ingest | {res['ingest_traces_per_s']:,.0f} traces/s ({ingest_s:.1f} s) |",
         f"| model ingest (then memory, token traces, T=512 segments) | {model_tok_s:,.0f} tokens/s |",
         f"| RSS while ingesting (min / max over {len(rss)} samples) | {min(rss):.0f} / {max(rss):.0f} MiB |",
+        f"| of which heap (RssAnon) / mapped files (RssFile), min / max | "
+        f"{min(s['anon_mb'] for s in samples):.0f} / {max(s['anon_mb'] for s in samples):.0f} MiB; "
+        f"{min(s['file_mb'] for s in samples):.0f} / {max(s['file_mb'] for s in samples):.0f} MiB |",
         f"| GPU memory allocated (min / max) | {min(gpu):.0f} / {max(gpu):.0f} MiB |",
         f"| cold tier on disk | {res['cold_disk_mb']:.0f} MiB |",
         "",

@@ -107,6 +107,27 @@ def test_coarse_search_recall_on_clustered_data(tmp_path):
     assert recall >= 0.9, recall
 
 
+def test_coarse_index_trains_on_more_than_the_first_chunk(tmp_path):
+    # the first sealed chunk holds only cluster A; the warm tier already holds cluster B. Trained
+    # on that chunk alone, both lists would sit on A and B's traces would land in a list whose
+    # centroid is far from every B query.
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.zeros(8), torch.zeros(8)
+    a[0], b[1] = 10.0, 10.0
+    A = a + 0.1 * torch.randn(64, 8, generator=g)
+    B = b + 0.1 * torch.randn(128, 8, generator=g)
+    s = TraceStore(tmp_path, 8, hot_budget=16, warm_budget=128, chunk_traces=64, coarse_lists=2)
+    s.append(A, A)
+    s.append(B, B)
+    assert s.n_cold == 64 and s.centroids is not None
+    to_b = (s.centroids - b).norm(dim=1).min().item()
+    assert to_b < 1.0, s.centroids
+    s.append(B + 0.01, B)  # B now sealed into lists too: one probed list finds them
+    q = b + 0.1 * torch.randn(5, 8, generator=g)
+    exact, approx = s.search(q, 8), s.search(q, 8, coarse=True, nprobe=1)
+    assert torch.equal(exact.ids, approx.ids)
+
+
 def test_reopen_and_recover_from_interrupted_writes(tmp_path):
     K, V = traces(100, 8)
     s = make(tmp_path)

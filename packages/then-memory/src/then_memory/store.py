@@ -7,9 +7,10 @@ Config (keyword arguments of :class:`TraceStore`)::
     warm_budget    traces kept in host RAM (pinned when CUDA is available); >= chunk_traces
     chunk_traces   traces per cold chunk file
     device         compute device of the hot tier and of every search
-    coarse_lists   > 0: a coarse index (k-means centroids) is trained on the first cold chunk
-                   and every cold chunk is laid out by centroid, so a coarse search reads
-                   only the lists nearest to the query; 0 = exact search only
+    coarse_lists   > 0: a coarse index (k-means centroids) is trained when the first cold chunk
+                   is sealed, on up to 64 traces per list (that chunk plus the warm and hot
+                   traces held then), and every cold chunk is laid out by list, so a coarse
+                   search reads only the lists nearest to the query; 0 = exact search only
     durable        fsync the log on every append (survives power loss, not only a killed process)
 
 Every trace has a time index ``t`` (0, 1, 2, ... in append order). The tiers hold
@@ -170,6 +171,8 @@ class _Chunk:
         self.ids = arrs.get("ids")  # time index of each row (coarse layout); None = row i is t0 + i
         self.rows = arrs.get("rows")
         self.offsets = None if "offsets" not in arrs else np.asarray(arrs["offsets"])
+        self.k_t = _tensor(self.k)  # torch views of the same memory, for gathers into a staging buffer
+        self.ids_t = None if self.ids is None else _tensor(self.ids)
 
 
 class TraceStore:
@@ -212,6 +215,8 @@ class TraceStore:
         self.warm = _Ring(warm_budget, dim, torch.device("cpu"), self.ring_dtype, pin=pin)
         self.chunks: list[_Chunk] = []
         self.centroids: Tensor | None = None
+        self._staging: tuple[Tensor, Tensor] | None = None  # coarse reads: gathered (keys, ids), reused
+        self._offsets: tuple[list[_Chunk], np.ndarray] | None = None  # the list offsets of those chunks, stacked
         self._log_fd: int | None = None
         self._log_t0 = -1
         self._rec = struct.Struct(f"<q{2 * dim * 2}sI")  # time, fp16 key+value bytes, crc32
@@ -363,7 +368,7 @@ class TraceStore:
         if self.coarse_lists > 0:
             kf = k.to(self.device).float()  # k-means and assignment on the compute device
             if self.centroids is None:
-                self.centroids = _kmeans(kf, self.coarse_lists, iters=10, seed=0)
+                self.centroids = _kmeans(self._coarse_sample(kf), self.coarse_lists, iters=10, seed=0)
                 atomic_write_bytes(self.root / "centroids.safetensors", st_save({"c": self.centroids.cpu().contiguous()}))
             assign = _nearest(kf, self.centroids).cpu()  # (n,) nearest list
             del kf
@@ -390,6 +395,33 @@ class TraceStore:
             os.close(self._log_fd)
             self._log_fd = None
         log.unlink(missing_ok=True)
+
+    def _staging_buffers(self, n: int) -> tuple[Tensor, Tensor]:
+        """Host buffers for ``n`` gathered keys and ids, grown on demand (pinned on CUDA, so the
+        copy to the device is one DMA). A coarse read holds at most nprobe / lists of the cold
+        tier here, freed with the store."""
+        if self._staging is None or self._staging[0].shape[0] < n:
+            cap = max(n, 1 << 16)
+            pin = self.device.type == "cuda"
+            self._staging = (torch.empty(cap, self.dim, dtype=self.dtype, pin_memory=pin),
+                             torch.empty(cap, dtype=torch.int64, pin_memory=pin))
+        return self._staging
+
+    def _coarse_sample(self, k: Tensor) -> Tensor:
+        """Training traces for the coarse index: the chunk being sealed (``k``, float32 on the
+        compute device), then the oldest warm and hot traces, up to 64 per list. One chunk alone
+        gives k-means too few points per list: lists then merge clusters, and an inner-product
+        probe misses a merged list's traces."""
+        want = 64 * self.coarse_lists - k.shape[0]
+        parts = [k]
+        for ring in (self.warm, self.hot):
+            for _, kk, _ in ring.segments():
+                if want <= 0:
+                    break
+                take = kk[:want].to(k.device, torch.float32)
+                parts.append(take)
+                want -= take.shape[0]
+        return torch.cat(parts) if len(parts) > 1 else k
 
     def truncate(self, n: int) -> None:
         """Drop every trace with time index >= ``n`` (undoes an ingest that crashed after its
@@ -532,7 +564,43 @@ class TraceStore:
         if use_coarse:
             probe = (qd @ self.centroids.T).topk(min(nprobe, self.centroids.shape[0]), dim=1).indices  # (Q, nprobe)
             lists = torch.unique(probe).cpu().numpy()
-        # the cold tier: row ranges (all rows, or the probed lists) gathered into blocks
+
+        def score(blk: Tensor, ids: Tensor) -> None:  # blk (n, dim) fp16, ids (n,), both on the device
+            sc = (qd.half() @ blk.T).float() if self.device.type == "cuda" else qd @ blk.float().T  # (Q, n)
+            if limit < self.n_cold:
+                sc = sc.masked_fill(ids[None] >= limit, float("-inf"))
+            merge(sc, ids)
+
+        cold = [c for c in self.chunks if c.t0 < limit]
+        if use_coarse:
+            # the probed lists' rows of every coarse-laid chunk, gathered into one staging buffer
+            # (pinned on CUDA) and scored in one product; chunks without a layout are read whole
+            laid = [c for c in cold if c.offsets is not None]
+            cold = [c for c in cold if c.offsets is None]
+            if laid:
+                if self._offsets is None or len(self._offsets[0]) != len(laid) or any(
+                        a is not b for a, b in zip(self._offsets[0], laid)):
+                    self._offsets = (laid, np.stack([c.offsets for c in laid]))  # (C, lists + 1)
+                offs = self._offsets[1]
+                a0 = offs[:, lists]  # (C, p) first row of each probed list
+                n = offs[:, lists + 1] - a0  # (C, p) its length
+                per_chunk = n.sum(1)  # (C,)
+                total = int(per_chunk.sum())
+                if total:
+                    n, a0 = n.ravel(), a0.ravel()
+                    # rows of every span, chunk after chunk: span start repeated, plus 0..len-1
+                    rows = np.repeat(a0 - np.cumsum(n) + n, n) + np.arange(total)  # (total,)
+                    rows = torch.from_numpy(rows)
+                    buf_k, buf_i = self._staging_buffers(total)
+                    pos = 0
+                    for c, m in zip(laid, per_chunk.tolist()):
+                        if m:
+                            r = rows[pos : pos + m]
+                            torch.index_select(c.k_t, 0, r, out=buf_k[pos : pos + m])
+                            torch.index_select(c.ids_t, 0, r, out=buf_i[pos : pos + m])
+                            pos += m
+                    score(buf_k[:total].to(self.device, non_blocking=True), buf_i[:total].to(self.device, non_blocking=True))
+        # the cold tier read whole, streamed in blocks of ``block`` rows
         pend_k: list[np.ndarray] = []
         pend_i: list[np.ndarray] = []
         pend_n = 0
@@ -543,36 +611,17 @@ class TraceStore:
                 return
             blk = _tensor(pend_k[0] if len(pend_k) == 1 else np.concatenate(pend_k)).to(self.device)  # (n, dim) fp16
             ids = _tensor(pend_i[0] if len(pend_i) == 1 else np.concatenate(pend_i)).to(self.device)  # (n,)
-            sc = (qd.half() @ blk.T).float() if self.device.type == "cuda" else qd @ blk.float().T  # (Q, n)
-            if limit < self.n_cold:
-                sc = sc.masked_fill(ids[None] >= limit, float("-inf"))
-            merge(sc, ids)
+            score(blk, ids)
             pend_k, pend_i, pend_n = [], [], 0
 
-        for c in self.chunks:
-            if c.t0 >= limit:
-                break
-            if use_coarse and c.offsets is not None:
-                # the probed lists' rows of this chunk, gathered in one fancy index (file order)
-                a0, b0 = c.offsets[lists], c.offsets[lists + 1]  # (nprobe,) row spans
-                n = b0 - a0
-                if n.sum() == 0:
-                    continue
-                rows = np.repeat(a0 - np.cumsum(n) + n, n) + np.arange(n.sum())  # (sum n,) rows of every span
-                pend_k.append(c.k[rows])
-                pend_i.append(c.ids[rows])
-                pend_n += rows.size
-                if pend_n >= self.block * 4:
+        for c in cold:
+            for a in range(0, c.t1 - c.t0, self.block):
+                b = min(c.t1 - c.t0, a + self.block)
+                pend_k.append(c.k[a:b])
+                pend_i.append(c.ids[a:b] if c.ids is not None else np.arange(c.t0 + a, c.t0 + b))
+                pend_n += b - a
+                if pend_n >= self.block:
                     flush()
-                continue
-            for a0, b0 in [(0, c.t1 - c.t0)]:
-                for a in range(a0, b0, self.block):
-                    b = min(b0, a + self.block)
-                    pend_k.append(c.k[a:b])
-                    pend_i.append(c.ids[a:b] if c.ids is not None else np.arange(c.t0 + a, c.t0 + b))
-                    pend_n += b - a
-                    if pend_n >= self.block:
-                        flush()
         flush()
         best_i = torch.where(torch.isfinite(best_s), best_i, torch.full_like(best_i, -1))
         keys, values = self.get(best_i)
@@ -582,7 +631,8 @@ class TraceStore:
 def _nearest(x: Tensor, c: Tensor) -> Tensor:
     """Index of the nearest centroid (L2) for each row of ``x``, in blocks."""
     c2 = (c * c).sum(1)  # (n,)
-    return torch.cat([(c2 - 2 * x[a : a + 65536] @ c.T).argmin(1) for a in range(0, x.shape[0], 65536)])
+    rows = max(1024, (1 << 26) // c.shape[0])  # a (rows, n) distance block stays at 256 MiB in fp32
+    return torch.cat([(c2 - 2 * x[a : a + rows] @ c.T).argmin(1) for a in range(0, x.shape[0], rows)])
 
 
 def _kmeans(x: Tensor, n: int, iters: int, seed: int) -> Tensor:
