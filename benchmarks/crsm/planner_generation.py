@@ -8,11 +8,13 @@ Without ``--ckpt`` it builds a randomly initialised byte-level model (``mamba`` 
 ``toy-rnn`` if the mamba backbone cannot be built) with the ``mcts`` planner and fits the
 planner for a few steps so that it injects (an unfitted planner searches but never
 injects). Each repeat generates the same prompts with the planner off and on (same
-seed, alternating order). Reported: tokens/s off and on and their ratio (goal >= 0.9 on
-the H100), per-step wall time p50/p99 off vs on (the stutter), plans requested /
-completed / applied, the mean lag of applied results, and search simulations per emitted
-token (completed plans x simulations / new tokens). ``--markdown`` appends the table
-as a section to the given file.
+seed, alternating order). Reported: tokens/s off and on (medians) and the on/off ratio
+of each repeat's pair (mean, standard deviation, min..max; goal >= 0.9 on the H100),
+per-step wall time p50/p99 off vs on (p99 on vs off is the stutter), the time generation
+spends inside the planner's hook per step, the worker's time per plan (issuing it, and in
+all with the GPU wait), plans requested / completed / applied, the mean lag of applied
+results, and search simulations per emitted token (completed plans x simulations / new
+tokens). ``--markdown`` appends the table as a section to the given file.
 """
 
 from __future__ import annotations
@@ -133,7 +135,13 @@ def main() -> None:
     def mean(xs):
         return sum(xs) / len(xs)
 
+    ratios = [on / off for on, off in zip(rows["on"], rows["off"])]  # one per repeat (a back-to-back pair)
+    r_sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
     tps_off, tps_on = statistics.median(rows["off"]), statistics.median(rows["on"])
+    n_steps_on = mean([len(s["step_times_s"]) for s in plan_stats])
+    hook_ms = 1e3 * mean([s.get("planner.hook_s", float("nan")) for s in plan_stats]) / n_steps_on
+    w_issue = [s["planner.worker_issue_s"] for s in plan_stats if "planner.worker_issue_s" in s]
+    w_plan = [s["planner.worker_plan_s"] for s in plan_stats if "planner.worker_plan_s" in s]
     new_tokens = args.batch * args.tokens
     req = mean([s["planner.requested"] for s in plan_stats])
     done = mean([s["planner.applied"] + s["planner.dropped_stale"] + s["planner.discarded_at_end"] for s in plan_stats])
@@ -143,9 +151,14 @@ def main() -> None:
     figures = {
         "tokens/s off": f"{tps_off:.1f}",
         "tokens/s on": f"{tps_on:.1f}",
-        "on/off": f"{tps_on / tps_off:.3f}",
+        "on/off (median tokens/s)": f"{tps_on / tps_off:.3f}",
+        "on/off per repeat: mean +- sd (min..max)": f"{mean(ratios):.3f} +- {r_sd:.3f} ({min(ratios):.3f}..{max(ratios):.3f})",
         "step p50 off/on (ms)": f"{1e3 * pct(steps['off'], 0.5):.2f} / {1e3 * pct(steps['on'], 0.5):.2f}",
-        "step p99 off/on (ms)": f"{1e3 * pct(steps['off'], 0.99):.2f} / {1e3 * pct(steps['on'], 0.99):.2f}",
+        "step p99 off/on (ms) (stutter)": f"{1e3 * pct(steps['off'], 0.99):.2f} / {1e3 * pct(steps['on'], 0.99):.2f}",
+        "step max off/on (ms)": f"{1e3 * max(steps['off']):.2f} / {1e3 * max(steps['on']):.2f}",
+        "in the planner hook per step (ms)": f"{hook_ms:.3f}",
+        "worker per plan: issuing / in all (ms)": (f"{1e3 * mean(w_issue):.2f} / {1e3 * mean(w_plan):.2f}"
+                                                    if w_issue else "n/a"),
         "plans requested / completed / applied": f"{req:.1f} / {done:.1f} / {applied:.1f}",
         "mean lag (steps)": f"{mean(lags):.2f}" if lags else "n/a",
         "mean alpha applied": f"{alpha:.4f}",
@@ -161,7 +174,7 @@ def main() -> None:
               f"planner device {planner.params.device}, CUDA graphs {planner.params.cuda_graphs}, "
               f"worker duty {planner.params.worker_duty})")
     lines = [header, "", f"device: {dev_name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-             f"median of {args.repeats} repeats; `{cmd}`", "", "| figure | value |", "|---|---|"]
+             f"{args.repeats} repeats (off/on back to back, alternating order); `{cmd}`", "", "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in figures.items()]
     text = "\n".join(lines) + "\n"
     print(text)

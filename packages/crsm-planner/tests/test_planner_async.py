@@ -196,3 +196,34 @@ def test_worker_duty_bounds_the_time_spent_planning():
 
     assert run(1.0) < 0.6  # three 0.1 s plans back to back
     assert run(0.5) >= 0.5  # each followed by an equal rest (the last rest comes after its result)
+
+
+@pytest.mark.parametrize("backbone", ["toy-rnn", "mamba2"])
+def test_flat_apply_equals_capping_then_the_backbones_inject(backbone):
+    from crsm_planner.planner import cap_target_norm
+    from crsm_planner.planner_testing import planner_model
+    from statelab.interfaces import unprefix_state
+
+    bb = None if backbone == "toy-rnn" else {"kind": "mamba", "mixer": "mamba2", "n_layers": 2, "d_state": 8,
+                                              "headdim": 8}
+    model = planner_model(backbone=bb, d_model=16, simulations=4)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in model.init_state(3).items()}
+    hook = PlanningHook(model.planner, model, inline=True)
+    hook._begin(_ctx(model, 0, state))
+    assert hook._unit is not None  # the fused path is the one taken
+    keys = model.planner.codec.keys
+    # targets longer than the state in some units (capped) and shorter in others (kept)
+    target = {k: torch.randn(state[k].shape, generator=g) * torch.rand(state[k].shape[:-1] + (1,), generator=g) * 3
+              for k in keys}
+    alpha = torch.tensor([0.0, 0.3, 1.7])  # clamped to [0, 1] like the backbone's inject
+    got = hook._apply_flat(state, target, None, alpha)
+    flat = model.planner.codec.flatten(target)
+    got_views = hook._apply_flat(state, model.planner.codec.unflatten(flat, state), flat, alpha)
+    capped = cap_target_norm(target, state)
+    ref = model.backbone.inject(unprefix_state("backbone", state), unprefix_state("backbone", capped), alpha)
+    assert any(not torch.allclose(capped[k], target[k]) for k in keys)  # the cap did something
+    for k in state:
+        want = ref[k.removeprefix("backbone.")] if k in keys else state[k]
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_views[k], want, rtol=1e-5, atol=1e-6)

@@ -108,10 +108,10 @@ def test_tree_never_exceeds_max_nodes():
         with torch.no_grad():
             res = s.run(torch.randn(4, 6), torch.randn(4, 11))
         assert res.nodes_used.max().item() <= max_nodes
-        assert s.latent.shape[1] == max_nodes  # preallocated once, never grown
-        assert s.children.max().item() < max_nodes
+        assert s.latent.shape[1] == max_nodes + 1  # preallocated once, never grown; + the scratch slot
+        assert s.children.max().item() < max_nodes  # nothing points at the scratch slot
         assert res.root_visits.sum(1).eq(60).all()  # every simulation counted even in a full tree
-        used = torch.arange(max_nodes)[None] < res.nodes_used[:, None]
+        used = torch.arange(max_nodes + 1)[None] < res.nodes_used[:, None]
         assert (s.visits[~used] == 0).all()
 
 

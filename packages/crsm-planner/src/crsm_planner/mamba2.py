@@ -42,11 +42,26 @@ def segsum(a: Tensor) -> Tensor:
     """
     L = a.shape[-1]
     x = a.unsqueeze(-1).expand(*a.shape, L)  # (..., L, L): x[..., k, j] = a_k
-    strict = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device), diagonal=-1)
-    x = x.masked_fill(~strict, 0.0)
+    not_strict, not_lower = _upper_masks(L, a.device)
+    x = x.masked_fill(not_strict, 0.0)
     out = torch.cumsum(x, dim=-2)  # [i, j] = sum_{j < k <= i} a_k
-    lower = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device))
-    return out.masked_fill(~lower, float("-inf"))
+    return out.masked_fill(not_lower, float("-inf"))
+
+
+_MASKS: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _upper_masks(L: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(j >= i, j > i)`` as ``(L, L)`` bool masks, cached per size and device in eager mode
+    (six fewer kernel launches per call; under ``torch.compile`` they are built and folded)."""
+    if torch.compiler.is_compiling():
+        i = torch.arange(L, device=device)
+        return i[None, :] >= i[:, None], i[None, :] > i[:, None]
+    key = (L, device)
+    if key not in _MASKS:
+        i = torch.arange(L, device=device)
+        _MASKS[key] = (i[None, :] >= i[:, None], i[None, :] > i[:, None])
+    return _MASKS[key]
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor | None,
@@ -87,14 +102,16 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
     xw = xw.transpose(-1, -2).reshape(Bt, nc, G, R * P, L)  # (Bt, c, G, R*P, L)
     states = torch.matmul(xw, Bc).view(Bt, nc, H, P, N)  # (Bt, c, H, P, N)
 
-    # 3. across chunks: h_c = exp(sum a over chunk c) h_{c-1} + states_c, from h0
-    chunk_decay = torch.exp(a_cum[..., -1])  # (Bt, c, H)
-    h = torch.zeros(Bt, H, P, N, device=x.device) if h0 is None else h0.float()
-    starts = []
-    for c in range(nc):
-        starts.append(h)
-        h = chunk_decay[:, c, :, None, None] * h + states[:, c]
-    S = torch.stack(starts, dim=1)  # (Bt, c, H, P, N): state entering each chunk
+    # 3. across chunks: h_c = exp(sum a over chunk c) h_{c-1} + states_c, from h0. Unrolled,
+    # h_c = sum_{j <= c} exp(segsum(chunk log-decays))[c, j] states_j with h0 as states_{-1}:
+    # one small matmul instead of a Python loop of nc steps (fewer kernel launches).
+    h_init = torch.zeros(Bt, 1, H, P, N, device=x.device) if h0 is None else h0.float().unsqueeze(1)
+    states = torch.cat([h_init, states], dim=1)  # (Bt, c+1, H, P, N)
+    chunk_log = F.pad(a_cum[..., -1], (0, 0, 1, 0)).transpose(1, 2)  # (Bt, H, c+1): 0 for h0's slot
+    mix = torch.exp(segsum(chunk_log))  # (Bt, H, c+1, c+1): [i, j] = decay from after chunk j-1 to after chunk i-1
+    flat = states.permute(0, 2, 1, 3, 4).reshape(Bt, H, nc + 1, P * N)  # (Bt, H, c+1, P*N)
+    hs = torch.matmul(mix, flat).view(Bt, H, nc + 1, P, N).transpose(1, 2)  # (Bt, c+1, H, P, N)
+    S, h = hs[:, :-1], hs[:, -1].contiguous()  # (Bt, c, H, P, N) entering each chunk; (Bt, H, P, N) final
 
     # 4. the incoming state's contribution: y_l += exp(a_cum_l) C_l . h_in
     Sg = S.view(Bt, nc, G, R, P, N).permute(0, 1, 2, 5, 3, 4).reshape(Bt, nc, G, N, R * P)  # (Bt, c, G, N, R*P)

@@ -170,7 +170,9 @@ class MCTSPlanner(Planner):
                                    "device) first (the generation hook does this)")
             return shadow[1].plan(model, request, simulations=simulations)
         self.ensure_ready(model, request.state)
-        s = self.codec.flatten(request.state)  # (B, S)
+        s = getattr(request, "flat", None)  # a SnapshotRequest carries the flat snapshot already
+        if s is None:
+            s = self.codec.flatten(request.state)  # (B, S)
         noise = None
         if self.params.root_noise > 0:
             gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + request.step)
@@ -188,7 +190,8 @@ class MCTSPlanner(Planner):
             step=request.step,
             generation_id=request.generation_id,
             info={"best_token": best_token, "root_visits": visits, "nodes": nodes,
-                  "simulations": simulations or self.params.simulations},
+                  "simulations": simulations or self.params.simulations,
+                  "target_flat": target_flat},  # the target's entries are views of it (the hook's fused apply)
         )
 
     # -- CUDA graphs ---------------------------------------------------------------

@@ -87,7 +87,8 @@ def random_direction_plan(plan_fn: Callable[[Any, PlanRequest], PlanResult], see
             scale = torch.linalg.vector_norm(d, dim=dims, keepdim=True) / torch.linalg.vector_norm(
                 noise, dim=dims, keepdim=True).clamp_min(1e-12)
             target[k] = (s.float() + noise * scale).to(s.dtype)
-        return PlanResult(target, r.confidence, r.alpha, r.step, r.generation_id, dict(r.info))
+        info = {k: v for k, v in r.info.items() if k != "target_flat"}  # that was the planned target
+        return PlanResult(target, r.confidence, r.alpha, r.step, r.generation_id, info)
 
     return plan
 

@@ -1,8 +1,9 @@
 """Batched PUCT search over a learned latent model, with the tree in preallocated tensors.
 
 One search runs for ``B`` independent roots at once (the batch rows of a generation).
-Every node of every tree lives in ``(B, max_nodes, ...)`` tensors; no Python object is
-made per node, and a tree never grows past ``max_nodes`` (a full tree simply stops
+Every node of every tree lives in ``(B, max_nodes + 1, ...)`` tensors (the last slot is
+scratch space for masked writes, never part of a tree); no Python object is made per
+node, and a tree never grows past ``max_nodes`` (a full tree simply stops
 expanding and keeps refining the visit counts of the nodes it has).
 
 Nodes are evaluated when created: expanding a node takes the top-k tokens of its prior,
@@ -88,7 +89,7 @@ class PUCTSearch:
 
     # -- tree storage --------------------------------------------------------------
     def _alloc(self, B: int, L: int, device, dtype) -> None:
-        N, K = self.max_nodes, self.top_k
+        N, K = self.max_nodes + 1, self.top_k  # slot max_nodes: scratch, written by masked expansions, never read
         f = dict(device=device, dtype=torch.float32)
         i = dict(device=device, dtype=torch.long)
         self.latent = torch.zeros(B, N, L, device=device, dtype=dtype)
@@ -109,9 +110,9 @@ class PUCTSearch:
 
     def _expand(self, nodes: Tensor, logits: Tensor, mask: Tensor, noise: Tensor | None = None) -> None:
         """Create the top-k children of ``nodes (B,)`` in the rows where ``mask (B,)`` holds
-        (``logits (B, V)`` are their priors). Written without host synchronisation (every
-        row computes, masked rows write their old values back) so that a whole search can
-        be captured as one CUDA graph."""
+        (``logits (B, V)`` are their priors). Written without host synchronisation so that a
+        whole search can be captured as one CUDA graph: every row computes, and masked rows
+        write their new nodes into the scratch slot ``max_nodes``, which no node points to."""
         B, K, rows = nodes.shape[0], self.top_k, self.rows
         top_logits, top_tok = logits.float().topk(K, dim=-1)  # (B, K)
         p = torch.softmax(top_logits, dim=-1)  # (B, K) renormalised over the top-k
@@ -125,11 +126,10 @@ class PUCTSearch:
         idx = (self.n_used.unsqueeze(1) + torch.arange(K, device=nodes.device)).clamp_max(self.max_nodes - 1)  # (B, K)
         rr = rows.unsqueeze(1).expand(B, K)  # (B, K)
         m = mask.unsqueeze(1)  # (B, 1)
+        slot = torch.where(m, idx, self.max_nodes)  # (B, K): masked rows write to the scratch slot
 
         def put(buf: Tensor, new: Tensor) -> None:
-            old = buf[rr, idx]
-            mm = m.view(B, 1, *([1] * (new.dim() - 2)))
-            buf[rr, idx] = torch.where(mm, new.to(buf.dtype), old)
+            buf[rr, slot] = new.to(buf.dtype)
 
         put(self.latent, zc.view(B, K, -1))
         put(self.parent, nodes.unsqueeze(1).expand(B, K))
@@ -175,15 +175,21 @@ class PUCTSearch:
         rows = self.rows
         node = root.clone()
         path = [node]
+        # Visit counts, values and bounds do not change during the descent, so each node's terms
+        # of the PUCT score are computed once per simulation for the whole tree (B, max_nodes)
+        # and only gathered per level: half the kernels of computing them per level, and the
+        # same arithmetic in the same order (bit-identical scores).
+        n = self.visits  # (B, N)
+        q = torch.where(n > 0, self.wsum / n.clamp_min(1), self.v0)  # (B, N) mean backed-up value
+        qn = (q - self.vmin[:, None]) / (self.vmax - self.vmin).clamp_min(1e-8)[:, None]  # (B, N)
+        cp = self.c_puct * self.prior_p  # (B, N)
+        den = 1.0 + n  # (B, N)
+        sqrt_n = n.clamp_min(1.0).sqrt()  # (B, N) as a parent
         for _d in range(self.depth):  # descend by PUCT while the node has children
             ch = self.children[rows, node]  # (B, K)
             expanded = ch[:, 0] >= 0  # (B,)
             chs = ch.clamp_min(0)
-            n_c = self.visits.gather(1, chs)  # (B, K)
-            q_c = torch.where(n_c > 0, self.wsum.gather(1, chs) / n_c.clamp_min(1), self.v0.gather(1, chs))
-            qn = (q_c - self.vmin[:, None]) / (self.vmax - self.vmin).clamp_min(1e-8)[:, None]
-            n_p = self.visits[rows, node].clamp_min(1.0)  # (B,)
-            score = qn + self.c_puct * self.prior_p.gather(1, chs) * n_p.sqrt()[:, None] / (1.0 + n_c)
+            score = qn.gather(1, chs) + cp.gather(1, chs) * sqrt_n[rows, node][:, None] / den.gather(1, chs)  # (B, K)
             pick = chs.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)  # (B,)
             node = torch.where(expanded, pick, node)
             path.append(node)
