@@ -48,6 +48,8 @@ def build_model(args):
     tried = []
     for bb in ([args.backbone] if args.backbone != "auto" else ["mamba", "toy-rnn"]):
         params = {"kind": bb, "n_layers": args.layers}
+        if bb == "mamba":
+            params["use_kernels"] = args.use_kernels
         if bb == "toy-rnn":
             params["d_state"] = args.d_model
         spec["model"]["backbone"] = params
@@ -92,8 +94,25 @@ def main() -> None:
                     help="auto: search on the model's device (CUDA graphs on CUDA); cpu: on a CPU copy of the planner")
     ap.add_argument("--duty", type=float, default=1.0, help="worker_duty: max fraction of time the worker plans")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="plan eagerly on CUDA (to measure what graphs buy)")
+    ap.add_argument("--use-kernels", default="auto", choices=["auto", "never"],
+                    help="mamba backbone: mamba-ssm kernels on CUDA when installed (auto) or pure PyTorch (never)")
+    ap.add_argument("--autotune", default="full", choices=["full", "first"],
+                    help="with mamba-ssm kernels: full autotuning, or one config per Triton kernel (first: "
+                         "seconds instead of minutes of compiling; the prefill is not what is timed)")
     ap.add_argument("--markdown", default=None, help="append the results as a section to this file")
     args = ap.parse_args()
+    if args.autotune == "first" and args.use_kernels != "never":
+        import importlib
+
+        from gpu_parity import AUTOTUNED_MODULES, restrict_autotune  # benchmarks/crsm is sys.path[0]
+
+        mods = []
+        for name in AUTOTUNED_MODULES:
+            try:
+                mods.append(importlib.import_module(f"mamba_ssm.ops.triton.{name}"))
+            except Exception:  # noqa: BLE001 - no mamba_ssm: nothing to restrict
+                pass
+        print(f"autotuning cut to one config in {len(restrict_autotune(mods))} kernels", flush=True)
 
     import statelab
     from statelab.generation import generate
@@ -172,6 +191,7 @@ def main() -> None:
     header = (f"### Planner generation ({kind} d_model={args.d_model} layers={args.layers}, batch {args.batch}, "
               f"{args.tokens} new tokens, {sims} simulations, plan every {planner.params.plan_every}, "
               f"planner device {planner.params.device}, CUDA graphs {planner.params.cuda_graphs}, "
+              f"use_kernels {args.use_kernels}, "
               f"worker duty {planner.params.worker_duty})")
     lines = [header, "", f"device: {dev_name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
              f"{args.repeats} repeats (off/on back to back, alternating order); `{cmd}`", "", "| figure | value |", "|---|---|"]
