@@ -21,6 +21,9 @@ import torch
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--use-kernels", default="auto", choices=["auto", "never"],
+                    help="mamba backbone: mamba-ssm kernels when installed (auto; their first autotuning takes "
+                         "minutes) or pure PyTorch (never)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type != "cuda" or not torch.cuda.is_available():
@@ -34,7 +37,7 @@ def main() -> int:
     from crsm_planner.planner_testing import mode_switch_tokens, window_batches
 
     spec = {"name": "cuda-check", "tokenizer": {"kind": "byte"}, "tracking": {"enabled": False},
-            "model": {"d_model": 128, "backbone": {"kind": "mamba", "n_layers": 2},
+            "model": {"d_model": 128, "backbone": {"kind": "mamba", "n_layers": 2, "use_kernels": args.use_kernels},
                       "planner": {"kind": "mcts", "simulations": 16, "plan_every": 2, "max_lag": 16, "gate_init": 3.0,
                                   "alpha_max": 0.5}}}
     model = statelab.build(spec).to(dev).eval()
