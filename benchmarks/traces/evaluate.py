@@ -132,6 +132,9 @@ def main() -> None:
     ap.add_argument("--skip-shakespeare", action="store_true")
     ap.add_argument("--parallel", action="store_true", help="run the on/off trainings and the copy task at the same time")
     ap.add_argument("--seed", type=int, default=0, help="copy task seed")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds per Shakespeare run (train.time_budget_s, from its process start); the table "
+                         "shows the steps each run reached")
     ap.add_argument("--out", help="write the markdown section to this file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -153,6 +156,8 @@ def main() -> None:
                        "model.backbone.crystallization.log_interval=5"]
         if a.small:
             common += SMALL
+        if a.time_budget:
+            common += [f"train.time_budget_s={a.time_budget}"]
         off = ["model.backbone.traces.enabled=false", "model.backbone.crystallization.enabled=false",
                "model.regularizers=[{kind: load-balance, weight: 0.01}]", "probes=[]"]
         with tempfile.TemporaryDirectory() as tmp:
@@ -172,11 +177,12 @@ def main() -> None:
             "",
             *(["The two runs and the copy task ran at the same time on one device (`--parallel`): the tokens/s "
                "are indicative only.", ""] if a.parallel else []),
-            "| run | best val loss | train tokens/s | peak memory | trace bytes (entries) | trie bytes |",
-            "|---|---|---|---|---|---|",
-            f"| traces + crystallization on | {r_on['best_val_loss']:.4f} | {r_on['tokens_per_s']:,.0f} | {r_on['peak_mem_mb']:.0f} MB "
-            f"| {r_on['trace_bytes']:,} ({r_on['trace_entries']:,}) | {r_on['trie_bytes']:,} |",
-            f"| both off | {r_off['best_val_loss']:.4f} | {r_off['tokens_per_s']:,.0f} | {r_off['peak_mem_mb']:.0f} MB | 0 | 0 |",
+            "| run | steps | best val loss | train tokens/s | peak memory | trace bytes (entries) | trie bytes |",
+            "|---|---|---|---|---|---|---|",
+            f"| traces + crystallization on | {r_on['steps']} | {r_on['best_val_loss']:.4f} | {r_on['tokens_per_s']:,.0f} "
+            f"| {r_on['peak_mem_mb']:.0f} MB | {r_on['trace_bytes']:,} ({r_on['trace_entries']:,}) | {r_on['trie_bytes']:,} |",
+            f"| both off | {r_off['steps']} | {r_off['best_val_loss']:.4f} | {r_off['tokens_per_s']:,.0f} "
+            f"| {r_off['peak_mem_mb']:.0f} MB | 0 | 0 |",
             "",
             "Motifs in the \"on\" run (the `motifs` probe, on validation windows):",
             "",
@@ -199,7 +205,8 @@ def main() -> None:
         "",
         f"Reproduce: `python benchmarks/traces/evaluate.py --device {a.device}"
         f"{f' --steps {a.steps}' if a.steps else ''}{' --small' if a.small else ''}"
-        f"{f' --copy-steps {a.copy_steps}' if a.copy_steps != 400 else ''}{f' --copy-len {a.copy_len}' if a.copy_len != 16 else ''}{' --skip-shakespeare' if a.skip_shakespeare else ''}{' --parallel' if a.parallel else ''}`",
+        f"{f' --copy-steps {a.copy_steps}' if a.copy_steps != 400 else ''}{f' --copy-len {a.copy_len}' if a.copy_len != 16 else ''}{' --skip-shakespeare' if a.skip_shakespeare else ''}{' --parallel' if a.parallel else ''}"
+        f"{f' --time-budget {a.time_budget:g}' if a.time_budget else ''}`",
         "",
     ]
     md = "\n".join(lines)

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--max-entropy", type=float, default=2.0)
     ap.add_argument("--full", action="store_true", help="the spec's model size (default: the small CPU model)")
+    ap.add_argument("--time-budget", type=float, default=None, help="train.time_budget_s (from process start)")
     ap.add_argument("--out", help="write the markdown section to this file")
     a = ap.parse_args()
     from statelab.train import train
@@ -44,13 +45,15 @@ def main() -> None:
     ]
     if not a.full:
         overrides += SMALL
+    if a.time_budget:
+        overrides += [f"train.time_budget_s={a.time_budget}"]
     with tempfile.TemporaryDirectory() as tmp:
         res = train(str(ROOT / "configs" / "traces.yaml"), overrides=overrides, out_dir=tmp, progress=False)
     m = res.metrics
     bb = res.model.backbone
     rows = bb.motifs.listing()
     md = "\n".join([
-        f"### FLOPs saved by motifs ({a.device}, {s} steps, {'full' if a.full else 'small'} model, top_k 2 of 8 experts)",
+        f"### FLOPs saved by motifs ({a.device}, {res.step} of {s} steps, {'full' if a.full else 'small'} model, top_k 2 of 8 experts)",
         "",
         "| motifs | FFN FLOP reduction | whole-forward FLOP reduction | val loss, motifs serving | val loss, serving off | trie nodes |",
         "|---|---|---|---|---|---|",
@@ -64,7 +67,8 @@ def main() -> None:
         "",
         f"Reproduce: `python benchmarks/traces/motif_flops.py --device {a.device}"
         f"{f' --steps {s}' if s != 300 else ''}{' --full' if a.full else ''}"
-        f"{f' --max-entropy {a.max_entropy}' if a.max_entropy != 2.0 else ''}`",
+        f"{f' --max-entropy {a.max_entropy}' if a.max_entropy != 2.0 else ''}"
+        f"{f' --time-budget {a.time_budget:g}' if a.time_budget else ''}`",
         "",
     ])
     print(md)

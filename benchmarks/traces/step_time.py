@@ -13,13 +13,20 @@ is the amortised one, ``((interval - 1) * biased + capture) / interval`` over th
 with ``interval`` = 100 (the prototype's default), each step time a median over ``--steps``
 timed steps; the variants' steps are interleaved so that load drift affects them alike.
 ``--learn-alpha`` adds the learnable-alpha variant (its gradient through the bias costs a
-scatter in the attention backward). Both sides are compiled unless ``--no-compile``.
+scatter in the attention backward). ``--sdpa`` adds the bias through SDPA with a float mask
+(``attention: sdpa``) on CUDA. ``--tiles NAME,...`` (names of ``attn_kernels.TILES``) or
+``--tiles-from FILE`` (the fastest ``--top`` tile choices in ``attn_kernels.py --json FILE``)
+add the FlexAttention path with other kernel tiles. Both sides are compiled unless
+``--no-compile``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import sys
+from pathlib import Path
 import statistics
 import time
 
@@ -59,8 +66,8 @@ def populate(model, x) -> None:
 class Runner:
     """One model, its optimizer and (optionally) its compiled forward; ``step()`` times one train step."""
 
-    def __init__(self, model, x, amp, compile_, capture: bool | None = None) -> None:
-        self.model, self.x, self.amp, self.capture = model, x, amp, capture
+    def __init__(self, model, x, amp, compile_, capture: bool | None = None, tiles=None) -> None:
+        self.model, self.x, self.amp, self.capture, self.tiles = model, x, amp, capture, tiles
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.device.type == "cuda")
         self.fwd = torch.compile(model) if compile_ else model
         self.times: list[float] = []
@@ -70,6 +77,11 @@ class Runner:
         model.train()
         if self.capture is not None:  # force (or suppress) a capture on this step
             set_interval(model, 1 if self.capture else 1_000_000)
+        from traces_crystallize import transformer
+
+        # this variant's FlexAttention tiles (read when the graph is traced; set at every step so that each
+        # compiled variant's guard on them keeps passing)
+        transformer._FLEX_KERNEL_OPTIONS = self.tiles
         cuda = x.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -101,8 +113,24 @@ def main() -> None:
     ap.add_argument("--learn-alpha", action="store_true", help="also time the learnable-alpha variant")
     ap.add_argument("--sdpa", action="store_true",
                     help="also time the biased attention through SDPA with a float mask (attention: sdpa) on CUDA")
+    ap.add_argument("--tiles", default="", help="comma-separated names of attn_kernels.TILES to time as extra variants")
+    ap.add_argument("--tiles-from", help="attn_kernels.py --json output: add its fastest --top tile choices")
+    ap.add_argument("--top", type=int, default=1)
     ap.add_argument("--out", help="write the markdown section to this file")
     a = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from attn_kernels import TILES
+    from traces_crystallize import transformer
+
+    default_tiles = transformer._FLEX_KERNEL_OPTIONS
+    tiles = [t for t in a.tiles.split(",") if t]
+    if a.tiles_from:
+        timings = json.loads(Path(a.tiles_from).read_text())
+        ranked = sorted((ms, name.removeprefix("flex + bias, fixed, ")) for name, ms in timings.items()
+                        if name.startswith("flex + bias, fixed, ") and ms == ms)  # ms == ms: not NaN
+        tiles += [name for _, name in ranked[: a.top] if name not in tiles]
+    tiles = [t for t in tiles if TILES[t] != default_tiles]  # the "on" variant already runs the default
+    torch._dynamo.config.cache_size_limit = 32  # one compiled entry per variant
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     compile_ = not a.no_compile
@@ -118,6 +146,8 @@ def main() -> None:
     x = torch.randint(0, V, (B, a.T + 1), generator=g).to(device)
     variants = [("off", False, False), ("on", True, False)] + ([("learnable", True, True)] if a.learn_alpha else [])
     variants += [("sdpa", True, False)] if a.sdpa and cuda else []
+    tiles = tiles if cuda else []  # FlexAttention runs on CUDA only
+    variants += [(f"tiles: {t}", True, False) for t in tiles]
     models = {}
     for name, traces, learn in variants:
         torch.manual_seed(0)
@@ -127,8 +157,10 @@ def main() -> None:
             populate(models[name], x[:, :-1])
     entries = sum(b.attn.traces.n_live for b in models["on"].backbone.layers)
     rows = models["on"].backbone.params.traces.capture_rows
-    runners = {name: Runner(models[name], x, cuda, compile_, capture=None if name == "off" else False) for name, _, _ in variants}
-    capture = Runner(models["on"], x, cuda, compile_, capture=True)
+    runners = {name: Runner(models[name], x, cuda, compile_, capture=None if name == "off" else False,
+                            tiles=TILES[name[7:]] if name.startswith("tiles: ") else default_tiles)
+               for name, _, _ in variants}
+    capture = Runner(models["on"], x, cuda, compile_, capture=True, tiles=default_tiles)
     capture.opt, capture.fwd = runners["on"].opt, runners["on"].fwd  # same compiled model: a capture must not recompile
     for i in range(warmup + steps):  # interleaved, so load drift hits every variant alike
         for r in runners.values():
@@ -141,8 +173,10 @@ def main() -> None:
     def amortised(name: str) -> float:
         return ((a.interval - 1) * res[name] + res["capture"]) / a.interval / res["off"]
 
+    tiles_arg = " --tiles '" + ",".join(tiles) + "'" if tiles else ""
+    default_name = next((k for k, v in TILES.items() if v == default_tiles), str(default_tiles))
     dev = torch.cuda.get_device_name(device) if cuda else f"cpu {platform.machine()}, {torch.get_num_threads()} threads"
-    kernel = "FlexAttention score_mod" if cuda else "SDPA + float mask"
+    kernel = f"FlexAttention score_mod (tiles: {default_name})" if cuda else "SDPA + float mask"
     rows_md = [
         f"| traces off (flash / SDPA causal) | {res['off'] * 1e3:.1f} ms |",
         f"| traces on, biased attention (fixed alpha, the default) | {res['on'] * 1e3:.1f} ms ({res['on'] / res['off']:.3f}x) |",
@@ -154,7 +188,15 @@ def main() -> None:
     if "sdpa" in res:
         rows_md.append(f"| traces on, biased attention through SDPA + float mask | {res['sdpa'] * 1e3:.1f} ms "
                        f"({res['sdpa'] / res['off']:.3f}x) |")
+    for name in res:
+        if name.startswith("tiles: "):
+            rows_md.append(f"| traces on, biased attention, FlexAttention {name} | {res[name] * 1e3:.1f} ms "
+                           f"({res[name] / res['off']:.3f}x) |")
     rows_md.append(f"| **on / off, amortised over update_interval={a.interval}** | **{amortised('on'):.3f}** (goal <= 1.10 on the H100) |")
+    for name in res:
+        if name.startswith("tiles: "):
+            rows_md.append(f"| on / off amortised, {name} (capture step as measured with the default tiles) "
+                           f"| {amortised(name):.3f} |")
     if "sdpa" in res:
         rows_md.append(f"| on / off amortised, SDPA + float mask | {amortised('sdpa'):.3f} |")
     if "learnable" in res:
@@ -170,7 +212,8 @@ def main() -> None:
         *rows_md,
         "",
         f"Reproduce: `python benchmarks/traces/step_time.py --device {a.device}{' --no-compile' if not compile_ else ''}"
-        f"{' --learn-alpha' if a.learn_alpha else ''}{' --sdpa' if a.sdpa else ''}`",
+        f"{' --learn-alpha' if a.learn_alpha else ''}{' --sdpa' if a.sdpa else ''}"
+        f"{tiles_arg}`",
         "",
     ])
     print(md)

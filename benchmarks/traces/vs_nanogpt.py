@@ -9,7 +9,10 @@ CUDA, torch.compile on (``--no-compile`` to disable). The reference GPT below is
 minimal reimplementation of nanoGPT's architecture (learned absolute positions, fused qkv,
 SDPA causal attention, GELU MLP, pre-norm); ours is a StatelabModel with the transformer
 backbone (rotary positions instead of learned ones). Tokens/s counts forward, backward and
-the optimizer step over ``--steps`` timed steps after ``--warmup`` steps.
+the optimizer step (nanoGPT's: grad clipping at 1, fused AdamW). Every model is built and
+compiled once and warmed up; then ``--rounds`` rounds alternate the models (``--steps`` steps
+each, CUDA-synchronised before and after), and tokens/s come from the median time per step
+over the rounds, so that drift in the host's speed hits both models alike.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import statistics
 import time
 
 import torch
@@ -112,49 +116,51 @@ class LogitsOnly(nn.Module):
         return self.model(x)[0], None, None
 
 
-def tokens_per_s(model, device, batch, ctx, vocab, steps, warmup, compile_, amp, profile: bool = False) -> float:
-    model.to(device).train()
-    fused = device.type == "cuda"
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.99), fused=fused)
-    fwd = torch.compile(model) if compile_ else model
-    g = torch.Generator(device="cpu").manual_seed(0)
-    data = torch.randint(0, vocab, (steps + warmup, batch, ctx + 1), generator=g).to(device)
+class Trainer:
+    """One model with its optimizer and compiled forward; ``run(n)`` trains ``n`` steps (nanoGPT's step:
+    forward, cross-entropy, backward, clip to norm 1, fused AdamW) and returns the CUDA-synchronised
+    seconds per step."""
 
-    def step(i):
-        x, y = data[i, :, :-1], data[i, :, 1:]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = fwd(x)[0]
+    def __init__(self, model, device, batch, ctx, vocab, steps, compile_, mode, amp) -> None:
+        self.model, self.device, self.amp = model.to(device).train(), device, amp
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                     lr=1e-3, betas=(0.9, 0.99), fused=device.type == "cuda")
+        self.fwd = torch.compile(model, mode=mode) if compile_ else model
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.data = torch.randint(0, vocab, (steps, batch, ctx + 1), generator=g).to(device)  # (steps, B, T + 1)
+        self.i = 0
+
+    def step(self) -> None:
+        x, y = self.data[self.i % len(self.data), :, :-1], self.data[self.i % len(self.data), :, 1:]
+        self.i += 1
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.fwd(x)[0]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
-    for i in range(warmup):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    tps = steps * batch * ctx / (time.perf_counter() - t)
-    if profile:
+    def run(self, n: int) -> float:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        sync()
+        return (time.perf_counter() - t) / n
+
+    def profile(self, n: int = 5) -> None:
         from torch.profiler import ProfilerActivity, profile as prof
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        cuda = self.device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with prof(activities=acts) as p:
-            for i in range(5):
-                step(i % (steps + warmup))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        print(p.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
-    return tps
+            self.run(n)
+        print(p.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25,
+                                     max_name_column_width=70))
 
 
 def main() -> None:
@@ -162,10 +168,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=2, help="alternate the two models this many times; best of rounds")
+    ap.add_argument("--steps", type=int, default=50, help="steps per model per round")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed steps per model first (compilation)")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="rounds; in each, every model trains --steps steps (order alternating between rounds)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--mode", default=None, help="torch.compile mode for both models (default: nanoGPT's plain compile)")
     ap.add_argument("--out", help="write the markdown section to this file")
     ap.add_argument("--diagnose", action="store_true",
                     help="also time the reference with our rotary and our model returning logits only, and profile both")
@@ -181,37 +189,48 @@ def main() -> None:
     if args.diagnose:
         makers += [("nanogpt-arch GPT with our rotary", lambda *a: RefGPT(*a, rope=True)),
                    ("statelab transformer, logits only", lambda *a: LogitsOnly(ours(*a)))]
-    best = {name: 0.0 for name, _ in makers}
+    trainers = {}
+    for name, make in makers:  # every model is built and compiled once, then all are timed in alternation
+        torch.manual_seed(0)
+        trainers[name] = Trainer(make(V, args.ctx, D, H, L, drop), device, args.batch, args.ctx, V,
+                                 args.steps, compile_, args.mode, amp)
+        trainers[name].run(args.warmup)
+    per_step: dict[str, list[float]] = {name: [] for name in trainers}
     for r in range(args.rounds):
-        for name, make in makers:
-            torch.manual_seed(0)
-            model = make(V, args.ctx, D, H, L, drop)
-            profile = args.diagnose and r == args.rounds - 1 and name in ("nanogpt-arch GPT", "statelab transformer")
-            if profile:
-                print(f"== profile: {name}")
-            tps = tokens_per_s(model, device, args.batch, args.ctx, V, args.steps, args.warmup, compile_, amp, profile)
-            print(f"{name}: {tps:,.0f} tok/s", flush=True)
-            best[name] = max(best[name], tps)
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    ratio = best["statelab transformer"] / best["nanogpt-arch GPT"]
+        order = list(trainers) if r % 2 == 0 else list(reversed(trainers))
+        for name in order:
+            per_step[name].append(trainers[name].run(args.steps))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {args.batch * args.ctx / per_step[n][-1]:,.0f} tok/s" for n in trainers),
+              flush=True)
+    if args.diagnose:
+        for name in ("nanogpt-arch GPT", "statelab transformer"):
+            print(f"== profile: {name}")
+            trainers[name].profile()
+    tok = args.batch * args.ctx
+    med = {name: tok / statistics.median(t) for name, t in per_step.items()}
+    paired = [a / b for a, b in zip(per_step["nanogpt-arch GPT"], per_step["statelab transformer"])]  # ours / ref, per round
+    ratio = med["statelab transformer"] / med["nanogpt-arch GPT"]
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {platform.machine()}, {torch.get_num_threads()} threads"
+    flags = "".join([
+        "" if args.batch == 64 else f" --batch {args.batch}", "" if args.ctx == 256 else f" --ctx {args.ctx}", "" if args.steps == 50 else f" --steps {args.steps}",
+        "" if args.warmup == 20 else f" --warmup {args.warmup}", "" if args.rounds == 10 else f" --rounds {args.rounds}",
+        f" --mode {args.mode}" if args.mode else "", " --diagnose" if args.diagnose else "",
+        " --no-compile" if not compile_ else ""])
     md = "\n".join([
         f"### Transformer vs nanoGPT-architecture GPT, training throughput ({dev}, torch {torch.__version__})",
         "",
         f"6 layers, 6 heads, 384 wide, context {args.ctx}, batch {args.batch}, dropout 0.2, "
-        f"{'bf16 autocast, ' if amp else ''}compile {'on' if compile_ else 'off'}; best of {args.rounds} rounds of {args.steps} steps.",
+        f"{'bf16 autocast, ' if amp else ''}compile {'on' if compile_ else 'off'}{f' (mode {args.mode})' if args.mode else ''} "
+        f"for both; {args.rounds} alternating rounds of {args.steps} steps per model after {args.warmup} warmup steps, "
+        "CUDA-synchronised; tokens/s from the median seconds per step over the rounds.",
         "",
-        "| model | tokens/s |",
-        "|---|---|",
-        *[f"| {k} | {v:,.0f} |" for k, v in best.items()],
-        f"| **ratio (ours / nanoGPT-arch)** | **{ratio:.3f}** (goal >= 0.95 on the H100) |",
+        "| model | tokens/s (median of rounds) | min - max of rounds |",
+        "|---|---|---|",
+        *[f"| {k} | {v:,.0f} | {tok / max(per_step[k]):,.0f} - {tok / min(per_step[k]):,.0f} |" for k, v in med.items()],
+        f"| **ratio (ours / nanoGPT-arch)** | **{ratio:.3f}** (goal >= 0.95 on the H100) | per-round ratios: median "
+        f"{statistics.median(paired):.3f}, {min(paired):.3f} - {max(paired):.3f} |",
         "",
-        f"Reproduce: `python benchmarks/traces/vs_nanogpt.py --device {args.device}"
-        f"{'' if args.batch == 64 else f' --batch {args.batch}'}{'' if args.steps == 50 else f' --steps {args.steps}'}"
-        f"{'' if args.warmup == 10 else f' --warmup {args.warmup}'}{'' if args.rounds == 2 else f' --rounds {args.rounds}'}"
-        f"{' --diagnose' if args.diagnose else ''}{' --no-compile' if not compile_ else ''}`",
+        f"Reproduce: `python benchmarks/traces/vs_nanogpt.py --device {args.device}{flags}`",
         "",
     ])
     print(md)

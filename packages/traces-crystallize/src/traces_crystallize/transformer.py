@@ -294,6 +294,9 @@ class Block(Layer):
             self.ffn = MLP(d_model, hidden, p.bias, p.dropout)
         self.last = index == p.n_layers - 1
         self._ctx = ctx
+        # no traces, no crystallization: the layer never reads the shared context (under torch.compile every
+        # attribute read is a guard checked at each call, and the context shared by all layers adds aliasing guards)
+        self._plain = not (p.traces.enabled or p.crystallization.enabled)
 
     def init_state(self, batch_size, device=None, dtype=None) -> State:
         dtype = dtype or torch.float32
@@ -301,6 +304,8 @@ class Block(Layer):
         return {"k": kv, "v": kv.clone(), "pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Aux]:
+        if self._plain and not self.moe:  # nanoGPT's layer
+            return self._forward(x, state, None, False)
         ctx = self._ctx
         bb = ctx.backbone
         if self.index == 0 and bb.bookkeeping:  # the plain model never leaves the compiled graph here
@@ -308,24 +313,26 @@ class Block(Layer):
                 ctx.begin(self.training, x)
             elif self.training:  # traces only: an opaque op, no graph break
                 torch.ops.traces_crystallize.tick(bb.train_step, x, id(bb))
+        step = bb.train_step if bb.ticking else None
         if ctx.capture or ctx.log_now or ctx.record:
-            return self._forward_eager(x, state)  # rare bookkeeping steps run outside torch.compile
-        return self._forward(x, state)
+            return self._forward_eager(x, state, step, ctx.capture)  # rare bookkeeping steps run outside torch.compile
+        return self._forward(x, state, step, ctx.capture)
 
     @torch.compiler.disable
-    def _forward_eager(self, x: Tensor, state: State | None) -> tuple[Tensor, State, Aux]:
-        return self._forward(x, state)
+    def _forward_eager(self, x: Tensor, state: State | None, step: Tensor | None, capture: bool) -> tuple[Tensor, State, Aux]:
+        return self._forward(x, state, step, capture)
 
-    def _forward(self, x: Tensor, state: State | None) -> tuple[Tensor, State, Aux]:
-        ctx = self._ctx
+    def _forward(self, x: Tensor, state: State | None, step: Tensor | None, capture: bool) -> tuple[Tensor, State, Aux]:
         B, T, _ = x.shape
-        step = ctx.backbone.train_step if ctx.backbone.ticking else None
-        a, k, v, aux = self.attn(self.ln_1(x), state, step, ctx.capture)
+        a, k, v, aux = self.attn(self.ln_1(x), state, step, capture)
         x = x + a
         h = self.ln_2(x)
         x = x + (self._moe(h, aux) if self.moe else self.ffn(h))
         pos = state["pos"] + T if state else torch.full((B,), T, dtype=torch.long, device=x.device)
-        return x, {"k": k, "v": v, "pos": pos}, aux
+        # the KV cache carries no gradient (a stop-gradient, as Transformer-XL's memory and as the runner
+        # detaches carried state anyway): k and v as differentiable outputs made every backward build and
+        # copy zero gradients for them (2 per layer) and cost host time in the compiled wrapper
+        return x, {"k": k.detach(), "v": v.detach(), "pos": pos}, aux
 
     def _moe(self, h: Tensor, aux: Aux) -> Tensor:
         B, T, D = h.shape
@@ -398,8 +405,9 @@ class TransformerBackbone(Backbone):
         saved = ctx.log_now, ctx.record
         ctx.capture, ctx.log_now, ctx.record, ctx.match = True, False, False, None
         try:
+            step = self.train_step if self.ticking else None
             for block in self.layers:
-                h = block._forward(h, None)[0]
+                h = block._forward(h, None, step, True)[0]
         finally:
             ctx.capture, (ctx.log_now, ctx.record), ctx.match, ctx.paths, ctx.entropy = False, saved, None, [], []
 
