@@ -94,9 +94,10 @@ _FLEX_KERNEL_OPTIONS: dict | None = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages":
                                      "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
 
 
-def _rope_tables(length: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
+def _rope_tables(length: int, head_dim: int, base: float, device=None, start: int = 0) -> tuple[Tensor, Tensor]:
+    """``cos, sin`` of the rotary angles of positions ``start .. start + length - 1``, (length, hd/2) each."""
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))  # (hd/2,)
-    ang = torch.arange(length, device=device).float()[:, None] * inv[None, :]  # (length, hd/2)
+    ang = torch.arange(start, start + length, device=device).float()[:, None] * inv[None, :]  # (length, hd/2)
     return ang.cos(), ang.sin()
 
 
@@ -219,6 +220,10 @@ class CausalSelfAttention(nn.Module):
             )
 
     def _rope(self, past: int, T: int) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            # the same values computed inside the graph (from constants, so Inductor folds them): the tables
+            # are then no graph inputs, which saves a guard and an input check per table at every call
+            return _rope_tables(T, self.head_dim, self.rotary_base, self.cos.device, start=past)
         if past + T > self.cos.shape[0]:  # beyond max_seq_len: grow the tables (generation past the context)
             cos, sin = _rope_tables(2 * (past + T), self.head_dim, self.rotary_base, self.cos.device)
             self.cos, self.sin = cos, sin
