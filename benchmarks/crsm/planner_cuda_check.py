@@ -73,15 +73,42 @@ def main() -> int:
     check("CUDA == CPU plan", diff < 1e-3,
           f"(max target diff {diff:.2e}; differences in near-tied visits may flip a choice)")
 
-    for device_mode in ("auto", "cpu"):
-        pl.params = pl.params.model_copy(update={"device": device_mode})
+    for device_mode, mode in (("auto", "stream"), ("auto", "thread"), ("cpu", "auto")):
+        pl.params = pl.params.model_copy(update={"device": device_mode, "async_mode": mode})
         res = statelab.generate(model, x[:, :16], max_new_tokens=200, seed=0)
         st = res.stats
         finite = all(torch.isfinite(v).all().item() for v in res.state.values())
-        check(f"async generation (planner device {device_mode})", st["planner.applied"] >= 1 and finite,
+        check(f"async generation (planner device {device_mode}, async_mode {mode})",
+              st["planner.applied"] >= 1 and finite,
               f"(requested {st['planner.requested']:.0f}, applied {st['planner.applied']:.0f}, "
               f"mean lag {st['planner.mean_lag']:.2f}, mean alpha {st['planner.mean_alpha']:.4f}, "
               f"{st['tokens_per_s']:.0f} tokens/s)")
+    # stream mode applies exactly the plans the captured search makes: generation with the
+    # launcher, replayed by hand from the same snapshots through planner.plan, gives the same state
+    from crsm_planner.async_planner import PlanningHook
+
+    pl.params = pl.params.model_copy(update={"device": "auto", "async_mode": "stream", "plan_every": 3})
+    hook = PlanningHook(pl, model)
+    snaps = []
+
+    def spy(ctx):  # records the state and logits each launch snapshots (hooks run in order: spy first)
+        if ctx.step % 3 == 0 and not ctx.finished:
+            snaps.append((ctx.step, {k: v.clone() for k, v in ctx.state.items()}, ctx.logits.clone()))
+
+    res = statelab.generate(model, x[:, :16], max_new_tokens=40, seed=0, hooks=[spy, hook], use_planner=False)
+    check("stream mode used a graph launcher", hook.launcher is not None and res.stats["planner.applied"] >= 1,
+          f"(applied {res.stats['planner.applied']:.0f}, skipped {res.stats['planner.skipped_busy']:.0f})")
+    if snaps:
+        step, st0, lg = snaps[0]
+        torch.cuda.synchronize()  # the generation's last launch has finished
+        via_plan = pl.plan(model, PlanRequest(st0, lg, step, 0))
+        launcher = hook.launcher
+        launcher.launch(st0, lg, step)
+        torch.cuda.synchronize()
+        via_launch = launcher.result(st0, step, 0)
+        diff = max((via_plan.target[k] - via_launch.target[k]).abs().max().item() for k in via_plan.target)
+        check("launcher plan == plan()", diff < 1e-5 and torch.allclose(via_plan.alpha, via_launch.alpha),
+              f"(max target diff {diff:.2e})")
     pl.shutdown()
     return 1 if failures else 0
 

@@ -98,7 +98,9 @@ def test_flat_value_head_gives_alpha_zero(trained):
     with torch.no_grad():  # a value head that says the same thing everywhere: nothing to prefer
         model.planner.value_head.net[-1].weight.zero_()
     res = model.planner.plan(model, _request(model, tokens[:64].view(2, 32)))
-    assert res.alpha.abs().max().item() < 1e-6
+    # equal leaf values leave only float rounding in the backed-up means (sums of n equal values
+    # divided by n): a gap of ~1e-7 relative, so alpha is 0 up to ~1e-6 depending on the trained model
+    assert res.alpha.abs().max().item() < 1e-5
 
 
 def test_uncertain_value_head_gives_alpha_near_zero(trained):

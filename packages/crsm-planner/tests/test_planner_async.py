@@ -227,3 +227,52 @@ def test_flat_apply_equals_capping_then_the_backbones_inject(backbone):
         want = ref[k.removeprefix("backbone.")] if k in keys else state[k]
         torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_views[k], want, rtol=1e-5, atol=1e-6)
+
+
+def test_stream_mode_applies_the_same_plans_as_inline_planning(model):
+    from crsm_planner.async_planner import EagerLauncher
+
+    prompts = torch.randint(97, 101, (2, 8))
+    inline = PlanningHook(model.planner, model, inline=True, plan_every=3)  # sync_lag 1
+    streamed = PlanningHook(model.planner, model, plan_every=3, launcher=EagerLauncher(model.planner, model, delay=1))
+    a = statelab.generate(model, prompts, max_new_tokens=30, hooks=[inline], use_planner=False, seed=0)
+    b = statelab.generate(model, prompts, max_new_tokens=30, hooks=[streamed], use_planner=False, seed=0)
+    assert b.stats["planner.applied"] == a.stats["planner.applied"] >= 8
+    assert [(p, q) for _, p, q in streamed.applied_log] == [(p, q) for _, p, q in inline.applied_log]
+    assert b.tokens == a.tokens
+    for k in a.state:
+        torch.testing.assert_close(b.state[k], a.state[k])
+    assert b.stats["planner.mean_alpha"] > 0  # the plans really moved the state
+
+
+def test_stream_mode_never_waits_skips_while_busy_and_drops_across_generations(model):
+    from crsm_planner.async_planner import EagerLauncher
+
+    launcher = EagerLauncher(model.planner, model, delay=3)  # a plan takes three steps to come back
+    hook = PlanningHook(model.planner, model, plan_every=1, launcher=launcher)
+    a = statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=10, hooks=[hook],
+                          use_planner=False, seed=0)
+    st = a.stats
+    assert st["planner.skipped_busy"] >= 1  # a request while the last plan is in flight is skipped, not queued
+    assert st["planner.applied"] >= 1 and st["planner.mean_lag"] == 3.0
+    assert st["planner.discarded_at_end"] == 1  # in flight when the generation ended
+    accounted = st["planner.applied"] + st["planner.discarded_at_end"]
+    assert accounted == st["planner.requested"]
+    gid_a = a.stats["generation_id"]
+    b = statelab.generate(model, torch.randint(97, 101, (2, 8)), max_new_tokens=2, hooks=[hook],
+                          use_planner=False, seed=0)
+    assert b.stats["planner.applied"] == 0  # A's last launch never reaches B
+    assert all(g == gid_a for g, _, _ in hook.applied_log)
+    # a second hook launching on the same launcher takes its outputs: the first drops its result
+    other = PlanningHook(model.planner, model, plan_every=1, launcher=launcher)
+    state = {k: v for k, v in model.init_state(2).items()}
+    launcher.polls = launcher.delay  # A's last launch has finished
+    hook(_ctx(model, 0, state, gid=50))  # hook launches
+    assert hook.stats["requested"] == 1
+    other(_ctx(model, 0, state, gid=51))
+    assert other.stats["skipped_busy"] == 1  # the launcher is busy with hook's plan
+    launcher.polls = launcher.delay  # hook's plan is done but not yet read; other launches over it
+    other(_ctx(model, 1, state, gid=51))
+    launcher.polls = launcher.delay  # other's plan is done too
+    out = hook(_ctx(model, 3, state, gid=50))
+    assert out is None and hook.stats["dropped_foreign"] == 1 and hook.stats["applied"] == 0

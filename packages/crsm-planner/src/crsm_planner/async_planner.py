@@ -140,6 +140,40 @@ class PlanWorker:
                 time.sleep((time.perf_counter() - t0) * (1.0 / self.duty - 1.0))
 
 
+class EagerLauncher:
+    """The launch / poll protocol of :class:`~crsm_planner.planner.GraphLauncher` with the
+    search run eagerly at launch, in the calling thread, and reported ready after ``delay``
+    polls. For tests of the hook's stream mode on the CPU (where no CUDA graph exists); it
+    blocks for a whole plan at every launch, so it is no way to generate."""
+
+    def __init__(self, planner, model, delay: int = 1, simulations: int | None = None) -> None:
+        self.planner, self.model, self.delay, self.simulations = planner, model, delay, simulations
+        self.token, self.polls, self.out = 0, 0, None
+
+    def idle(self) -> bool:
+        return self.out is None or self.polls >= self.delay
+
+    def launch(self, state: State, logits: Tensor, step: int) -> int:
+        pl = self.planner
+        with torch.no_grad():
+            s = pl.codec.flatten(state)
+            noise = pl.root_noise(s.shape[0], step, s.device) if pl.params.root_noise > 0 else None
+            self.out = pl._plan_core(self.model, s, logits, noise, self.simulations)
+        self.polls = 0
+        self.token += 1
+        return self.token
+
+    def ready(self) -> bool:
+        self.polls += 1
+        return self.polls >= self.delay
+
+    def result(self, state: State, step: int, generation_id: int) -> PlanResult:
+        target_flat, conf, alpha, best_token, visits, nodes = self.out
+        return PlanResult(self.planner.codec.unflatten(target_flat, state), conf, alpha, step, generation_id,
+                          {"best_token": best_token, "root_visits": visits, "nodes": nodes,
+                           "target_flat": target_flat})
+
+
 class PlanningHook:
     """The generation hook of an :class:`~crsm_planner.planner.MCTSPlanner`.
 
@@ -151,12 +185,17 @@ class PlanningHook:
 
     def __init__(self, planner, model, *, inline: bool | None = None, plan_fn: PlanFn | None = None,
                  alpha_fn: Callable[[Tensor], Tensor] | None = None, plan_every: int | None = None,
-                 simulations: int | None = None) -> None:
+                 simulations: int | None = None, launcher: Any = None) -> None:
         p = planner.params
         self.planner, self.model = planner, model
         self.inline = (not p.asynchronous) if inline is None else inline
         sims = self.simulations = simulations
         self.plan_fn: PlanFn = plan_fn or (lambda m, r: planner.plan(m, r, simulations=sims))
+        # stream mode (see GraphLauncher): the planner's own search, asynchronous, not forced to a thread
+        self._stream_ok = plan_fn is None and not self.inline and p.async_mode != "thread"
+        self._given_launcher = launcher  # tests: an EagerLauncher on the CPU
+        self.launcher = None
+        self._inflight: tuple | None = None  # (token, step, generation_id, launch time, launch seconds)
         self.alpha_fn = alpha_fn
         self.plan_every = plan_every or p.plan_every
         self.max_lag, self.lag_decay, self.sync_lag = p.max_lag, p.lag_decay, p.sync_lag
@@ -218,14 +257,35 @@ class PlanningHook:
         self.lags, self.alphas, self._alpha_mean, self.worker_times = [], [], 0.0, []
         self.planner.ensure_ready(self.model, ctx.state)  # shapes the codec in this thread, not the worker's
         self._unit = self._common_unit()
+        self._inflight = None  # a launch of the previous generation is never read (the launcher's token moves on)
+        self.launcher = None
         self.host = None  # the device plans are made on, when not the model's
         if self.planner.params.device == "cpu" and ctx.logits.device.type != "cpu":
             self.host = torch.device("cpu")
             self.planner.shadow_for(self.model, self.host).ensure_ready(self.model, ctx.state)
+        elif self._given_launcher is not None:
+            self.launcher = self._given_launcher
         elif ctx.logits.is_cuda:  # capture the search once per batch shape, here rather than in the worker
-            self.planner.prepare(self.model, ctx.state, ctx.logits, self.simulations)
+            if self._stream_ok:
+                self.launcher = self.planner.launcher(self.model, ctx.state, ctx.logits, self.simulations)
+            else:
+                self.planner.prepare(self.model, ctx.state, ctx.logits, self.simulations)
+
+    def _launch(self, ctx: StepContext, state: State) -> None:
+        """Stream mode: snapshot into the captured search and replay it on its stream, unless the
+        last launch is still running or unread (then skip: generation never waits)."""
+        if self._inflight is not None or not self.launcher.idle():
+            self._stats["skipped_busy"] += 1
+            return
+        t0 = time.perf_counter()
+        token = self.launcher.launch(state, ctx.logits, ctx.step)
+        t1 = time.perf_counter()
+        self._inflight = (token, ctx.step, ctx.generation_id, t1, t1 - t0)
+        self._stats["requested"] += 1
 
     def _request(self, ctx: StepContext, state: State) -> None:
+        if self.launcher is not None:
+            return self._launch(ctx, state)
         if not self.inline and self.worker.request_queue.full():  # busy: skip without paying for a snapshot
             self._stats["skipped_busy"] += 1
             return
@@ -250,6 +310,16 @@ class PlanningHook:
             self._stats["skipped_busy"] += 1
 
     def _arrived(self, ctx: StepContext) -> list[PlanResult]:
+        if self.launcher is not None:
+            if self._inflight is None or not self.launcher.ready():
+                return []
+            token, step, gid, t_launch, launch_s = self._inflight
+            self._inflight = None
+            if self.launcher.token != token:  # another hook launched since: these outputs are not ours
+                self._stats["dropped_foreign"] += 1
+                return []
+            self.worker_times.append((launch_s, time.perf_counter() - t_launch + launch_s))
+            return [self.launcher.result(ctx.state, step, gid)]
         if self.inline:
             ready = [r for r in self._pending if ctx.step - r.step >= self.sync_lag]
             self._pending = [r for r in self._pending if ctx.step - r.step < self.sync_lag]
@@ -289,6 +359,9 @@ class PlanningHook:
 
     def _apply(self, ctx: StepContext, r: PlanResult) -> State | None:
         ev = r.info.pop("_cuda_event", None)
+        stream_ev = r.info.pop("_stream_event", None)
+        if stream_ev is not None:  # a launcher's static outputs: complete (polled), kept alive by the graph
+            torch.cuda.current_stream().wait_event(stream_ev)
         flat = r.info.pop("target_flat", None)
         if flat is not None and not all(getattr(t, "_base", None) is flat for t in r.target.values()):
             flat = None  # the targets are not (or no longer) views of it: a wrapped plan_fn replaced them
@@ -348,8 +421,9 @@ class PlanningHook:
     def _end(self, ctx: StepContext) -> None:
         if self.worker is not None:
             self.worker.finished_generations.add(ctx.generation_id)
-        self._stats["discarded_at_end"] += len(self._pending)
+        self._stats["discarded_at_end"] += len(self._pending) + (self._inflight is not None)
         self._pending.clear()
+        self._inflight = None
 
     def _publish_stats(self, ctx: StepContext) -> None:
         """At the end of a generation: the counters, the mean lag and alpha of applied results,

@@ -46,6 +46,8 @@ _WORKERS: "weakref.WeakKeyDictionary[MCTSPlanner, Any]" = weakref.WeakKeyDiction
 _SHADOWS: "weakref.WeakKeyDictionary[MCTSPlanner, tuple]" = weakref.WeakKeyDictionary()
 # captured CUDA graphs of the search, per planner and batch shape (see MCTSPlanner.prepare)
 _GRAPHS: "weakref.WeakKeyDictionary[MCTSPlanner, dict]" = weakref.WeakKeyDictionary()
+# GraphLaunchers over those graphs (asynchronous planning without a worker thread)
+_LAUNCHERS: "weakref.WeakKeyDictionary[MCTSPlanner, dict]" = weakref.WeakKeyDictionary()
 
 
 class _CapturedPlan:
@@ -71,13 +73,74 @@ class _CapturedPlan:
                 self.out = planner._plan_core(model, self.s, self.logits, self.noise, simulations)
             torch.cuda.synchronize(dev)
 
+    busy: Any = None  # a GraphLauncher's completion event: its replay may still read the static buffers
+
     def run(self, s: Tensor, logits: Tensor, noise: Tensor | None):
+        if self.busy is not None:
+            torch.cuda.current_stream().wait_event(self.busy)
         self.s.copy_(s)
         self.logits.copy_(logits)
         if self.noise is not None and noise is not None:
             self.noise.copy_(noise)
         self.graph.replay()
         return tuple(o.clone() for o in self.out)  # the static outputs are overwritten by the next replay
+
+
+class GraphLauncher:
+    """Plans on a captured search without a second Python thread: :meth:`launch` copies the
+    snapshot into the graph's static inputs on the generating stream and replays the graph on a
+    side stream; :meth:`ready` polls its completion event (never blocks); :meth:`outputs` are
+    the static outputs of the last replay, valid until the next launch. The generating thread
+    issues a handful of calls per plan and the GPU searches while generation continues: no
+    worker thread competes for the interpreter lock (what made the prototype stutter).
+
+    One launcher is shared by every hook of a planner and batch shape; ``token`` counts
+    launches so that a hook only reads outputs of its own launch."""
+
+    def __init__(self, planner: "MCTSPlanner", captured: _CapturedPlan) -> None:
+        self.planner, self.captured = planner, captured
+        dev = captured.s.device
+        self.stream = torch.cuda.Stream(device=dev)
+        self.done = torch.cuda.Event()
+        captured.busy = self.done
+        self.token = 0
+        self.launched = False
+
+    def idle(self) -> bool:
+        """True when no replay is running (its outputs may then be overwritten)."""
+        return not self.launched or self.done.query()
+
+    def launch(self, state: State, logits: Tensor, step: int) -> int:
+        cp = self.captured
+        codec = self.planner.codec
+        B = logits.shape[0]
+        with torch.no_grad():
+            # the snapshot, straight into the static input (generating stream: ordered after the step that made it)
+            torch.cat([state[k].reshape(B, -1).float() for k in codec.keys], dim=1, out=cp.s)  # (B, S)
+            cp.logits.copy_(logits)
+            if cp.noise is not None:
+                cp.noise.copy_(self.planner.root_noise(B, step, cp.noise.device))
+            self.stream.wait_stream(torch.cuda.current_stream(cp.s.device))
+            with torch.cuda.stream(self.stream):
+                cp.graph.replay()
+                self.done.record(self.stream)
+        self.launched = True
+        self.token += 1
+        return self.token
+
+    def ready(self) -> bool:
+        return self.done.query()
+
+    def result(self, state: State, step: int, generation_id: int) -> PlanResult:
+        """The last replay's plan as a :class:`PlanResult` of views of the static outputs (read
+        them before the next :meth:`launch`)."""
+        target_flat, conf, alpha, best_token, visits, nodes = self.captured.out
+        return PlanResult(
+            target=self.planner.codec.unflatten(target_flat, state), confidence=conf, alpha=alpha, step=step,
+            generation_id=generation_id,
+            info={"best_token": best_token, "root_visits": visits, "nodes": nodes, "target_flat": target_flat,
+                  "_stream_event": self.done},
+        )
 
 
 @atexit.register
@@ -173,10 +236,7 @@ class MCTSPlanner(Planner):
         s = getattr(request, "flat", None)  # a SnapshotRequest carries the flat snapshot already
         if s is None:
             s = self.codec.flatten(request.state)  # (B, S)
-        noise = None
-        if self.params.root_noise > 0:
-            gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + request.step)
-            noise = self.make_search(model).sample_noise(s.shape[0], gen).to(s.device)
+        noise = self.root_noise(s.shape[0], request.step, s.device) if self.params.root_noise > 0 else None
         graph = _GRAPHS.get(self, {}).get(self._graph_key(s, request.logits, simulations))
         if graph is not None:
             outs = graph.run(s, request.logits, noise)
@@ -193,6 +253,12 @@ class MCTSPlanner(Planner):
                   "simulations": simulations or self.params.simulations,
                   "target_flat": target_flat},  # the target's entries are views of it (the hook's fused apply)
         )
+
+    def root_noise(self, B: int, step: int, device) -> Tensor:
+        """The seeded Dirichlet noise on the root priors of the plan requested at ``step``."""
+        gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + step)
+        return PUCTSearch(None, None, None, top_k=self.params.top_k, max_nodes=self.params.max_nodes,
+                          root_noise=self.params.root_noise).sample_noise(B, gen).to(device)
 
     # -- CUDA graphs ---------------------------------------------------------------
     def _graph_key(self, s: Tensor, logits: Tensor, simulations: int | None) -> tuple:
@@ -220,6 +286,18 @@ class MCTSPlanner(Planner):
                           stacklevel=2)
             graphs[key] = None
         return graphs[key] is not None
+
+    def launcher(self, model, state: State, logits: Tensor, simulations: int | None = None) -> GraphLauncher | None:
+        """The :class:`GraphLauncher` of this batch shape (capturing the search first), or None
+        where there is no captured graph (CPU, ``cuda_graphs: false``, a failed capture)."""
+        if not self.prepare(model, state, logits, simulations):
+            return None
+        with torch.no_grad():
+            key = self._graph_key(self.codec.flatten(state), logits, simulations)
+        launchers = _LAUNCHERS.setdefault(self, {})
+        if key not in launchers:
+            launchers[key] = GraphLauncher(self, _GRAPHS[self][key])
+        return launchers[key]
 
     _fit_count = 0  # bumped by fit and by loading weights: shadows of older weights are stale
 
@@ -253,6 +331,7 @@ class MCTSPlanner(Planner):
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): captured graphs point at old storage
         _GRAPHS.pop(self, None)
+        _LAUNCHERS.pop(self, None)
         return super()._apply(fn, *args, **kwargs)
 
     def generation_hook(self, model):
@@ -374,6 +453,7 @@ class MCTSPlanner(Planner):
         dev = model.embed.weight.device
         gen = torch.Generator().manual_seed(p.seed if seed is None else seed)
         _GRAPHS.pop(self, None)  # the codec may get new weights
+        _LAUNCHERS.pop(self, None)
         try:
             n_roll = max(1, min(p.fit_rollout_batches, steps))
             first = batches().to(dev)

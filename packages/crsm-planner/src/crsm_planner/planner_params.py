@@ -66,6 +66,15 @@ class MCTSParams(BaseModel):
         True,
         description="plan in a background thread (False: plan inline, for probes and debugging)",
     )
+    async_mode: Literal["auto", "stream", "thread"] = Field(
+        "auto",
+        description=(
+            "how asynchronous plans run: stream = the captured search is replayed on its own CUDA stream, launched "
+            "and polled from the generating thread (no second Python thread competing for the interpreter lock); "
+            "thread = a background worker thread; auto = stream where a captured graph exists (CUDA with "
+            "cuda_graphs), else thread"
+        ),
+    )
     plan_every: int = Field(4, ge=1, le=100000, description="request a plan every N generated tokens")
     max_lag: int = Field(8, ge=0, le=100000, description="results older than this many steps are dropped")
     lag_decay: float = Field(
