@@ -11,9 +11,12 @@ our transformer and nanoGPT run it; flash forced for reference):
   block-sparse causal mask), with a non-grad bias (fixed alpha, the default) for each tile
   choice in :data:`TILES`, and once with a bias that needs a gradient (learnable alpha);
 * FlexAttention causal with no score_mod: what the bias itself costs inside FlexAttention;
-* SDPA with the bias as a dense float mask ``(1, H, T, T)`` (``attention: sdpa``), through
-  the memory-efficient and the cuDNN backends. A float mask cannot be combined with
-  ``is_causal``, so these kernels compute the masked upper triangle too.
+* SDPA with the bias as a dense float mask ``(1, H, T, T)``, through the memory-efficient and
+  the cuDNN backends. A float mask cannot be combined with ``is_causal``, so these kernels
+  compute the masked upper triangle too;
+* the transformer's biased path (``attention: auto``): SDPA with the float mask built from the
+  bias vector, split into 1, 2, 4, 8 query blocks (``bias_chunks``) that skip most of the
+  masked triangle (mask building included).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def main() -> None:
     ap.add_argument("--hd", type=int, default=64)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json", help="write {kernel: ms} to this file")
+    ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention cases (their compiles take most of the time)")
     a = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -91,6 +95,11 @@ def main() -> None:
                 F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).backward(g)
         return run
 
+    from traces_crystallize.transformer import _biased_sdpa
+
+    for chunks in (1, 2, 4, 8):  # the transformer's biased path: default backend choice, query blocks
+        res[f"SDPA + bias mask in {chunks} query blocks (transformer path)"] = timed(
+            lambda c=chunks: _biased_sdpa(q, k, v, bias[:, :T], 0, c, 0.0).backward(g), a.reps)
     for name, backend, mask in (("SDPA causal (default choice)", None, None),
                                 ("SDPA causal, cuDNN", SDPBackend.CUDNN_ATTENTION, None),
                                 ("SDPA causal, flash", SDPBackend.FLASH_ATTENTION, None),
@@ -120,11 +129,12 @@ def main() -> None:
             print(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 
     first = next(iter(TILES))
-    flex_case(f"flex causal, no score_mod, {first}", None, TILES[first], with_bias=False)
-    flex_case("flex causal, no score_mod, inductor defaults", None, None, with_bias=False)
-    for name, opts in TILES.items():
-        flex_case(f"flex + bias, fixed, {name}", bias, opts)
-    flex_case(f"flex + bias, learnable, {first}", bias_grad, TILES[first])
+    if not a.no_flex:
+        flex_case(f"flex causal, no score_mod, {first}", None, TILES[first], with_bias=False)
+        flex_case("flex causal, no score_mod, inductor defaults", None, None, with_bias=False)
+        for name, opts in TILES.items():
+            flex_case(f"flex + bias, fixed, {name}", bias, opts)
+        flex_case(f"flex + bias, learnable, {first}", bias_grad, TILES[first])
 
     base = res["SDPA causal (default choice)"]
     print(f"### Attention forward+backward, B={B} H={H} T={T} hd={hd} bf16 ({torch.cuda.get_device_name()}, "

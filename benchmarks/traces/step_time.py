@@ -5,19 +5,19 @@
 
 "Off" is the transformer with traces disabled (the flash path). "On" has traces enabled
 and populated (every head holds entries, as after training), so every step runs the
-biased attention (FlexAttention traced into the compiled graph on CUDA, SDPA with a float
-mask on CPU) with the default fixed alpha (a non-learnable tensor: no bias gradient). One
+biased attention (the default ``attention: auto``: SDPA with a float mask, in
+``bias_chunks`` query blocks; cuDNN's fused kernel on an H100) with the default fixed alpha (a non-learnable tensor: no bias gradient). One
 step in ``update_interval`` is a capture step: a forward-only pass over ``capture_rows``
 rows (explicit attention weights, no gradient) before the ordinary step. The ratio reported
 is the amortised one, ``((interval - 1) * biased + capture) / interval`` over the off step
 with ``interval`` = 100 (the prototype's default), each step time a median over ``--steps``
 timed steps; the variants' steps are interleaved so that load drift affects them alike.
 ``--learn-alpha`` adds the learnable-alpha variant (its gradient through the bias costs a
-scatter in the attention backward). ``--sdpa`` adds the bias through SDPA with a float mask
-(``attention: sdpa``) on CUDA. ``--tiles NAME,...`` (names of ``attn_kernels.TILES``) or
+scatter in the attention backward). ``--chunks N,...`` adds the default path with other
+``bias_chunks``. ``--flex`` adds the FlexAttention path (``attention: flex``, CUDA) with the
+module's kernel tiles; ``--tiles NAME,...`` (names of ``attn_kernels.TILES``) or
 ``--tiles-from FILE`` (the fastest ``--top`` tile choices in ``attn_kernels.py --json FILE``)
-add the FlexAttention path with other kernel tiles. Both sides are compiled unless
-``--no-compile``.
+add it with other tiles. Both sides are compiled unless ``--no-compile``.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import statelab
 
 
 def make(traces: bool, d: int, layers: int, heads: int, T: int, vocab: int, learn_alpha: bool = False,
-         attention: str = "auto"):
+         attention: str = "auto", chunks: int | None = None):
     tr = {"enabled": traces, "warmup_steps": 0, "alpha_warmup_steps": 0, "update_interval": 1_000_000, "learn_alpha": learn_alpha,
-          "attention": attention}
+          "attention": attention, **({"bias_chunks": chunks} if chunks else {})}
     spec = {"name": "bench", "tokenizer": {"kind": "byte"},
             "model": {"d_model": d, "vocab_size": vocab,
                       "backbone": {"kind": "transformer", "n_layers": layers, "n_heads": heads, "max_seq_len": T, "traces": tr}},
@@ -111,8 +111,8 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=100, help="update_interval for the amortised ratio")
     ap.add_argument("--no-compile", action="store_true", help="run both variants eagerly")
     ap.add_argument("--learn-alpha", action="store_true", help="also time the learnable-alpha variant")
-    ap.add_argument("--sdpa", action="store_true",
-                    help="also time the biased attention through SDPA with a float mask (attention: sdpa) on CUDA")
+    ap.add_argument("--flex", action="store_true", help="also time the biased attention through FlexAttention (CUDA)")
+    ap.add_argument("--chunks", default="", help="comma-separated bias_chunks values to time as extra variants")
     ap.add_argument("--tiles", default="", help="comma-separated names of attn_kernels.TILES to time as extra variants")
     ap.add_argument("--tiles-from", help="attn_kernels.py --json output: add its fastest --top tile choices")
     ap.add_argument("--top", type=int, default=1)
@@ -145,14 +145,16 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (B, a.T + 1), generator=g).to(device)
     variants = [("off", False, False), ("on", True, False)] + ([("learnable", True, True)] if a.learn_alpha else [])
-    variants += [("sdpa", True, False)] if a.sdpa and cuda else []
+    variants += [("flex", True, False)] if (a.flex or tiles) and cuda else []
+    variants += [(f"chunks: {c}", True, False) for c in a.chunks.split(",") if c]
     tiles = tiles if cuda else []  # FlexAttention runs on CUDA only
     variants += [(f"tiles: {t}", True, False) for t in tiles]
     models = {}
     for name, traces, learn in variants:
         torch.manual_seed(0)
-        models[name] = make(traces, d, L, a.heads, a.T, V, learn_alpha=learn,
-                            attention="sdpa" if name == "sdpa" else "auto").to(device)
+        flex = name == "flex" or name.startswith("tiles: ")
+        models[name] = make(traces, d, L, a.heads, a.T, V, learn_alpha=learn, attention="flex" if flex else "auto",
+                            chunks=int(name[8:]) if name.startswith("chunks: ") else None).to(device)
         if traces:
             populate(models[name], x[:, :-1])
     entries = sum(b.attn.traces.n_live for b in models["on"].backbone.layers)
@@ -174,20 +176,21 @@ def main() -> None:
         return ((a.interval - 1) * res[name] + res["capture"]) / a.interval / res["off"]
 
     tiles_arg = " --tiles '" + ",".join(tiles) + "'" if tiles else ""
-    default_name = next((k for k, v in TILES.items() if v == default_tiles), str(default_tiles))
     dev = torch.cuda.get_device_name(device) if cuda else f"cpu {platform.machine()}, {torch.get_num_threads()} threads"
-    kernel = f"FlexAttention score_mod (tiles: {default_name})" if cuda else "SDPA + float mask"
+    chunks = models["on"].backbone.params.traces.bias_chunks
+    kernel = f"SDPA + float mask in {chunks} query blocks"
     rows_md = [
-        f"| traces off (flash / SDPA causal) | {res['off'] * 1e3:.1f} ms |",
+        f"| traces off (SDPA causal: cuDNN / flash) | {res['off'] * 1e3:.1f} ms |",
         f"| traces on, biased attention (fixed alpha, the default) | {res['on'] * 1e3:.1f} ms ({res['on'] / res['off']:.3f}x) |",
         f"| traces on, capture step (forward-only pass over {rows} rows + the step) | {res['capture'] * 1e3:.1f} ms ({res['capture'] / res['off']:.3f}x) |",
     ]
     if "learnable" in res:
         rows_md.append(f"| traces on, biased attention, learnable alpha (bias gradient) | {res['learnable'] * 1e3:.1f} ms "
                        f"({res['learnable'] / res['off']:.3f}x) |")
-    if "sdpa" in res:
-        rows_md.append(f"| traces on, biased attention through SDPA + float mask | {res['sdpa'] * 1e3:.1f} ms "
-                       f"({res['sdpa'] / res['off']:.3f}x) |")
+    for name in res:
+        if name == "flex" or name.startswith("chunks: "):
+            label = "FlexAttention score_mod (module tiles)" if name == "flex" else f"bias_chunks {name[8:]}"
+            rows_md.append(f"| traces on, biased attention, {label} | {res[name] * 1e3:.1f} ms ({res[name] / res['off']:.3f}x) |")
     for name in res:
         if name.startswith("tiles: "):
             rows_md.append(f"| traces on, biased attention, FlexAttention {name} | {res[name] * 1e3:.1f} ms "
@@ -197,8 +200,9 @@ def main() -> None:
         if name.startswith("tiles: "):
             rows_md.append(f"| on / off amortised, {name} (capture step as measured with the default tiles) "
                            f"| {amortised(name):.3f} |")
-    if "sdpa" in res:
-        rows_md.append(f"| on / off amortised, SDPA + float mask | {amortised('sdpa'):.3f} |")
+    for name in res:
+        if name == "flex" or name.startswith("chunks: "):
+            rows_md.append(f"| on / off amortised, {name} | {amortised(name):.3f} |")
     if "learnable" in res:
         rows_md.append(f"| on / off amortised, learnable alpha | {amortised('learnable'):.3f} |")
     md = "\n".join([
@@ -212,7 +216,8 @@ def main() -> None:
         *rows_md,
         "",
         f"Reproduce: `python benchmarks/traces/step_time.py --device {a.device}{' --no-compile' if not compile_ else ''}"
-        f"{' --learn-alpha' if a.learn_alpha else ''}{' --sdpa' if a.sdpa else ''}"
+        f"{' --learn-alpha' if a.learn_alpha else ''}{' --flex' if a.flex else ''}"
+        f"{f' --chunks {a.chunks}' if a.chunks else ''}"
         f"{tiles_arg}`",
         "",
     ])

@@ -152,15 +152,20 @@ class Trainer:
         sync()
         return (time.perf_counter() - t) / n
 
-    def profile(self, n: int = 5) -> None:
+    def profile(self, n: int = 10, table: bool = True) -> float:
+        """Profile ``n`` steps; returns the GPU's busy time per step in ms (the sum of kernel times)."""
         from torch.profiler import ProfilerActivity, profile as prof
 
         cuda = self.device.type == "cuda"
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with prof(activities=acts) as p:
             self.run(n)
-        print(p.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25,
-                                     max_name_column_width=70))
+        if table:
+            print(p.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25,
+                                         max_name_column_width=70))
+        kernels = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]  # GPU-side events
+        busy = sum(e.self_device_time_total for e in kernels)  # us over n steps
+        return busy / n / 1e3
 
 
 def main() -> None:
@@ -175,6 +180,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--mode", default=None, help="torch.compile mode for both models (default: nanoGPT's plain compile)")
     ap.add_argument("--out", help="write the markdown section to this file")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the rounds, profile 10 steps of each model: GPU busy time per step against wall time")
     ap.add_argument("--diagnose", action="store_true",
                     help="also time the reference with our rotary and our model returning logits only, and profile both")
     args = ap.parse_args()
@@ -202,10 +209,12 @@ def main() -> None:
             per_step[name].append(trainers[name].run(args.steps))
         print(f"round {r + 1}: " + ", ".join(f"{n} {args.batch * args.ctx / per_step[n][-1]:,.0f} tok/s" for n in trainers),
               flush=True)
-    if args.diagnose:
+    busy: dict[str, float] = {}
+    if args.diagnose or args.profile:
         for name in ("nanogpt-arch GPT", "statelab transformer"):
             print(f"== profile: {name}")
-            trainers[name].profile()
+            busy[name] = trainers[name].profile(table=args.diagnose)
+            print(f"GPU busy {busy[name]:.2f} ms per step", flush=True)
     tok = args.batch * args.ctx
     med = {name: tok / statistics.median(t) for name, t in per_step.items()}
     paired = [a / b for a, b in zip(per_step["nanogpt-arch GPT"], per_step["statelab transformer"])]  # ours / ref, per round
@@ -215,6 +224,7 @@ def main() -> None:
         "" if args.batch == 64 else f" --batch {args.batch}", "" if args.ctx == 256 else f" --ctx {args.ctx}", "" if args.steps == 50 else f" --steps {args.steps}",
         "" if args.warmup == 20 else f" --warmup {args.warmup}", "" if args.rounds == 10 else f" --rounds {args.rounds}",
         f" --mode {args.mode}" if args.mode else "", " --diagnose" if args.diagnose else "",
+        " --profile" if args.profile and not args.diagnose else "",
         " --no-compile" if not compile_ else ""])
     md = "\n".join([
         f"### Transformer vs nanoGPT-architecture GPT, training throughput ({dev}, torch {torch.__version__})",
@@ -230,6 +240,9 @@ def main() -> None:
         f"| **ratio (ours / nanoGPT-arch)** | **{ratio:.3f}** (goal >= 0.95 on the H100) | per-round ratios: median "
         f"{statistics.median(paired):.3f}, {min(paired):.3f} - {max(paired):.3f} |",
         "",
+        *([f"Profiled (10 steps each, profiler on): GPU busy per step " + ", ".join(
+            f"{k} {v:.2f} ms" for k, v in busy.items()) + "; median wall time per step " + ", ".join(
+            f"{k} {statistics.median(per_step[k]) * 1e3:.2f} ms" for k in busy) + ".", ""] if busy else []),
         f"Reproduce: `python benchmarks/traces/vs_nanogpt.py --device {args.device}{flags}`",
         "",
     ])

@@ -22,7 +22,8 @@ def store_from(entries, quota):
 
 def test_sparse_bias_equals_dense_reference_attention():
     """The layer's biased attention (sparse M -> float mask) equals explicit softmax with a dense bias,
-    for a whole sequence and for a chunk that continues a KV cache."""
+    for a whole sequence and for a chunk that continues a KV cache, in one SDPA call or split into
+    query blocks (``bias_chunks``, even and uneven, more blocks than rows)."""
     p = TransformerParams(n_layers=1, n_heads=2, max_seq_len=32,
                           traces={"enabled": True, "quota_per_head": 5, "warmup_steps": 0, "alpha_warmup_steps": 0})
     bb = TransformerBackbone(p, D).eval()
@@ -42,7 +43,8 @@ def test_sparse_bias_equals_dense_reference_attention():
     bias = torch.tensor([0.8, 1.5])[:, None] * dense
     x = torch.randn(2, 12, D)
     with torch.no_grad():
-        for past, T in [(0, 12), (5, 7)]:
+        for past, T, chunks in [(0, 12, 1), (5, 7, 1), (0, 12, 4), (0, 12, 5), (5, 7, 4), (5, 7, 9)]:
+            attn.bias_chunks = chunks
             q, k, v = attn.c_attn(x).split(D, 2)
             q, k, v = (t.view(2, 12, 2, 8).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
             cos, sin = attn._rope(0, 12)
@@ -54,7 +56,7 @@ def test_sparse_bias_equals_dense_reference_attention():
                 _, kk, vv, _ = attn(x[:, :past], None, None, False)
                 state = {"k": kk, "v": vv}
             out, _, _, _ = attn(x[:, past:], state, None, False)
-            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4, msg=f"past {past}, {chunks} chunks")
         # and it differs from the unbiased output, so the bias is really applied
         biased, _, _, _ = attn(x, None, None, False)
         attn.traces.off.fill_(-1)
