@@ -64,11 +64,25 @@ def test_planner_effect_reports_the_three_settings(trained, tmp_path):
     assert m["loss_delta_on"] == pytest.approx(m["val_loss_on"] - m["val_loss_off"])
     assert m["tokens_per_s_off"] > 0 and m["tokens_per_s_on"] > 0
     assert m["plans_requested"] >= 1
-    assert res.verdict in {"helps", "no effect", "hurts"}
+    assert res.verdict in {"helps", "no effect", "hurts", "inactive"}
+    assert (res.verdict == "inactive") == (m["loss_mean_alpha_on"] < 0.005)
+    assert m["forced_planned_minus_random"] == pytest.approx(m["val_loss_on_forced"] - m["val_loss_random_forced"])
     assert res.passed is None
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["verdict"] == res.verdict and (tmp_path / "samples.md").read_text().count("## planner") == 3
     assert not model.training
+
+
+def test_planner_effect_says_inactive_when_the_gate_lets_nothing_through_but_still_scores_the_plans(trained, tmp_path):
+    model, _, tokens = trained
+    model.planner.value_skill.fill_(0.0)  # a value head without skill: confidence, and so alpha, are 0
+    res = statelab.make_probe("planner-effect", EFFECT, model).run(model, _ctx(tokens, tmp_path))
+    m = res.metrics
+    assert res.verdict == "inactive" and m["loss_mean_alpha_on"] == 0.0
+    assert m["val_loss_on"] == m["val_loss_off"]  # nothing was injected
+    # at the forced alpha the planned and the random targets really move the state, differently
+    assert m["val_loss_on_forced"] != m["val_loss_off"] and m["val_loss_random_forced"] != m["val_loss_off"]
+    assert m["val_loss_on_forced"] != m["val_loss_random_forced"]
 
 
 def test_planner_effect_says_hurts_for_a_destructive_planner(trained, tmp_path):

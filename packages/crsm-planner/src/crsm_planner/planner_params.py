@@ -127,6 +127,21 @@ class PlannerEffectParams(BaseModel):
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_k: int | None = Field(None, ge=1, description="sampling top-k (null: full distribution)")
     tolerance: float = Field(0.005, ge=0, description="relative loss change below which the verdict is 'no effect'")
+    min_alpha: float = Field(
+        0.005, ge=0, le=1,
+        description=(
+            "mean applied alpha of the planner-on loss run below which the verdict is 'inactive': the gate let "
+            "(almost) nothing through, so the loss comparison says nothing about the plans"
+        ),
+    )
+    forced_alpha: float = Field(
+        0.1, ge=0, le=1,
+        description=(
+            "also score the planned and the random targets injected at this fixed alpha (gate and confidence "
+            "bypassed): whether the search's directions beat random ones, apart from how much the gate trusts "
+            "them; 0 skips these two runs"
+        ),
+    )
 
 
 class InjectionStabilityParams(BaseModel):

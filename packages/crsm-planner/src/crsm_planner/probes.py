@@ -7,9 +7,14 @@
     generations from validation prompts under the three settings, tokens/s off and on (the
     planner as configured, asynchronous by default) and the mean lag of applied results.
     The loss is measured with the planner inline (``sync_lag`` steps between snapshot and
-    application) so that it is deterministic. Verdict: ``helps`` (on beats off and random
-    by more than the tolerance), ``hurts`` (on is worse than off by more than it) or
-    ``no effect``.
+    application) so that it is deterministic. Verdict: ``inactive`` (the mean applied alpha
+    is below ``min_alpha``: the gate let almost nothing through, so the comparison cannot
+    say whether the plans are any good), ``helps`` (on beats off and random by more than the
+    tolerance), ``hurts`` (on is worse than off by more than it) or ``no effect``.
+    Apart from the gate, the planned and the random targets are also scored injected at a
+    fixed ``forced_alpha`` (``val_loss_on_forced``, ``val_loss_random_forced``): a negative
+    ``forced_planned_minus_random`` means the search's directions lower the loss more than
+    random directions of the same norm do.
 
 ``injection-stability``
     ``steps`` consecutive generation steps with an injection at every step (planner
@@ -166,6 +171,13 @@ class PlannerEffectProbe(Probe):
                 "random": lambda: PlanningHook(planner, model, inline=True,
                                                plan_fn=random_direction_plan(plan_fn, ctx.seed)),
             }
+            if p.forced_alpha > 0:  # the same plans and random directions, the gate bypassed
+                def forced(a: Tensor) -> Tensor:
+                    return torch.full_like(a, p.forced_alpha)
+
+                settings["on_forced"] = lambda: PlanningHook(planner, model, inline=True, alpha_fn=forced)
+                settings["random_forced"] = lambda: PlanningHook(
+                    planner, model, inline=True, plan_fn=random_direction_plan(plan_fn, ctx.seed), alpha_fn=forced)
             hooks_used = {}
             for name, make in settings.items():
                 losses = []
@@ -178,6 +190,12 @@ class PlannerEffectProbe(Probe):
             metrics["loss_delta_random"] = metrics["val_loss_random"] - metrics["val_loss_off"]
             if hooks_used["on"] is not None:
                 metrics["loss_mean_alpha_on"] = hooks_used["on"].stats.get("mean_alpha", 0.0)
+            if p.forced_alpha > 0:
+                metrics["forced_alpha"] = p.forced_alpha
+                metrics["loss_delta_on_forced"] = metrics["val_loss_on_forced"] - metrics["val_loss_off"]
+                metrics["loss_delta_random_forced"] = metrics["val_loss_random_forced"] - metrics["val_loss_off"]
+                metrics["forced_planned_minus_random"] = (metrics["val_loss_on_forced"]
+                                                          - metrics["val_loss_random_forced"])
             # -- samples and speed: the planner as configured (asynchronous by default) ------
             prompts = _windows(val, p.batch_size, p.prompt_len, g)
             kw = dict(max_new_tokens=p.new_tokens, temperature=p.temperature, top_k=p.top_k, seed=ctx.seed)
@@ -200,7 +218,9 @@ class PlannerEffectProbe(Probe):
                       "mean_alpha"):
                 metrics[f"plans_{k}"] = float(on_stats.get(f"planner.{k}", float("nan")))
             rel = metrics["loss_delta_on"] / max(abs(metrics["val_loss_off"]), 1e-12)
-            if rel < -p.tolerance and metrics["val_loss_on"] < metrics["val_loss_random"]:
+            if metrics.get("loss_mean_alpha_on", 0.0) < p.min_alpha:
+                verdict = "inactive"
+            elif rel < -p.tolerance and metrics["val_loss_on"] < metrics["val_loss_random"]:
                 verdict = "helps"
             elif rel > p.tolerance:
                 verdict = "hurts"
