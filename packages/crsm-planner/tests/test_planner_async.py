@@ -200,9 +200,10 @@ def test_worker_duty_bounds_the_time_spent_planning():
 
 @pytest.mark.parametrize("backbone", ["toy-rnn", "mamba2"])
 def test_flat_apply_equals_capping_then_the_backbones_inject(backbone):
+    from statelab.interfaces import unprefix_state
+
     from crsm_planner.planner import cap_target_norm
     from crsm_planner.planner_testing import planner_model
-    from statelab.interfaces import unprefix_state
 
     bb = None if backbone == "toy-rnn" else {"kind": "mamba", "mixer": "mamba2", "n_layers": 2, "d_state": 8,
                                               "headdim": 8}
@@ -223,8 +224,8 @@ def test_flat_apply_equals_capping_then_the_backbones_inject(backbone):
     capped = cap_target_norm(target, state)
     ref = model.backbone.inject(unprefix_state("backbone", state), unprefix_state("backbone", capped), alpha)
     assert any(not torch.allclose(capped[k], target[k]) for k in keys)  # the cap did something
-    for k in state:
-        want = ref[k.removeprefix("backbone.")] if k in keys else state[k]
+    for k, v in state.items():
+        want = ref[k.removeprefix("backbone.")] if k in keys else v
         torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_views[k], want, rtol=1e-5, atol=1e-6)
 

@@ -47,7 +47,7 @@ _SHADOWS: "weakref.WeakKeyDictionary[MCTSPlanner, tuple]" = weakref.WeakKeyDicti
 # captured CUDA graphs of the search, per planner and batch shape (see MCTSPlanner.prepare)
 _GRAPHS: "weakref.WeakKeyDictionary[MCTSPlanner, dict]" = weakref.WeakKeyDictionary()
 # GraphLaunchers over those graphs (asynchronous planning without a worker thread)
-_LAUNCHERS: "weakref.WeakKeyDictionary[MCTSPlanner, dict]" = weakref.WeakKeyDictionary()
+_LAUNCHERS: weakref.WeakKeyDictionary[MCTSPlanner, dict] = weakref.WeakKeyDictionary()
 
 
 class _CapturedPlan:
@@ -97,7 +97,7 @@ class GraphLauncher:
     One launcher is shared by every hook of a planner and batch shape; ``token`` counts
     launches so that a hook only reads outputs of its own launch."""
 
-    def __init__(self, planner: "MCTSPlanner", captured: _CapturedPlan) -> None:
+    def __init__(self, planner: MCTSPlanner, captured: _CapturedPlan) -> None:
         self.planner, self.captured = planner, captured
         dev = captured.s.device
         self.stream = torch.cuda.Stream(device=dev)
