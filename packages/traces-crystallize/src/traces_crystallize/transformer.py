@@ -119,10 +119,11 @@ def _biased_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, past: int, chunk
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)  # (B, H, T, hd)
 
 
-def _rope_tables(length: int, head_dim: int, base: float, device=None, start: int = 0) -> tuple[Tensor, Tensor]:
-    """``cos, sin`` of the rotary angles of positions ``start .. start + length - 1``, (length, hd/2) each."""
+def _rope_tables(length: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
+    # precomputed buffers, read by the compiled graph: computing the angles inside it made Inductor evaluate
+    # pow, cos and sin for every element of q and k, forward and backward (+42% GPU time per step on the H100)
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))  # (hd/2,)
-    ang = torch.arange(start, start + length, device=device).float()[:, None] * inv[None, :]  # (length, hd/2)
+    ang = torch.arange(length, device=device).float()[:, None] * inv[None, :]  # (length, hd/2)
     return ang.cos(), ang.sin()
 
 
@@ -246,10 +247,6 @@ class CausalSelfAttention(nn.Module):
             )
 
     def _rope(self, past: int, T: int) -> tuple[Tensor, Tensor]:
-        if torch.compiler.is_compiling():
-            # the same values computed inside the graph (from constants, so Inductor folds them): the tables
-            # are then no graph inputs, which saves a guard and an input check per table at every call
-            return _rope_tables(T, self.head_dim, self.rotary_base, self.cos.device, start=past)
         if past + T > self.cos.shape[0]:  # beyond max_seq_len: grow the tables (generation past the context)
             cos, sin = _rope_tables(2 * (past + T), self.head_dim, self.rotary_base, self.cos.device)
             self.cos, self.sin = cos, sin
