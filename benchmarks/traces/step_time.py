@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 from pathlib import Path
@@ -127,7 +128,7 @@ def main() -> None:
     if a.tiles_from:
         timings = json.loads(Path(a.tiles_from).read_text())
         ranked = sorted((ms, name.removeprefix("flex + bias, fixed, ")) for name, ms in timings.items()
-                        if name.startswith("flex + bias, fixed, ") and ms == ms)  # ms == ms: not NaN
+                        if name.startswith("flex + bias, fixed, ") and not math.isnan(ms))
         tiles += [name for _, name in ranked[: a.top] if name not in tiles]
     tiles = [t for t in tiles if TILES[t] != default_tiles]  # the "on" variant already runs the default
     torch._dynamo.config.cache_size_limit = 32  # one compiled entry per variant

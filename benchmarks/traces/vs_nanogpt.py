@@ -240,7 +240,7 @@ def main() -> None:
         f"| **ratio (ours / nanoGPT-arch)** | **{ratio:.3f}** (goal >= 0.95 on the H100) | per-round ratios: median "
         f"{statistics.median(paired):.3f}, {min(paired):.3f} - {max(paired):.3f} |",
         "",
-        *([f"Profiled (10 steps each, profiler on): GPU busy per step " + ", ".join(
+        *(["Profiled (10 steps each, profiler on): GPU busy per step " + ", ".join(
             f"{k} {v:.2f} ms" for k, v in busy.items()) + "; median wall time per step " + ", ".join(
             f"{k} {statistics.median(per_step[k]) * 1e3:.2f} ms" for k in busy) + ".", ""] if busy else []),
         f"Reproduce: `python benchmarks/traces/vs_nanogpt.py --device {args.device}{flags}`",

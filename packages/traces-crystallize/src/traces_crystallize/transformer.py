@@ -18,7 +18,7 @@ Attention paths (per layer, per call):
   with ``attention: flex`` through FlexAttention with a ``score_mod`` that indexes a
   precomputed ``alpha * M`` vector of shape ``(H, Tk + 129)`` (traced into the caller's
   torch.compile graph; FlexAttention has no dropout, so attention dropout is skipped there;
-  2.3x slower than the cuDNN path on an H100). ``alpha`` (warmup ramp included) is a
+  1.6x slower than the cuDNN path on an H100 with its best tiles). ``alpha`` (warmup ramp included) is a
   tensor computed from the ``train_step`` buffer, so its schedule never recompiles.
 
 How the periodic updates run (the trainer only calls the model's forward and the
