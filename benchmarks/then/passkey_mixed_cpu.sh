@@ -7,14 +7,7 @@
 set -euo pipefail
 out=${1:?out dir}
 steps=${MIX_STEPS:-1000}
-common=(--out "$out" --set name=thenpk --set tokenizer.kind=byte --set data.kind=passkey --set data.path=null
-  --set model.d_model=64 --set model.backbone.headdim=32 --set model.backbone.dt_min=0.05 --set model.backbone.dt_max=0.5
-  --set train.batching=random --set train.batch_size=8 --set train.eval_interval=50 --set train.eval_batches=2
-  --set train.checkpoint_interval=50 --set train.sample_tokens=0 --set train.warmup_steps=20
-  --set tracking.enabled=false --set 'probes=[]' --set train.time_budget_s=null)
-statelab train configs/then.yaml "${common[@]}" --set 'data.passkey.lengths=[129]' --set train.seq_len=128 --set train.steps=1000
-statelab train "$out/thenpk/spec.yaml" --out "$out" --resume --set train.steps=1300 --set train.seq_len=512 \
-  --set 'data.passkey.lengths=[513]'
+bash "$(dirname "$0")/passkey_cpu.sh" "$out" --set tokenizer.kind=byte
 [ -f "$out/corpus.txt" ] || statelab memory corpus --out "$out/corpus.txt" --docs 900 --lengths 256 512 1024 --min-gap 1024
 statelab train configs/then.yaml --out "$out" --set name=thenmix --set tokenizer.kind=byte --set data.path="$out/corpus.txt" \
   --set model.d_model=64 --set model.backbone.headdim=32 --set model.backbone.dt_min=0.05 --set model.backbone.dt_max=0.5 \
