@@ -511,8 +511,13 @@ def train(
         if main:
             lock.acquire()
         distr.barrier(info)
-        return _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_after, start_wall,
-                      signals.install(), live)
+        result = _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_after, start_wall,
+                        signals.install(), live)
+        # Every rank reaches the end before any rank tears the process group down: a gloo rank
+        # that destroys its group and exits while a peer is still in its post-training work
+        # aborted at interpreter exit ("terminate called without an active exception").
+        distr.barrier(info)
+        return result
     except BaseException as exc:
         if live.get("tracker") is not None:
             live["tracker"].set_tags({"statelab.error": f"{type(exc).__name__}: {exc}"})
