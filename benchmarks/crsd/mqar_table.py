@@ -1,4 +1,4 @@
-"""The MQAR table of crsd-memory, from the result files of the H100 sweeps.
+"""The MQAR table of crsd-memory, from the result files of the sweeps (H100, and a few CPU runs).
 
     python benchmarks/crsd/mqar_table.py            # writes benchmarks/crsd/MQAR.md
 
@@ -26,6 +26,7 @@ SOURCES = {
     "mqar_results.jsonl": "sweep",  # mqar_sweep.py: statelab.train, 12 processes sharing the GPU
     "mqar_results_h100_goal_cell.jsonl": "goal",  # mqar_sweep.py: the goal cell, 1-2 processes
     "mqar_results_h100_fast.jsonl": "fast",  # mqar_fast.py: the 4 learning rates side by side
+    "mqar_results_cpu_fast.jsonl": "fast-cpu",  # mqar_fast.py on the 2-core CPU: fp32, no CUDA graph
 }
 MODELS = ["mamba", "mamba+hebbian", "crsd", "mamba+episodic", "mamba+dual", "transformer"]
 LRS = [3e-4, 1e-3, 3e-3, 1e-2]
@@ -126,8 +127,9 @@ HEADER = """# MQAR: accuracy against state size (crsd-memory)
 
 Written by `python benchmarks/crsd/mqar_table.py` from {sources}.
 
-All runs: one H100 80GB, vocabulary 8192, 2 layers, batch 128, AdamW (betas 0.9/0.99, weight decay 0.1),
-10% warm-up then cosine to lr/10, gradient clipping 1.0, bf16 autocast, Mamba-2 in pure PyTorch; every memory
+All runs: one H100 80GB (loop `fast-cpu`: a 2-core CPU in fp32 instead of bf16 autocast), vocabulary 8192,
+2 layers, batch 128, AdamW (betas 0.9/0.99, weight decay 0.1), 10% warm-up then cosine to lr/10, gradient
+clipping 1.0, bf16 autocast, Mamba-2 in pure PyTorch; every memory
 after layer 1; the episodic buffer with 64 slots, no recency bonus, temperature 0.1. Accuracy: query positions of
 1000 held-out examples. State: the bytes one sequence carries after `seq_len` tokens (recurrent state; for the
 transformer, its KV cache). One seed per run. Commands: docs/benchmarks.md (crsd-memory).
