@@ -65,6 +65,7 @@ HERE = Path(__file__).resolve().parent
 EPISODIC = {"slots": 64, "temperature": 0.1, "recency": 0.0}
 MEMORIES = {
     "hebbian": {"kind": "hebbian", "n_heads": 4},
+    "hebbian-gated": {"kind": "hebbian", "n_heads": 4, "write_gate": True},  # learned per-token write strength
     "episodic": {"kind": "episodic", **EPISODIC},
     "dual": {"kind": "dual", "hebbian": {"n_heads": 4}, "episodic": EPISODIC},
 }

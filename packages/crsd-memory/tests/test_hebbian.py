@@ -12,15 +12,17 @@ D = 16
 def _reference(core: HebbianRecall, x, H0):
     """Recall and final H of the token-by-token reference, through the same projections."""
     q, k, v = core._project(x)
-    r, H = hebbian_sequence(q, k, v, H0, core.gamma(), core.eta(), core.temperature, core.topk)  # (B, h, T, d)
+    w = core._write_strength(x)
+    r, H = hebbian_sequence(q, k, v, H0, core.gamma(), core.eta(), core.temperature, core.topk, w)  # (B, h, T, d)
     B, T = x.shape[:2]
     return core.out(r.transpose(1, 2).reshape(B, T, -1)), H
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
 @pytest.mark.parametrize("topk", [None, 3])
-def test_chunked_matches_reference(chunk, topk):
-    core = HebbianRecall(D, D, n_heads=2, chunk_size=chunk, topk=topk, temperature=0.5)
+@pytest.mark.parametrize("write_gate", [False, True])
+def test_chunked_matches_reference(chunk, topk, write_gate):
+    core = HebbianRecall(D, D, n_heads=2, chunk_size=chunk, topk=topk, temperature=0.5, write_gate=write_gate)
     with torch.no_grad():
         core.decay_logit.copy_(torch.tensor([-3.0, 4.0]))  # a fast and a slow head
     x = torch.randn(3, 37, D)
@@ -31,8 +33,9 @@ def test_chunked_matches_reference(chunk, topk):
     torch.testing.assert_close(s["H"], H_ref, atol=1e-5, rtol=0)
 
 
-def test_step_matches_reference():
-    core = HebbianRecall(D, D, n_heads=4, chunk_size=8)
+@pytest.mark.parametrize("write_gate", [False, True])
+def test_step_matches_reference(write_gate):
+    core = HebbianRecall(D, D, n_heads=4, chunk_size=8, write_gate=write_gate)
     x = torch.randn(2, 20, D)
     H = core.init_state(2)["H"]
     outs = []
@@ -45,8 +48,9 @@ def test_step_matches_reference():
     torch.testing.assert_close(H, H_ref, atol=1e-5, rtol=0)
 
 
-def test_gradients_match_reference():
-    core = HebbianRecall(D, D, n_heads=2, chunk_size=4)
+@pytest.mark.parametrize("write_gate", [False, True])
+def test_gradients_match_reference(write_gate):
+    core = HebbianRecall(D, D, n_heads=2, chunk_size=4, write_gate=write_gate)
     x = torch.randn(2, 13, D)
     H0 = torch.zeros(2, 2, 8, 8)
     core(x, {"H": H0})[0].pow(2).sum().backward()
@@ -73,6 +77,37 @@ def test_recall_is_cosine_retrieval_of_stored_value():
     x2 = torch.tensor([[2.0, -1.0, 0.0, 0.0]])
     r2, _ = core.step(x2, s)
     torch.testing.assert_close(r2[0], core.eta()[0] * x2[0] / 0.25)
+
+
+def test_write_gate_stores_only_the_tokens_it_opens_for():
+    """With the gate shut everywhere but one token, H holds exactly that token's write (decayed)."""
+    core = HebbianRecall(D, D, n_heads=2, write_gate=True)
+    x = torch.randn(1, 12, D)
+    with torch.no_grad():
+        core.write_gate.weight.zero_()
+        core.write_gate.bias.fill_(-1e4)  # w = 0: nothing is written
+    _, s = core(x)
+    assert s["H"].abs().max() == 0
+    # open the gate for token 5 only: a feature only that token has
+    x[:, :, 0] = 0.0
+    x[0, 5, 0] = 1.0
+    with torch.no_grad():
+        core.write_gate.weight[:, 0] = 2e4  # w_5 = sigmoid(1e4) = 1, every other token sigmoid(-1e4) = 0
+    _, s = core(x)
+    q, k, v = core._project(x)
+    g, e = core.gamma(), core.eta()
+    expect = (g ** 6)[:, None, None] * e[:, None, None] * (k[0, :, 5, :, None] * v[0, :, 5, None, :])  # (h, d, d)
+    torch.testing.assert_close(s["H"][0], expect, atol=1e-6, rtol=1e-5)
+
+
+def test_write_gate_is_a_spec_option():
+    from crsd_memory.plugin import HebbianParams
+
+    from crsd_memory.hebbian import HebbianMemory, hebbian_kwargs
+
+    mem = HebbianMemory(D, **hebbian_kwargs(HebbianParams(n_heads=2, write_gate=True)))
+    assert mem.core.write_gate is not None and mem.core.write_gate.out_features == 2
+    assert HebbianMemory(D, **hebbian_kwargs(HebbianParams(n_heads=2))).core.write_gate is None
 
 
 def test_decay_and_rate_stay_in_range():
@@ -119,10 +154,13 @@ def test_state_is_fp32_under_bf16_autocast():
     torch.testing.assert_close(s["H"], s32["H"], atol=0.05, rtol=0.05)  # bf16 projections, fp32 memory
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(topk=3, chunk_size=5), dict(temperature=0.3, chunk_size=4)])
+@pytest.mark.parametrize("kw", [dict(), dict(topk=3, chunk_size=5), dict(temperature=0.3, chunk_size=4),
+                                dict(write_gate=True, chunk_size=4)])
 def test_conformance(kw):
     check_memory(lambda: HebbianMemory(D, n_heads=2, **kw), D)
 
 
 def test_conformance_detached():
     check_memory(lambda: HebbianMemory(D, n_heads=2, detach=True), D, allow_unused=["decay_logit", "rate_logit"])
+    check_memory(lambda: HebbianMemory(D, n_heads=2, detach=True, write_gate=True), D,
+                 allow_unused=["decay_logit", "rate_logit", "write_gate.weight", "write_gate.bias"])

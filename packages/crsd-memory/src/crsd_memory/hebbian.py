@@ -2,14 +2,18 @@
 
 Config (``HebbianParams`` in plugin.py): ``n_heads``, ``d_head``, ``temperature``, ``topk``,
 ``detach``, ``decay_min``/``decay_max`` (gamma = lo + (hi - lo) sigmoid(theta), per head),
-``lr_max`` (eta = lr_max sigmoid(phi), per head), ``chunk_size``.
+``lr_max`` (eta = lr_max sigmoid(phi), per head), ``chunk_size``, ``write_gate`` (a learned
+per-token, per-head write strength ``w_t = sigmoid(W_w x_t)`` that scales each write, so the
+memory can learn to store some tokens and skip the rest).
 
 The forward pass is the chunked, causal, linear-attention form of the recurrence in
 reference.py. Inside a chunk of length C starting from ``H0``, with ``i, j`` positions in
 the chunk::
 
-    r_i  = [ sum_{j<=i} gamma^(i-j) eta (q_i . k_j) v_j  +  gamma^(i+1) q_i^T H0 ] / temperature
-    H_C  = gamma^C H0 + sum_j gamma^(C-1-j) eta k_j v_j^T
+    r_i  = [ sum_{j<=i} gamma^(i-j) eta (q_i . k_j) w_j v_j  +  gamma^(i+1) q_i^T H0 ] / temperature
+    H_C  = gamma^C H0 + sum_j gamma^(C-1-j) eta k_j w_j v_j^T
+
+(the write strengths ``w_j`` only scale the values, so they enter as ``v_j <- w_j v_j``).
 
 so a sequence costs O(T C d + T d^2) in a handful of matmuls per chunk instead of T
 sequential rank-1 updates. The decay powers are computed as exp((i-j) log gamma) with the
@@ -36,16 +40,18 @@ def _no_autocast(x: Tensor):
 
 def hebbian_chunked(
     q: Tensor, k: Tensor, v: Tensor, H: Tensor, gamma: Tensor, eta: Tensor, temperature: float, topk: int | None,
-    chunk_size: int,
+    chunk_size: int, w: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The chunked form of :func:`crsd_memory.reference.hebbian_sequence` (same arguments and
     results): ``q, k`` unit vectors and ``v`` (B, heads, T, d); ``H`` (B, heads, d, d); ``gamma,
-    eta`` (heads,). Returns ``(r (B, heads, T, d), H_T)``.
+    eta`` (heads,); ``w`` (B, heads, T) write strengths or None. Returns ``(r (B, heads, T, d), H_T)``.
 
     One chunk at a time: every intermediate is (B, heads, C, C) or (B, heads, C, d), small
     enough to stay in cache, which on CPUs beats batching all chunks into a few large matmuls.
     """
     B, h, T, d = q.shape
+    if w is not None:
+        v = v * w.unsqueeze(-1)  # (B, h, T, d)
     log_g = torch.log(gamma)  # (h,)
 
     def consts(C: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -91,6 +97,7 @@ class HebbianRecall(nn.Module):
         decay_max: float = 0.999,
         lr_max: float = 1.0,
         chunk_size: int = 64,
+        write_gate: bool = False,
     ) -> None:
         super().__init__()
         d_head = d_head or max(1, d_in // n_heads)
@@ -102,6 +109,7 @@ class HebbianRecall(nn.Module):
         self.chunk_size = chunk_size
         self.qkv = nn.Linear(d_in, 3 * n_heads * d_head, bias=False)
         self.out = nn.Linear(n_heads * d_head, d_out, bias=False)
+        self.write_gate = nn.Linear(d_in, n_heads) if write_gate else None
         # heads start with decays spread over [0.9, 0.99] (clipped to the allowed range) and eta = lr_max / 2
         target = torch.linspace(0.9, 0.99, n_heads).clamp(decay_min + 1e-3, decay_max - 1e-3)
         frac = (target - decay_min) / (decay_max - decay_min)
@@ -126,6 +134,12 @@ class HebbianRecall(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         return unit(q), unit(k), v
 
+    def _write_strength(self, x: Tensor) -> Tensor | None:
+        """(B, T, d_in) -> w (B, heads, T) in (0, 1), or None without a write gate."""
+        if self.write_gate is None:
+            return None
+        return torch.sigmoid(self.write_gate(x).float()).transpose(1, 2)  # (B, h, T)
+
     def _write_params(self) -> tuple[Tensor, Tensor]:
         gamma, eta = self.gamma(), self.eta()
         if self.detach:
@@ -137,10 +151,12 @@ class HebbianRecall(nn.Module):
         H = state["H"] if state else self.init_state(B, x.device)["H"]
         with _no_autocast(x):
             q, k, v = self._project(x)
+            w = self._write_strength(x)
             gamma, eta = self._write_params()
             if self.detach:
                 k, v, H = k.detach(), v.detach(), H.detach()
-            r, H = hebbian_chunked(q, k, v, H, gamma, eta, self.temperature, self.topk, self.chunk_size)
+                w = None if w is None else w.detach()
+            r, H = hebbian_chunked(q, k, v, H, gamma, eta, self.temperature, self.topk, self.chunk_size, w)
             r = r.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head)  # (B, T, h*d)
         return self.out(r.to(x.dtype)), {"H": H}
 
@@ -149,10 +165,13 @@ class HebbianRecall(nn.Module):
         H = state["H"] if state else self.init_state(B, x_t.device)["H"]
         with _no_autocast(x_t):
             q, k, v = (z[:, :, 0] for z in self._project(x_t.unsqueeze(1)))  # (B, h, d)
+            w = self._write_strength(x_t.unsqueeze(1))
+            w = None if w is None else w[:, :, 0]  # (B, h)
             gamma, eta = self._write_params()
             if self.detach:
                 k, v, H = k.detach(), v.detach(), H.detach()
-            r, H = hebbian_step(q, k, v, H, gamma, eta, self.temperature, self.topk)
+                w = None if w is None else w.detach()
+            r, H = hebbian_step(q, k, v, H, gamma, eta, self.temperature, self.topk, w)
             r = r.reshape(B, self.n_heads * self.d_head)  # (B, h*d)
         return self.out(r.to(x_t.dtype)), {"H": H}
 
@@ -170,7 +189,7 @@ def hebbian_kwargs(params) -> dict:
     return dict(
         n_heads=params.n_heads, d_head=params.d_head, temperature=params.temperature, topk=params.topk,
         detach=params.detach, decay_min=params.decay_min, decay_max=params.decay_max, lr_max=params.lr_max,
-        chunk_size=params.chunk_size,
+        chunk_size=params.chunk_size, write_gate=params.write_gate,
     )
 
 

@@ -31,6 +31,10 @@ class HebbianParams(BaseModel):
     decay_max: float = Field(0.999, gt=0, lt=1, description="upper bound of the learned decay gamma")
     lr_max: float = Field(1.0, gt=0, description="upper bound of the learned write rate eta (eta in (0, lr_max))")
     chunk_size: int = Field(64, ge=1, description="chunk length of the parallel (linear-attention style) forward")
+    write_gate: bool = Field(
+        False, description="learn a per-token, per-head write strength in (0, 1) that scales each write "
+        "(H <- gamma H + eta w_t k v^T), so the memory can skip tokens instead of writing every one"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "HebbianParams":

@@ -4,9 +4,10 @@ These define the semantics. The fast forms (chunked Hebbian, chunked episodic, p
 linear scan) are tested against them on random inputs, and the memories' ``step``
 methods call the one-step functions here directly.
 
-Hebbian memory, per head (gamma, eta scalars per head; q_hat, k_hat unit vectors)::
+Hebbian memory, per head (gamma, eta scalars per head; q_hat, k_hat unit vectors; w_t in
+[0, 1] the optional per-token write strength, 1 without a write gate)::
 
-    H_t = gamma * H_{t-1} + eta * k_hat_t v_t^T          (d x d)
+    H_t = gamma * H_{t-1} + eta * w_t * k_hat_t v_t^T    (d x d)
     r_t = topk(q_hat_t^T H_t / temperature)              (d,)
 
 Episodic buffer, per batch row: ``S`` slots of (key k_hat, value v, importance z, write
@@ -70,22 +71,28 @@ def masked_softmax(logits: Tensor, valid: Tensor, topk: int | None) -> Tensor:
 
 
 def hebbian_step(
-    q: Tensor, k: Tensor, v: Tensor, H: Tensor, gamma: Tensor, eta: Tensor, temperature: float, topk: int | None
+    q: Tensor, k: Tensor, v: Tensor, H: Tensor, gamma: Tensor, eta: Tensor, temperature: float, topk: int | None,
+    w: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One token. ``q, k`` unit vectors and ``v`` of shape (B, heads, d); ``H`` (B, heads, d, d);
-    ``gamma, eta`` (heads,). Returns ``(r (B, heads, d), H_t)``."""
-    H = gamma[:, None, None] * H + eta[:, None, None] * (k.unsqueeze(-1) * v.unsqueeze(-2))  # (B, h, d, d)
+    ``gamma, eta`` (heads,); ``w`` (B, heads) write strengths or None (all 1). Returns
+    ``(r (B, heads, d), H_t)``."""
+    rate = eta[:, None, None] if w is None else eta[:, None, None] * w[..., None, None]  # (h, 1, 1) or (B, h, 1, 1)
+    H = gamma[:, None, None] * H + rate * (k.unsqueeze(-1) * v.unsqueeze(-2))  # (B, h, d, d)
     r = torch.einsum("bhk,bhkv->bhv", q, H) / temperature
     return topk_magnitude(r, topk), H
 
 
 def hebbian_sequence(
-    q: Tensor, k: Tensor, v: Tensor, H: Tensor, gamma: Tensor, eta: Tensor, temperature: float, topk: int | None
+    q: Tensor, k: Tensor, v: Tensor, H: Tensor, gamma: Tensor, eta: Tensor, temperature: float, topk: int | None,
+    w: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The whole sequence, token by token: ``q, k, v`` (B, heads, T, d) -> ``r`` (B, heads, T, d)."""
+    """The whole sequence, token by token: ``q, k, v`` (B, heads, T, d) -> ``r`` (B, heads, T, d);
+    ``w`` (B, heads, T) or None."""
     rs = []
     for t in range(q.shape[2]):
-        r, H = hebbian_step(q[:, :, t], k[:, :, t], v[:, :, t], H, gamma, eta, temperature, topk)
+        wt = None if w is None else w[:, :, t]
+        r, H = hebbian_step(q[:, :, t], k[:, :, t], v[:, :, t], H, gamma, eta, temperature, topk, wt)
         rs.append(r)
     return torch.stack(rs, dim=2), H
 
