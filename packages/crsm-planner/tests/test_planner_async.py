@@ -44,15 +44,16 @@ def _sleepy(seconds):
 
 
 def test_generation_never_waits_for_a_slow_planner(model):
-    _slow(model.planner, 1.0)
+    _slow(model.planner, 2.0)
     prompts = torch.randint(97, 101, (2, 8))
     res = statelab.generate(model, prompts, max_new_tokens=60, seed=0)
     st = res.stats
     assert st["planner.requested"] >= 1 and st["planner.skipped_busy"] >= 1
-    # one plan takes 1 s; no step took a noticeable part of that, and waiting even once would
-    # have made the whole generation last longer than a second
-    assert max(st["step_times_s"]) < 0.25
-    assert st["elapsed_s"] < 1.0
+    # one plan takes 2 s; no step took a noticeable part of that, and waiting even once would
+    # have made the whole generation last longer than that (it takes ~0.3 s on 2 CPU cores;
+    # the margins are for a loaded CI machine)
+    assert max(st["step_times_s"]) < 0.5
+    assert st["elapsed_s"] < 2.0
 
 
 def test_a_late_result_from_another_generation_is_never_applied(model):
