@@ -66,6 +66,7 @@ EPISODIC = {"slots": 64, "temperature": 0.1, "recency": 0.0}
 MEMORIES = {
     "hebbian": {"kind": "hebbian", "n_heads": 4},
     "hebbian-gated": {"kind": "hebbian", "n_heads": 4, "write_gate": True},  # learned per-token write strength
+    "hebbian-1head": {"kind": "hebbian", "n_heads": 1},  # one d_model-wide matrix: less cross-talk per read
     "episodic": {"kind": "episodic", **EPISODIC},
     "dual": {"kind": "dual", "hebbian": {"n_heads": 4}, "episodic": EPISODIC},
 }

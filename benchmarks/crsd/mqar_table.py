@@ -28,7 +28,7 @@ SOURCES = {
     "mqar_results_h100_fast.jsonl": "fast",  # mqar_fast.py: the 4 learning rates side by side
     "mqar_results_cpu_fast.jsonl": "fast-cpu",  # mqar_fast.py on the 2-core CPU: fp32, no CUDA graph
 }
-MODELS = ["mamba", "mamba+hebbian", "mamba+hebbian-gated", "crsd", "mamba+episodic", "mamba+dual", "transformer"]
+MODELS = ["mamba", "mamba+hebbian", "mamba+hebbian-gated", "mamba+hebbian-1head", "crsd", "mamba+episodic", "mamba+dual", "transformer"]
 LRS = [3e-4, 1e-3, 3e-3, 1e-2]
 
 

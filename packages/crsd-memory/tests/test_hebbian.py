@@ -101,9 +101,8 @@ def test_write_gate_stores_only_the_tokens_it_opens_for():
 
 
 def test_write_gate_is_a_spec_option():
+    from crsd_memory.hebbian import hebbian_kwargs
     from crsd_memory.plugin import HebbianParams
-
-    from crsd_memory.hebbian import HebbianMemory, hebbian_kwargs
 
     mem = HebbianMemory(D, **hebbian_kwargs(HebbianParams(n_heads=2, write_gate=True)))
     assert mem.core.write_gate is not None and mem.core.write_gate.out_features == 2
