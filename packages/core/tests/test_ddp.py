@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -71,3 +72,45 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, t
     assert sorted(p.name for p in (rd / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
     assert (rd / "best" / "model.safetensors").exists()
     assert len((rd / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def _failing_worker(rank: int, world: int, port: int, out: str, cache: str, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), STATELAB_CACHE_DIR=cache)
+    torch.set_num_threads(1)
+    import statelab.train as tr
+
+    if rank == 0:  # rank 0 fails in its post-training work, after every rank finished its steps
+        def fail(*args, **kwargs):
+            raise RuntimeError("artifacts failed")
+
+        tr._finish_artifacts = fail
+    try:
+        tr.train(_spec("stream"), registry=toy_registry(), out_dir=out, progress=False)
+        results.put((rank, "returned"))
+    except Exception as e:  # noqa: BLE001 - the test reads what each rank saw
+        results.put((rank, f"{type(e).__name__}: {e}"))
+
+
+def test_a_failure_on_rank_0_after_training_does_not_leave_rank_1_waiting(tmp_path, tmp_path_factory):
+    """The ranks meet at a barrier before the process group goes away; a rank 0 that raises
+    before reaching it must make rank 1 fail too, not wait for it."""
+    cache = str(tmp_path_factory.getbasetemp() / "statelab-cache")
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = mp.start_processes(_failing_worker, args=(2, _free_port(), str(tmp_path), cache, results), nprocs=2,
+                               join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not all(not p.is_alive() for p in procs.processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    hung = [p.pid for p in procs.processes if p.is_alive()]
+    for p in procs.processes:
+        if p.is_alive():
+            p.kill()
+    assert not hung, "a rank was still waiting 120 s after rank 0 failed"
+    seen = {}
+    while not results.empty():  # a rank that died without reporting is simply absent
+        rank, outcome = results.get()
+        seen[rank] = outcome
+    assert seen.get(0) == "RuntimeError: artifacts failed", seen
+    assert seen.get(1, "died") != "returned", "rank 1 reported success although the run failed on rank 0"
