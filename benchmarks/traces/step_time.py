@@ -5,14 +5,16 @@
 
 "Off" is the transformer with traces disabled (the flash path). "On" has traces enabled
 and populated (every head holds entries, as after training), so every step runs the
-biased attention (the default ``attention: auto``: SDPA with a float mask, in
-``bias_chunks`` query blocks; cuDNN's fused kernel on an H100) with the default fixed alpha (a non-learnable tensor: no bias gradient). One
+biased attention (the default ``attention: auto``: on an H100 cuDNN's fused kernel with the
+bias and the causal mask together; elsewhere SDPA with a float mask, in ``bias_chunks`` query
+blocks) with the default fixed alpha (a non-learnable tensor: no bias gradient). One
 step in ``update_interval`` is a capture step: a forward-only pass over ``capture_rows``
 rows (explicit attention weights, no gradient) before the ordinary step. The ratio reported
 is the amortised one, ``((interval - 1) * biased + capture) / interval`` over the off step
 with ``interval`` = 100 (the prototype's default), each step time a median over ``--steps``
 timed steps; the variants' steps are interleaved so that load drift affects them alike.
-``--learn-alpha`` adds the learnable-alpha variant (its gradient through the bias costs a
+``--mask`` adds the float-mask path (``attention: sdpa``), the default before the fused
+kernel. ``--learn-alpha`` adds the learnable-alpha variant (its gradient through the bias costs a
 scatter in the attention backward). ``--chunks N,...`` adds the default path with other
 ``bias_chunks``. ``--flex`` adds the FlexAttention path (``attention: flex``, CUDA) with the
 module's kernel tiles; ``--tiles NAME,...`` (names of ``attn_kernels.TILES``) or
@@ -112,6 +114,7 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=100, help="update_interval for the amortised ratio")
     ap.add_argument("--no-compile", action="store_true", help="run both variants eagerly")
     ap.add_argument("--learn-alpha", action="store_true", help="also time the learnable-alpha variant")
+    ap.add_argument("--mask", action="store_true", help="also time the float-mask path (attention: sdpa)")
     ap.add_argument("--flex", action="store_true", help="also time the biased attention through FlexAttention (CUDA)")
     ap.add_argument("--chunks", default="", help="comma-separated bias_chunks values to time as extra variants")
     ap.add_argument("--tiles", default="", help="comma-separated names of attn_kernels.TILES to time as extra variants")
@@ -146,6 +149,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (B, a.T + 1), generator=g).to(device)
     variants = [("off", False, False), ("on", True, False)] + ([("learnable", True, True)] if a.learn_alpha else [])
+    variants += [("mask", True, False)] if a.mask else []
     variants += [("flex", True, False)] if (a.flex or tiles) and cuda else []
     variants += [(f"chunks: {c}", True, False) for c in a.chunks.split(",") if c]
     tiles = tiles if cuda else []  # FlexAttention runs on CUDA only
@@ -154,7 +158,7 @@ def main() -> None:
     for name, traces, learn in variants:
         torch.manual_seed(0)
         flex = name == "flex" or name.startswith("tiles: ")
-        models[name] = make(traces, d, L, a.heads, a.T, V, learn_alpha=learn, attention="flex" if flex else "auto",
+        models[name] = make(traces, d, L, a.heads, a.T, V, learn_alpha=learn, attention="flex" if flex else ("sdpa" if name == "mask" else "auto"),
                             chunks=int(name[8:]) if name.startswith("chunks: ") else None).to(device)
         if traces:
             populate(models[name], x[:, :-1])
@@ -179,7 +183,11 @@ def main() -> None:
     tiles_arg = " --tiles '" + ",".join(tiles) + "'" if tiles else ""
     dev = torch.cuda.get_device_name(device) if cuda else f"cpu {platform.machine()}, {torch.get_num_threads()} threads"
     chunks = models["on"].backbone.params.traces.bias_chunks
-    kernel = f"SDPA + float mask in {chunks} query blocks"
+    probe = torch.zeros(1, a.heads, a.T, d // a.heads, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    if transformer.cudnn_causal_bias_ok(probe, torch.zeros(a.heads, a.T, device=device), 0, 0.0):
+        kernel = "cuDNN's fused kernel with the bias and the causal mask (attention: auto)"
+    else:
+        kernel = f"SDPA + float mask in {chunks} query blocks"
     rows_md = [
         f"| traces off (SDPA causal: cuDNN / flash) | {res['off'] * 1e3:.1f} ms |",
         f"| traces on, biased attention (fixed alpha, the default) | {res['on'] * 1e3:.1f} ms ({res['on'] / res['off']:.3f}x) |",
@@ -189,8 +197,9 @@ def main() -> None:
         rows_md.append(f"| traces on, biased attention, learnable alpha (bias gradient) | {res['learnable'] * 1e3:.1f} ms "
                        f"({res['learnable'] / res['off']:.3f}x) |")
     for name in res:
-        if name == "flex" or name.startswith("chunks: "):
-            label = "FlexAttention score_mod (module tiles)" if name == "flex" else f"bias_chunks {name[8:]}"
+        if name in ("flex", "mask") or name.startswith("chunks: "):
+            label = {"flex": "FlexAttention score_mod (module tiles)", "mask": "SDPA + float mask (attention: sdpa)"}.get(
+                name, f"bias_chunks {name[8:]}")
             rows_md.append(f"| traces on, biased attention, {label} | {res[name] * 1e3:.1f} ms ({res[name] / res['off']:.3f}x) |")
     for name in res:
         if name.startswith("tiles: "):
@@ -202,7 +211,7 @@ def main() -> None:
             rows_md.append(f"| on / off amortised, {name} (capture step as measured with the default tiles) "
                            f"| {amortised(name):.3f} |")
     for name in res:
-        if name == "flex" or name.startswith("chunks: "):
+        if name in ("flex", "mask") or name.startswith("chunks: "):
             rows_md.append(f"| on / off amortised, {name} | {amortised(name):.3f} |")
     if "learnable" in res:
         rows_md.append(f"| on / off amortised, learnable alpha | {amortised('learnable'):.3f} |")
@@ -217,7 +226,7 @@ def main() -> None:
         *rows_md,
         "",
         f"Reproduce: `python benchmarks/traces/step_time.py --device {a.device}{' --no-compile' if not compile_ else ''}"
-        f"{' --learn-alpha' if a.learn_alpha else ''}{' --flex' if a.flex else ''}"
+        f"{' --learn-alpha' if a.learn_alpha else ''}{' --mask' if a.mask else ''}{' --flex' if a.flex else ''}"
         f"{f' --chunks {a.chunks}' if a.chunks else ''}"
         f"{tiles_arg}`",
         "",

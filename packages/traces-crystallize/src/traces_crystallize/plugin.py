@@ -34,9 +34,10 @@ class TracesParams(_Params):
     )
     warmup_steps: int = Field(1000, ge=0, description="first capture at this training step")
     attention: Literal["auto", "sdpa", "flex"] = Field(
-        "auto", description="biased attention kernel: auto and sdpa = SDPA with a float mask built from the traces "
-        "(cuDNN's fused kernel on an H100: 1.6x faster than FlexAttention with its best tiles); flex = FlexAttention with a "
-        "score_mod (CUDA; off CUDA only without gradient)"
+        "auto", description="biased attention kernel: auto = cuDNN's fused kernel with the bias and the causal mask "
+        "together where it applies (CUDA sm90+, half precision, no KV cache, no dropout, fixed alpha), else as sdpa; "
+        "sdpa = SDPA with a float mask built from the traces, causal mask included (cuDNN's kernel over the full square "
+        "on an H100); flex = FlexAttention with a score_mod (CUDA; off CUDA only without gradient)"
     )
     bias_chunks: int = Field(
         1, ge=1, description="query blocks of the biased SDPA path: block c attends only to the keys it can see, "
