@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import make, populate, set_interval  # noqa: E402
+from step_time import make, populate, set_interval
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import Runner, make, populate  # noqa: E402
-from traces_crystallize import transformer  # noqa: E402
+from step_time import Runner, make, populate
+from traces_crystallize import transformer
 
 
 def main() -> None:
