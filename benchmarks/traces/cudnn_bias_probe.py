@@ -13,25 +13,14 @@ compiled, with a profile of the kernels each path launches.
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e))
-    return statistics.median(out)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attn_kernels import timed  # noqa: E402
 
 
 def toeplitz(bias: torch.Tensor, T: int) -> torch.Tensor:
