@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # registry run with their own defaults (plus n_layers 2 for a backbone).
 TINY_BACKBONES: dict[str, dict[str, Any]] = {
     # variant id -> backbone spec
-    "mamba1": {"kind": "mamba", "mixer": "mamba1", "n_layers": 2, "d_state": 8, "expand": 2, "chunk_size": 8},
+    "mamba1": {"kind": "mamba", "mixer": "mamba1", "n_layers": 2, "d_state": 8, "expand": 2},
     "mamba2": {"kind": "mamba", "mixer": "mamba2", "n_layers": 2, "d_state": 8, "headdim": 16, "chunk_size": 8},
     "crsd": {"kind": "crsd", "n_layers": 2, "d_reservoir": 8, "chunk_size": 8,
              "hebbian": {"n_heads": 2, "chunk_size": 8}, "episodic": {"slots": 4, "chunk_size": 8}},

@@ -38,8 +38,8 @@ def build_ours(mixer: str, d_model: int, n_layers: int, impl: str, device: str):
     from crsm_planner.backbone import MambaBackbone
     from crsm_planner.mamba_params import MambaParams
 
-    p = MambaParams(n_layers=n_layers, mixer=mixer, d_state=16 if mixer == "mamba1" else 64, headdim=64, chunk_size=64,
-                    use_kernels="never" if impl == "torch" else "auto")
+    sizes = {"d_state": 16} if mixer == "mamba1" else {"d_state": 64, "headdim": 64, "chunk_size": 64}
+    p = MambaParams(n_layers=n_layers, mixer=mixer, **sizes, use_kernels="never" if impl == "torch" else "auto")
     return MambaBackbone(d_model, p).set_impl(impl).to(device)
 
 

@@ -113,7 +113,7 @@ def test_checkpoint_commands(store, capsys):
     # the probe was logged into the run that wrote the checkpoint
     run = client(uri).get_run(results["plain"].mlflow_run_id)
     assert run.data.tags["probe.toy-norm.verdict"] == "finite"
-    assert cli.main(["planner", "fit", str(run_dir)]) == 1  # no planner in this model
+    assert cli.main(["planner", "fit", str(run_dir)]) == 2  # no planner in this model
     assert "has no planner" in capsys.readouterr().err
 
 

@@ -349,7 +349,7 @@ def test_cli_train_and_resume(reg, tmp_path, capsys):
     try:
         assert cli.main(["train", str(path), "--out", str(tmp_path / "runs"), "--set", "train.steps=3", "-q"]) == 0
         assert "finished at step 3" in capsys.readouterr().out
-        assert cli.main(["train", str(path), "--out", str(tmp_path / "runs"), "-q"]) == 1
+        assert cli.main(["train", str(path), "--out", str(tmp_path / "runs"), "-q"]) == 2
         assert "pass --resume" in capsys.readouterr().err
         assert cli.main(["train", str(path), "--out", str(tmp_path / "runs"), "--resume", "-q"]) == 0
         assert "finished at step 4" in capsys.readouterr().out

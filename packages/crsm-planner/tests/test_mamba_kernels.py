@@ -92,7 +92,7 @@ def test_mamba1_linearity_correction_matches_the_reference_from_a_nonzero_state(
 
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_kernel_path_equals_torch_path_forward_state_and_decode(fake_kernels, mixer):
-    kw = dict(n_layers=2, mixer=mixer, d_state=4, headdim=8, ngroups=2, chunk_size=4)
+    kw = dict(n_layers=2, mixer=mixer, d_state=4, **(dict(headdim=8, ngroups=2, chunk_size=4) if mixer == "mamba2" else {}))
     torch.manual_seed(0)
     bb = MambaBackbone(D, MambaParams(**kw)).eval()
     x = torch.randn(2, 10, D)

@@ -8,27 +8,24 @@ and ``statelab.io`` (atomic writes). Names starting with an underscore are priva
 """
 
 from statelab.__about__ import __version__
-from statelab.build import BuildContext, build, describe, make_probe
-from statelab.interfaces import (
-    Aux,
-    Backbone,
-    Layer,
-    Memory,
-    Planner,
-    PlanRequest,
-    PlanResult,
-    Probe,
-    ProbeContext,
-    ProbeResult,
-    Regularizer,
-    State,
-    StatefulModule,
-    gated_inject,
-)
-from statelab.internals import intervene, publish, select, site
-from statelab.model import StatelabModel
-from statelab.plugins import PLUGIN_API_VERSION, Component, get_registry, hookimpl
-from statelab.spec import RunSpec, SpecError, parse_spec, validate_spec
+
+#: public name -> module that defines it; loaded on first use (PEP 562), so importing
+#: statelab (and running ``statelab --version``) does not import torch.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(["BuildContext", "build", "describe", "make_probe"], "statelab.build"),
+    **dict.fromkeys(
+        ["Aux", "Backbone", "Layer", "Memory", "Planner", "PlanRequest", "PlanResult", "Probe", "ProbeContext",
+         "ProbeResult", "Regularizer", "State", "StatefulModule", "gated_inject"],
+        "statelab.interfaces",
+    ),
+    **dict.fromkeys(["intervene", "publish", "select", "site"], "statelab.internals"),
+    "StatelabModel": "statelab.model",
+    **dict.fromkeys(["PLUGIN_API_VERSION", "Component", "get_registry", "hookimpl"], "statelab.plugins"),
+    **dict.fromkeys(["RunSpec", "SpecError", "parse_spec", "validate_spec"], "statelab.spec"),
+    "UserError": "statelab.errors",
+    "load": "statelab.checkpoint",
+    "generate": "statelab.generation",
+}
 
 __all__ = [
     "Aux",
@@ -50,6 +47,7 @@ __all__ = [
     "State",
     "StatefulModule",
     "StatelabModel",
+    "UserError",
     "__version__",
     "build",
     "describe",
@@ -68,13 +66,16 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # runtime pieces load lazily: importing statelab stays cheap
-    if name == "load":
-        from statelab.checkpoint import load
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'statelab' has no attribute {name!r}")
+    import importlib
 
-        return load
-    if name == "generate":
-        from statelab.generation import generate
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return generate
-    raise AttributeError(f"module 'statelab' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

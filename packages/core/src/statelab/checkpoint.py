@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from statelab.errors import UserError
 from statelab.io import atomic_directory
 
 FORMAT_VERSION = 1
@@ -40,6 +41,7 @@ MANIFEST = "manifest.json"
 
 __all__ = [
     "CheckpointError",
+    "IncompatibleCheckpointError",
     "MissingPluginError",
     "Checkpoint",
     "find_checkpoint",
@@ -51,12 +53,16 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read: missing, truncated, corrupted, or incompatible."""
 
 
 class MissingPluginError(CheckpointError):
     """The checkpoint was written with a plugin component that is not installed here."""
+
+
+class IncompatibleCheckpointError(CheckpointError, ValueError):
+    """The checkpoint's weights do not fit the model a spec builds (``train.init_from``)."""
 
 
 # --------------------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 Each sub-command lives in ``statelab.commands.<module>`` with ``configure(parser)`` and
 ``run(args) -> int``, imported only when used, so ``statelab plugins`` stays fast. Plugins
 add commands through the ``statelab_commands`` hook (see :class:`statelab.plugins.Command`).
+
+Errors: a user error (:func:`statelab.errors.is_user_error`) prints one line-led message
+and exits 2; ``--debug`` or ``STATELAB_DEBUG=1`` shows its traceback. Anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -29,12 +33,28 @@ CORE_COMMANDS: dict[str, tuple[str, str]] = {
     "planner": ("fit a checkpoint's planner (`statelab planner fit CKPT`)", "planner"),
 }
 
+DEBUG_ENV = "STATELAB_DEBUG"
 
-def _parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+
+def _version() -> str:
+    from statelab.__about__ import __version__  # statelab/__init__ is lazy: no torch here
+
+    return f"statelab-core {__version__}"
+
+
+def _wants_plugins(argv: list[str]) -> bool:
+    """Plugin commands are loaded for a plugin command and for the top-level help; a core
+    command and ``--version`` skip the registry (and torch)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        return True
+    return argv[0] not in CORE_COMMANDS and not argv[0].startswith("-")
+
+
+def _parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser = argparse.ArgumentParser(prog="statelab", description="stateful sequence models assembled from plugins")
-    from statelab.__about__ import __version__
-
-    parser.add_argument("--version", action="version", version=f"statelab-core {__version__}")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of errors (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     runners: dict[str, object] = {}
     for name, (help_text, module_name) in CORE_COMMANDS.items():
@@ -48,10 +68,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
             continue
         getattr(module, f"configure_{name}", getattr(module, "configure", lambda _p: None))(p)
         runners[name] = getattr(module, f"run_{name}", getattr(module, "run", None))
-    if len(sys.argv) > 1 and sys.argv[1] not in CORE_COMMANDS and not sys.argv[1].startswith("-"):
+    if _wants_plugins(argv):
         from statelab.plugins import get_registry
 
         for cmd in get_registry().commands.values():
+            if cmd.name in runners:
+                continue
             p = sub.add_parser(cmd.name, help=f"{cmd.help} [{cmd.distribution}]", description=cmd.help)
             cmd._load(cmd.configure)(p)
             runners[cmd.name] = cmd._load(cmd.run)
@@ -59,26 +81,30 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser, runners = _parser()
-    args = parser.parse_args(sys.argv[1:])
-    if not args.command:
-        parser.print_help()
-        return 0
-    runner = runners.get(args.command)
-    if runner is None:
-        print(f"statelab {args.command}: not available in this installation", file=sys.stderr)
-        return 2
-    from statelab.spec import SpecError
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     try:
+        parser, runners = _parser(argv)
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 0
+        runner = runners.get(args.command)
+        if runner is None:
+            print(f"statelab {args.command}: not available in this installation", file=sys.stderr)
+            return 2
         return int(runner(args) or 0)  # type: ignore[operator]
-    except SpecError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs below
+        from statelab.errors import is_user_error
+
+        if debug or not is_user_error(exc):
+            raise
+        where = f"statelab {argv[0]}" if argv and not argv[0].startswith("-") else "statelab"
+        print(f"{where}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

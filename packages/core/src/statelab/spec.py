@@ -34,6 +34,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from statelab.errors import UserError
 from statelab.plugins import SLOTS, Component, DuplicateComponentError, Registry, get_registry, unknown_kind_message
 
 
@@ -172,7 +173,7 @@ class SpecIssue:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """Every problem found in a spec, each with its path (``model.backbone.d_state``)."""
 
     def __init__(self, issues: list[SpecIssue], source: str | None = None) -> None:
@@ -193,6 +194,8 @@ def _pydantic_issues(err: ValidationError, prefix: str = "") -> list[SpecIssue]:
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
         msg = e["msg"]
+        if e["type"] == "value_error" and "error" in e.get("ctx", {}):
+            msg = str(e["ctx"]["error"])  # a validator's own message, without pydantic's "Value error, "
         if e["type"] == "extra_forbidden":
             msg = "unknown field (not allowed here)"
         out.append(SpecIssue(path, msg))
@@ -203,6 +206,90 @@ def _pydantic_issues(err: ValidationError, prefix: str = "") -> list[SpecIssue]:
 # parsing and validation
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the YAML 1.2 core schema: only ``true``/``false`` are
+    booleans and ``1e3`` is a number (YAML 1.1 reads ``no`` as false and ``1e3`` as text)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+     "-+0123456789."),
+):
+    import re as _re
+
+    _Yaml12Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", _re.compile(_pattern), list(_first))
+
+
+def _construct_int12(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    return int(text, 0) if text.startswith("0x") else int(text, 10)
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int12)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with the YAML 1.2 core schema (specs, ``--set`` and ``--param`` values)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_value(raw: str, what: str) -> Any:
+    """A ``--set``/``--param`` value: YAML 1.2 (``no`` is text, ``1e3`` a number, ``[1, 2]`` a
+    list); refused with a quoting hint when it is not valid YAML."""
+    if raw == "":
+        return None
+    try:
+        return load_yaml(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([SpecIssue(what, f"cannot read the value {raw!r} ({problem}); to pass it as text, quote it "
+                                   f"inside the shell quotes: {what}='\"{raw}\"'")]) from None
+
+
+def apply_overrides(doc: dict[str, Any], overrides: Any) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values read by :func:`parse_value`) to a copy of a
+    spec document. ``probes.0.kind=x`` edits a list item; the index one past the end appends."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or "" in key.split("."):
+            raise SpecError([SpecIssue("--set", f"{item!r} is not key=value (e.g. --set train.steps=100)")])
+        value = parse_value(raw, f"--set {key}")
+        parts = key.split(".")
+        node: Any = doc
+        for i, part in enumerate(parts):
+            here = ".".join(parts[: i + 1])
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) > len(node):
+                    raise SpecError([SpecIssue(f"--set {key}", f"{'.'.join(parts[:i]) or 'the spec'} is a list of "
+                                               f"{len(node)}; {part!r} is not an index 0..{len(node)} (the last appends)")])
+                idx = int(part)
+                if idx == len(node):
+                    node.append(value if last else ([] if parts[i + 1].isdigit() else {}))
+                elif last:
+                    node[idx] = value
+                node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                elif node.get(part) is None:
+                    node[part] = [] if parts[i + 1].isdigit() else {}
+                node = node[part]
+            else:
+                raise SpecError([SpecIssue(f"--set {key}", f"{'.'.join(parts[:i])} is {node!r}, not a mapping or list, "
+                                           f"so it has no field {here.rsplit('.', 1)[-1]!r}")])
+    return doc
+
+
 def load_document(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON spec file into a dict, with clear errors for bad files."""
     p = Path(path)
@@ -210,7 +297,7 @@ def load_document(path: str | Path) -> dict[str, Any]:
         raise SpecError([SpecIssue("", f"spec file {str(p)!r} does not exist")])
     text = p.read_text(encoding="utf-8")
     try:
-        doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        doc = json.loads(text) if p.suffix == ".json" else load_yaml(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise SpecError([SpecIssue("", f"cannot parse {p.name}: {exc}")], str(p)) from None
     if not isinstance(doc, dict):
@@ -249,6 +336,8 @@ class ResolvedSpec:
     planner: ResolvedComponent | None = None
     regularizers: list[ResolvedComponent] = field(default_factory=list)
     probes: list[ResolvedComponent] = field(default_factory=list)
+    #: settings that will run but probably not as intended (`statelab validate` and `train` print them)
+    warnings: list[SpecIssue] = field(default_factory=list)
 
     def all(self) -> list[ResolvedComponent]:
         out = [self.backbone, *self.memories]
@@ -269,7 +358,8 @@ class ResolvedSpec:
 
 
 def _resolve(
-    registry: Registry, slot: str, cs: ComponentSpec, path: str, issues: list[SpecIssue], strip: tuple[str, ...] = ()
+    registry: Registry, slot: str, cs: ComponentSpec, path: str, issues: list[SpecIssue], strip: tuple[str, ...] = (),
+    context: dict[str, Any] | None = None,
 ) -> ResolvedComponent | None:
     try:
         comp = registry.get(slot, cs.kind)
@@ -281,7 +371,7 @@ def _resolve(
         return None
     raw = {k: v for k, v in cs.params_dict().items() if k not in strip}
     try:
-        params = comp.params.model_validate(raw)
+        params = comp.params.model_validate(raw, context=context)
     except ValidationError as err:
         issues.extend(_pydantic_issues(err, path))
         return None
@@ -298,11 +388,15 @@ def validate_spec(
     registry = registry or get_registry()
     issues: list[SpecIssue] = []
     m = spec.model
-    backbone = _resolve(registry, "backbone", m.backbone, "model.backbone", issues)
-    memories = [_resolve(registry, "memory", ms, f"model.memories.{i}", issues) for i, ms in enumerate(m.memories)]
-    planner = _resolve(registry, "planner", m.planner, "model.planner", issues) if m.planner else None
-    regs = [_resolve(registry, "regularizer", rs, f"model.regularizers.{i}", issues) for i, rs in enumerate(m.regularizers)]
-    probes = [_resolve(registry, "probe", ps, f"probes.{i}", issues) for i, ps in enumerate(spec.probes)]
+    ctx = validation_context(spec)
+    backbone = _resolve(registry, "backbone", m.backbone, "model.backbone", issues, context=ctx)
+    memories = [_resolve(registry, "memory", ms, f"model.memories.{i}", issues, context=ctx)
+                for i, ms in enumerate(m.memories)]
+    planner = _resolve(registry, "planner", m.planner, "model.planner", issues, context=ctx) if m.planner else None
+    regs = [_resolve(registry, "regularizer", rs, f"model.regularizers.{i}", issues, context=ctx)
+            for i, rs in enumerate(m.regularizers)]
+    probes = [_resolve(registry, "probe", ps, f"probes.{i}", issues, context=ctx) for i, ps in enumerate(spec.probes)]
+    issues += _run_issues(spec)
 
     if backbone is not None:
         n_layers = getattr(backbone.params, "n_layers", None)
@@ -355,7 +449,65 @@ def validate_spec(
     assert resolved is not None
     resolved.regularizers = [r for r in regs if r]
     resolved.probes = [p for p in probes if p]
+    resolved.warnings = _run_warnings(resolved)
     return resolved
+
+
+def validation_context(spec: RunSpec) -> dict[str, Any]:
+    """What a component's params validators may check against (pydantic validation context,
+    ``info.context`` in a ``model_validator``): ``d_model``, ``vocab_size`` (``None``: the
+    tokenizer's) and the ``tokenizer`` and ``data`` kinds. A component refuses params that
+    cannot build at this width, so `statelab validate` catches what would fail later."""
+    return {"d_model": spec.model.d_model, "vocab_size": spec.model.vocab_size, "tokenizer": spec.tokenizer.kind,
+            "data": spec.data.kind}
+
+
+def _tokenizer_vocab_size(spec: RunSpec) -> int | None:
+    """The vocabulary the spec's tokenizer and data yield (``char`` reads the corpus, cached);
+    ``None`` when the data cannot be read, which the trainer reports in its own words."""
+    from statelab.data import corpus_vocab_size
+
+    try:
+        return corpus_vocab_size(spec)
+    except Exception:  # noqa: BLE001 - a missing corpus or ranks file is reported when the data loads
+        return None
+
+
+def _run_issues(spec: RunSpec) -> list[SpecIssue]:
+    """Settings that pass their own field checks but cannot work together."""
+    out = []
+    t = spec.train
+    if t.steps == 0 and not t.init_from:
+        out.append(SpecIssue("train.steps", "0 steps trains nothing (the planner fit and probes would still run); "
+                             "set train.steps >= 1, or use `statelab eval/probe/planner fit` on a checkpoint"))
+    vocab = _tokenizer_vocab_size(spec) if spec.model.vocab_size is not None else None
+    if vocab is not None and spec.model.vocab_size < vocab:  # type: ignore[operator]
+        out.append(SpecIssue("model.vocab_size", f"{spec.model.vocab_size} is smaller than the {vocab} tokens the "
+                             f"{spec.data.kind} data yields; remove model.vocab_size (null = the tokenizer's) or raise it"))
+    return out
+
+
+#: Runs shorter than this many steps are smoke runs: probes after them draw a warning.
+_SHORT_RUN_STEPS = 50
+
+
+def _run_warnings(resolved: ResolvedSpec) -> list[SpecIssue]:
+    spec, out = resolved.spec, []
+    t = spec.train
+    decay = t.decay_steps or t.steps
+    if t.steps and t.warmup_steps >= t.steps:
+        out.append(SpecIssue("train.warmup_steps", f"{t.warmup_steps} warmup steps for a {t.steps}-step run: the "
+                             f"learning rate never reaches train.lr ({t.lr:g}); set warmup_steps below steps"))
+    elif t.steps and t.warmup_steps >= decay:
+        out.append(SpecIssue("train.warmup_steps", f"warmup ({t.warmup_steps}) is not shorter than decay_steps ({decay})"))
+    if resolved.planner is not None and t.planner_fit.enabled and t.planner_fit.steps > max(t.steps, 1):
+        out.append(SpecIssue("train.planner_fit.steps", f"the planner fit ({t.planner_fit.steps} steps) after "
+                             f"training is longer than the training ({t.steps} steps); lower train.planner_fit.steps "
+                             "or set train.planner_fit.enabled: false for a short run"))
+    if resolved.probes and 0 < t.steps < _SHORT_RUN_STEPS:
+        out.append(SpecIssue("probes", f"{len(resolved.probes)} probe(s) run after a {t.steps}-step run and may take "
+                             "longer than it; drop them for a smoke run and use `statelab probe CKPT --probe KIND` later"))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -448,9 +600,13 @@ __all__ = [
     "dump_spec",
     "flatten",
     "json_schema",
+    "apply_overrides",
     "load_document",
+    "load_yaml",
+    "parse_value",
     "parse_spec",
     "validate_spec",
+    "validation_context",
 ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 
 class MambaParams(BaseModel):
@@ -42,11 +42,19 @@ class MambaParams(BaseModel):
         "never = pure PyTorch everywhere, always = fail at build time if mamba_ssm is missing")
 
     @model_validator(mode="after")
-    def _check(self) -> "MambaParams":
+    def _check(self, info: ValidationInfo) -> "MambaParams":
         if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min ({self.dt_min}) must be <= dt_max ({self.dt_max})")
         if isinstance(self.dt_rank, int) and self.dt_rank < 1:
             raise ValueError(f"dt_rank must be 'auto' or an integer >= 1, got {self.dt_rank}")
+        other = "mamba2" if self.mixer == "mamba1" else "mamba1"
+        foreign = sorted(self.model_fields_set & _ONLY[other])
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: {other} only, but mixer is {self.mixer}; remove "
+                             f"{'them' if len(foreign) > 1 else 'it'} or set mixer: {other}")
+        d_model = (info.context or {}).get("d_model")
+        if d_model is not None:  # statelab.spec passes the model width: refuse what cannot build
+            self.validate_for(d_model)
         return self
 
     # -- derived sizes (need d_model, which comes from the model spec) ----------------
@@ -72,3 +80,7 @@ class MambaParams(BaseModel):
                 raise ValueError(
                     f"mamba2: nheads = d_inner / headdim = {nheads} is not divisible by ngroups={self.ngroups}; "
                     f"set ngroups to a divisor of {nheads}")
+
+
+#: fields that only one mixer reads (setting them for the other is a mistake, not a no-op)
+_ONLY = {"mamba1": {"dt_rank"}, "mamba2": {"headdim", "ngroups", "chunk_size"}}

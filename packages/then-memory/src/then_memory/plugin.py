@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from statelab.plugins import Command, Component, hookimpl
 
@@ -42,12 +42,15 @@ class ThenParams(BaseModel):
         "retrieves what followed its context (induction-style lookup); self: key and value of the same token")
 
     @model_validator(mode="after")
-    def _window_covers_chunk(self) -> "ThenParams":
+    def _window_covers_chunk(self, info: ValidationInfo) -> "ThenParams":
         if self.window < self.chunk_size:
             raise ValueError(
                 f"window ({self.window}) must be >= chunk_size ({self.chunk_size}): the tokens of an unfinished "
                 "chunk are kept in the local window until the chunk's traces are written"
             )
+        d_model = (info.context or {}).get("d_model")  # the model width, passed by statelab.spec
+        if d_model is not None and d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} does not divide d_model={d_model}; pick a divisor of {d_model}")
         return self
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from statelab.plugins import Component, hookimpl
 
@@ -78,6 +78,13 @@ class TransformerParams(_Params):
     top_k: int = Field(2, ge=1, description="experts per token")
     traces: TracesParams = Field(default_factory=TracesParams, description="persistent attention traces")
     crystallization: CrystallizationParams = Field(default_factory=CrystallizationParams, description="path logging and motifs")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self, info: ValidationInfo) -> "TransformerParams":
+        d_model = (info.context or {}).get("d_model")  # the model width, passed by statelab.spec
+        if d_model is not None and d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} does not divide d_model={d_model}; pick a divisor of {d_model}")
+        return self
 
 
 def _transformer_publishes(p: TransformerParams) -> list[str]:

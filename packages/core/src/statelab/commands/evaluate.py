@@ -24,9 +24,11 @@ def load_with_data(path: str, device: str):
     model = statelab.load(path, map_location=dev)
     data = make_data(model.spec)
     if model.tokenizer is not None and data.tokenizer.to_json() != model.tokenizer.to_json():
-        raise SystemExit(
-            f"statelab: the data of this checkpoint's spec now yields a different tokenizer than the one it was "
-            f"trained with (the corpus changed?); evaluate on the original corpus"
+        from statelab.errors import UserError
+
+        raise UserError(
+            "the data of this checkpoint's spec now yields a different tokenizer than the one it was "
+            "trained with (the corpus changed?); evaluate on the original corpus"
         )
     return model, data, dev
 

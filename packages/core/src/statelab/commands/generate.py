@@ -21,14 +21,15 @@ def configure(parser) -> None:
 def run(args) -> int:
     import statelab
     from statelab.distributed import resolve_device
+    from statelab.errors import UserError
     from statelab.generation import generate
 
     model = statelab.load(args.checkpoint, map_location=resolve_device(args.device))
     if model.tokenizer is None:
-        print("statelab generate: this checkpoint has no tokenizer.json, so text prompts cannot be encoded",
-              file=sys.stderr)
-        return 1
+        raise UserError("this checkpoint has no tokenizer.json, so text prompts cannot be encoded")
     prompts = args.prompt or ["\n"]
+    if any(p == "" for p in prompts):
+        raise UserError("an empty --prompt has no token to start from; give at least one character")
     res = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed,
                    use_planner=not args.no_planner)

@@ -25,9 +25,9 @@ def run(args) -> int:
 
     model, data, dev = load_with_data(args.checkpoint, args.device)
     if getattr(model, "planner", None) is None:
-        print(f"statelab planner fit: the model in {model.checkpoint_path} has no planner (model.planner is null)",
-              file=sys.stderr)
-        return 1
+        from statelab.errors import UserError
+
+        raise UserError(f"the model in {model.checkpoint_path} has no planner (model.planner is null)")
     pf = model.spec.train.planner_fit
     steps = args.steps if args.steps is not None else pf.steps
     bs = args.batch_size or pf.batch_size

@@ -11,7 +11,7 @@ def configure(parser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or run directory (uses best/)")
     parser.add_argument("--probe", required=True, help="probe kind (see `statelab plugins`)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="probe parameter (repeatable; values are YAML)")
+                        help="probe parameter (repeatable; values are YAML 1.2)")
     parser.add_argument("--out", default=None, help="artifact directory (default: <checkpoint>/probes/<kind>)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -20,26 +20,44 @@ def configure(parser) -> None:
 
 
 def parse_params(items) -> dict:
-    import yaml
+    from statelab.spec import SpecError, SpecIssue, parse_value
 
     out = {}
     for item in items:
         k, sep, v = item.partition("=")
-        if not sep:
-            raise SystemExit(f"statelab: --param {item!r} is not key=value")
-        out[k] = yaml.safe_load(v)
+        if not sep or not k:
+            raise SpecError([SpecIssue("--param", f"{item!r} is not key=value (e.g. --param batches=4)")])
+        out[k] = parse_value(v, f"--param {k}")
     return out
 
 
-def run(args) -> int:
-    from statelab.build import make_probe
-    from statelab.interfaces import ProbeContext
+def make_cli_probe(kind: str, params: dict, model):
+    """The probe ``kind`` with ``params``, or a :class:`SpecError` naming the installed kinds
+    or the parameter at fault."""
+    from pydantic import ValidationError
 
+    from statelab.build import make_probe
+    from statelab.plugins import get_registry, unknown_kind_message
+    from statelab.spec import SpecError, SpecIssue, _pydantic_issues, validation_context
+
+    registry = get_registry()
+    if ("probe", kind) not in registry:
+        raise SpecError([SpecIssue("--probe", unknown_kind_message(registry, "probe", kind))])
+    comp = registry.get("probe", kind)
+    try:
+        validated = comp.params.model_validate(params, context=validation_context(model.spec))
+    except ValidationError as err:
+        raise SpecError(_pydantic_issues(err, f"--param ({kind})")) from None
+    return make_probe(kind, validated, model, registry)
+
+
+def run(args) -> int:
     from statelab.commands.evaluate import load_with_data
+    from statelab.interfaces import ProbeContext
 
     model, data, dev = load_with_data(args.checkpoint, args.device)
     val, tok = data.val_tokens, data.tokenizer
-    probe = make_probe(args.probe, parse_params(args.param), model)
+    probe = make_cli_probe(args.probe, parse_params(args.param), model)
     out_dir = Path(args.out) if args.out else Path(model.checkpoint_path) / "probes" / args.probe
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = ProbeContext(val_tokens=val, tokenizer=tok, out_dir=out_dir, device=dev, seed=args.seed, extra={"data": data})

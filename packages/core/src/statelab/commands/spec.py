@@ -20,7 +20,15 @@ def run_validate(args) -> int:
     parts += [f"regularizer {r.component.name}" for r in resolved.regularizers]
     parts += [f"probe {p.component.name}" for p in resolved.probes]
     print(f"{args.spec}: valid ({', '.join(parts)})")
+    print_warnings(resolved)
     return 0
+
+
+def print_warnings(resolved) -> None:
+    import sys
+
+    for w in resolved.warnings:
+        print(f"statelab: warning: {w}", file=sys.stderr)
 
 
 def configure_schema(parser) -> None:

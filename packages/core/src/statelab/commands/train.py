@@ -10,20 +10,21 @@ def configure(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run from <out>/<name>/last exactly")
     parser.add_argument("--out", default=None, help="directory of runs (default: the spec's train.out_dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec field, e.g. --set train.steps=100 (repeatable; values are YAML)")
+                        help="override a spec field, e.g. --set train.steps=100 or --set probes.0.kind=passkey "
+                        "(repeatable; values are YAML 1.2: quote text that would read as a number)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
 
 def run(args) -> int:
-    from statelab.checkpoint import CheckpointError
-    from statelab.train import ResumeError, RunLockedError, TrainingDiverged, train
+    from statelab.commands.spec import print_warnings
+    from statelab.spec import apply_overrides, load_document, validate_spec
+    from statelab.train import train
 
-    try:
-        res = train(args.spec, resume=args.resume, out_dir=args.out, overrides=args.overrides,
-                    progress=False if args.quiet else None)
-    except (RunLockedError, ResumeError, TrainingDiverged, CheckpointError) as exc:
-        print(f"statelab train: {exc}", file=sys.stderr)
-        return 1
+    # --set values are read here with YAML 1.2 rules (`name=no` stays text, `steps=1e3` is a number)
+    doc = apply_overrides(load_document(args.spec), args.overrides)
+    if _is_main():
+        print_warnings(validate_spec(doc, source=args.spec))
+    res = train(doc, resume=args.resume, out_dir=args.out, progress=False if args.quiet else None)
     if not _is_main():
         return 0
     best = f"{res.best_val_loss:.4f}" if res.best_val_loss is not None else "-"
