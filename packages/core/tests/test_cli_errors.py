@@ -83,7 +83,6 @@ def test_set_errors(reg, tmp_path, capsys):
     user_error(["train", str(path), *out, "--set", "name.first=x"], capsys, "name is 'toy', not a mapping or list")
     user_error(["train", str(path), *out, "--set", "tracking.experiment=a: b: c"], capsys,
                "to pass it as text, quote it inside the shell quotes: --set tracking.experiment='\"a: b: c\"'")
-    user_error(["train", str(path), *out, "--set", "train.steps=0"], capsys, "train.steps: 0 steps trains nothing")
     assert not (tmp_path / "runs").exists()
 
 

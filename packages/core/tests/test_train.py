@@ -20,7 +20,8 @@ from statelab import train as train_mod
 from statelab.checkpoint import load_training_state
 from statelab.spec import SpecError
 from statelab.testing.toys import toy_registry, toy_spec
-from statelab.train import ResumeError, RunLock, RunLockedError, TrainingDiverged, apply_overrides, train
+from statelab.io import RunLock, RunLockedError
+from statelab.train import ResumeError, TrainingDiverged, apply_overrides, train
 
 
 @pytest.fixture(scope="module")
@@ -219,17 +220,18 @@ def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(reg, tmp_p
 def test_lock_refuses_a_live_owner_and_reclaims_a_stale_one(reg, tmp_path, capsys):
     rd = tmp_path / "toy"
     rd.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holds = f"import sys, time; from statelab.io import RunLock; RunLock({str(rd)!r}).acquire(); print(1, flush=True); time.sleep(60)"
+    sleeper = subprocess.Popen([sys.executable, "-c", holds], stdout=subprocess.PIPE)
     try:
-        (rd / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename}))
+        assert sleeper.stdout.readline().strip() == b"1"
         spec = toy_spec()
         spec["train"].update(steps=2, eval_interval=100, sample_tokens=0)
-        with pytest.raises(RunLockedError, match=f"in use by another trainer \\(PID {sleeper.pid}\\)"):
+        with pytest.raises(RunLockedError, match=f"in use by another trainer \\(PID {sleeper.pid} on host "):
             train(spec, registry=reg, out_dir=tmp_path, progress=False)
     finally:
         sleeper.kill()
         sleeper.wait()
-    # the owner is dead now: its lock is stale and is reclaimed
+    # the owner is dead now (killed: it could not release): its lock is stale and is reclaimed
     res = train(spec, registry=reg, out_dir=tmp_path, progress=False)
     assert res.status == "finished"
     assert f"reclaiming stale lock" in capsys.readouterr().err

@@ -7,6 +7,9 @@ The public API. Everything a plugin may use is importable from here or from
 and ``statelab.io`` (atomic writes). Names starting with an underscore are private.
 """
 
+import sys
+import types
+
 from statelab.__about__ import __version__
 
 #: public name -> module that defines it; loaded on first use (PEP 562), so importing
@@ -79,3 +82,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``statelab.build`` must not replace the function
+    ``statelab.build`` (the import system sets the package attribute to the submodule);
+    the submodule stays in ``sys.modules``."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "build" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,4 +1,4 @@
-"""Atomic file and directory writes: a reader never sees a half-written file."""
+"""Atomic file and directory writes (a reader never sees a half-written file), and the run lock."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from statelab.errors import UserError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,3 +79,99 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --------------------------------------------------------------------------------------
+# run lock
+
+
+class RunLockedError(UserError, RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """``<run_dir>/.lock``: one trainer per run directory, held with an OS lock (``flock``).
+
+    The kernel releases the lock when its process dies, however it dies, so a crashed
+    trainer never leaves a lock behind and two processes can never both hold it: acquiring
+    is one atomic system call, not a read-check-unlink-create sequence. The file's content
+    (owner PID, host, start time) only makes the refusal message useful; an empty or garbage
+    file is simply taken over. ``flock`` is per host on network file systems that do not
+    forward it, so do not share a run directory between hosts.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import json
+        import socket
+        import sys
+        import time
+
+        if self._fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _owner(fd)
+                os.close(fd)
+                raise RunLockedError(
+                    f"run directory {str(self.path.parent)!r} is in use by another trainer"
+                    + (f" (PID {owner[0]} on host {owner[1]!r})" if owner else "")
+                    + "; wait for it to finish, or train under another name or --out"
+                ) from None
+            # the holder we waited on may have unlinked the file before releasing: then we
+            # locked an orphaned inode, and must lock the file now at the path instead
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        stale = _owner(fd)
+        if stale:  # its owner died without releasing; the kernel already dropped its lock
+            print(f"statelab: reclaiming stale lock {self.path} (PID {stale[0]} on host {stale[1]!r} is not "
+                  "running)", file=sys.stderr)
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            self.path.unlink()  # before unlocking: a waiter then sees a new file (see acquire)
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # closing the descriptor drops the lock
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _owner(fd: int) -> tuple[int, str] | None:
+    """``(pid, host)`` from a lock file's content, or ``None`` when it names no one (empty, garbage)."""
+    import json
+
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"null")
+        return int(info["pid"]), str(info.get("host", "?"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

@@ -476,10 +476,6 @@ def _tokenizer_vocab_size(spec: RunSpec) -> int | None:
 def _run_issues(spec: RunSpec) -> list[SpecIssue]:
     """Settings that pass their own field checks but cannot work together."""
     out = []
-    t = spec.train
-    if t.steps == 0 and not t.init_from:
-        out.append(SpecIssue("train.steps", "0 steps trains nothing (the planner fit and probes would still run); "
-                             "set train.steps >= 1, or use `statelab eval/probe/planner fit` on a checkpoint"))
     vocab = _tokenizer_vocab_size(spec) if spec.model.vocab_size is not None else None
     if vocab is not None and spec.model.vocab_size < vocab:  # type: ignore[operator]
         out.append(SpecIssue("model.vocab_size", f"{spec.model.vocab_size} is smaller than the {vocab} tokens the "
@@ -494,6 +490,9 @@ _SHORT_RUN_STEPS = 50
 def _run_warnings(resolved: ResolvedSpec) -> list[SpecIssue]:
     spec, out = resolved.spec, []
     t = spec.train
+    if t.steps == 0 and not t.init_from:
+        out.append(SpecIssue("train.steps", "0 steps trains nothing (the planner fit and probes still run on the "
+                             "untrained model); set train.steps >= 1, or use `statelab eval/probe` on a checkpoint"))
     decay = t.decay_steps or t.steps
     if t.steps and t.warmup_steps >= t.steps:
         out.append(SpecIssue("train.warmup_steps", f"{t.warmup_steps} warmup steps for a {t.steps}-step run: the "

@@ -51,6 +51,7 @@ from torch import Tensor
 
 from statelab import checkpoint as ckpt
 from statelab import distributed as distr
+from statelab.io import RunLock as OSRunLock  # the flock-based lock (statelab.io); RunLock below is unused
 from statelab.io import atomic_write_text
 from statelab.optim import lr_at, make_optimizer, set_lr
 from statelab.spec import RunSpec, SpecError, SpecIssue, dump_spec, flatten, load_document, validate_spec
@@ -442,7 +443,7 @@ def _init_from(model: torch.nn.Module, path: str) -> None:
     """Load ``train.init_from``'s weights into the freshly built ``model``, or say why they do not fit."""
     ck = ckpt.read_checkpoint(path)
     if ck.vocab_size != model.vocab_size:
-        raise ValueError(f"train.init_from {path!r}: the checkpoint's vocabulary has {ck.vocab_size} tokens and this "
+        raise ckpt.IncompatibleCheckpointError(f"train.init_from {path!r}: the checkpoint's vocabulary has {ck.vocab_size} tokens and this "
                          f"spec's has {model.vocab_size}; use the tokenizer and data the checkpoint was trained with")
     theirs, ours = ck.state_dict(), model.state_dict()
     missing = sorted(set(ours) - set(theirs))
@@ -455,7 +456,7 @@ def _init_from(model: torch.nn.Module, path: str) -> None:
                  (("missing from the checkpoint", missing), ("not in this model", unexpected),
                   ("of another shape", [f"{k} {tuple(theirs[k].shape)} -> {tuple(ours[k].shape)}" for k in reshaped]))
                  if keys]
-        raise ValueError(f"train.init_from {path!r}: the checkpoint does not fit the model this spec builds ("
+        raise ckpt.IncompatibleCheckpointError(f"train.init_from {path!r}: the checkpoint does not fit the model this spec builds ("
                          + "; ".join(parts) + "); make the spec's model section match the checkpoint's")
     model.load_state_dict(theirs)
 
@@ -504,7 +505,7 @@ def train(
     info = distr.init(cfg.device)
     main = info.is_main
     run_dir = Path(out_dir if out_dir is not None else cfg.out_dir) / spec.name
-    lock = RunLock(run_dir)
+    lock = OSRunLock(run_dir)
     signals = _Signals()
     live: dict[str, Any] = {}  # the open mlflow run, closed as FAILED if training raises
     try:
