@@ -107,12 +107,18 @@ def test_checkpoint_commands(store, capsys):
     assert "val loss" in out and "tokens" in out
     assert cli.main(["generate", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
-    assert cli.main(["probe", str(run_dir), "--probe", "toy-norm", "--param", "batches=1", "--json"]) == 0
+    assert cli.main(["probe", str(run_dir), "--probe", "toy-norm", "--param", "batches=1", "--json",
+                     "--uri", uri]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["verdict"] == "finite" and doc["metrics"]["hidden_norm"] > 0
-    # the probe was logged into the run that wrote the checkpoint
-    run = client(uri).get_run(results["plain"].mlflow_run_id)
+    # the probe was logged into the run that wrote the checkpoint, at its last step (10), so the run shows it
+    run_id = results["plain"].mlflow_run_id
+    run = client(uri).get_run(run_id)
     assert run.data.tags["probe.toy-norm.verdict"] == "finite"
+    history = client(uri).get_metric_history(run_id, "probe/toy-norm/hidden_norm")
+    assert max(m.step for m in history) == 10
+    latest = max(history, key=lambda m: (m.step, m.timestamp))
+    assert run.data.metrics["probe/toy-norm/hidden_norm"] == latest.value == pytest.approx(doc["metrics"]["hidden_norm"])
     assert cli.main(["planner", "fit", str(run_dir)]) == 2  # no planner in this model
     assert "has no planner" in capsys.readouterr().err
 
@@ -141,3 +147,60 @@ def test_a_diverged_run_is_marked_failed(store, tmp_path, monkeypatch):
     (run,) = client(uri).search_runs([client(uri).get_experiment_by_name("exp-failed").experiment_id])
     assert run.info.status == "FAILED"
     assert "training diverged" in run.data.tags["statelab.error"]
+
+
+def test_a_checkpoint_never_chooses_the_tracking_target(store, tmp_path, monkeypatch, capsys):
+    """An edited ``statelab.mlflow_uri`` in a checkpoint neither creates files at its path nor
+    receives metrics; without --uri the user's default store is used, and a missing one is not created."""
+    from safetensors.torch import load_file, save_file
+
+    from statelab import checkpoint as ckpt
+
+    root, uri, results = store
+    src = ckpt.find_checkpoint(results["plain"].run_dir)
+    planted = tmp_path / "planted"
+    ck = ckpt.read_checkpoint(src)
+    meta = dict(ck.meta, **{"statelab.mlflow_uri": f"sqlite:///{tmp_path}/evil/mlflow.db"})
+    planted.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            (planted / f.name).write_bytes(f.read_bytes())
+    save_file(load_file(str(src / "model.safetensors")), str(planted / "model.safetensors"), metadata=meta)
+    (planted / "manifest.json").unlink()
+    ckpt._write_manifest(planted)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["probe", str(planted), "--probe", "toy-norm", "--param", "batches=1"]) == 0
+    err = capsys.readouterr().err
+    assert "not logged: sqlite:///mlflow.db does not exist" in err and "pass --uri sqlite:///" in err
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unusable_stores_fail_fast_in_one_line(tmp_path, capsys):
+    import socket
+    import time
+
+    from statelab.tracking import TrackingError, preflight
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingError, match=rf"the mlflow tracking server http://127.0.0.1:{port} does not answer"):
+        preflight(f"http://127.0.0.1:{port}")
+    assert time.perf_counter() - t0 < 5
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TrackingError, match="cannot create the mlflow store's directory"):
+        preflight(f"sqlite:///{tmp_path}/file/sub/mlflow.db")
+    # through the command line: exit 2, one line, no run directory written
+    spec = toy_spec()
+    spec["tracking"] = {"enabled": True, "uri": f"http://127.0.0.1:{port}"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    set_registry(toy_registry())
+    try:
+        assert cli.main(["train", str(path), "--out", str(tmp_path / "runs"), "-q"]) == 2
+    finally:
+        set_registry(None)
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -55,17 +56,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole.
 
-    If the block raises (or the process dies), ``path`` is untouched and the temporary
-    directory is removed (or left as ``.<name>.tmp-*``, which readers ignore).
+    If the block raises, ``path`` is untouched and the temporary directory is removed. If
+    the process dies, it is left as ``.<name>.tmp-<pid>-*`` (readers ignore it) and the next
+    atomic write in the same directory removes it (see :func:`remove_stale_temporaries`).
+    Files get ordinary permissions (``0666 & ~umask``; writers such as safetensors make 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp creates 0700
         for f in tmp.iterdir():
             if f.is_file():
+                os.chmod(f, 0o666 & ~mask)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
@@ -79,6 +85,40 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Finish what writers that died in ``directory`` left: remove their ``.<name>.tmp-<pid>-*``
+    folders, and for a ``.<name>.old-<pid>`` (a death between the two renames) put it back as
+    ``<name>`` if that is missing, else remove it. Only entries of processes that are not
+    running are touched. Returns what was removed."""
+    removed = []
+    for entry in Path(directory).iterdir():
+        m = _TEMPORARY.match(entry.name)
+        if m is None or not entry.is_dir() or _pid_alive(int(m["pid"])):
+            continue
+        target = entry.with_name(m["name"])
+        if m["what"] == "old" and not target.exists():
+            os.replace(entry, target)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ working directory; for a SQLite store the artifacts go beside the database
 as params, plugin distributions and versions and the git revision as tags, metrics per
 step, and artifacts (spec, best weights, loss curve, samples, probe outputs).
 
-Calls are queued to a background thread, so a slow store never stalls the training loop;
-:meth:`Tracker.finish` drains the queue. A failing store prints one warning and training
-goes on.
+Opening a run fails fast with one line (:class:`TrackingError`, see :func:`preflight`) when
+the store cannot work. After that, calls are queued to a background thread, so a slow store
+never stalls the training loop; :meth:`Tracker.finish` drains the queue. A store failing
+mid-run prints one warning and training goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from statelab.errors import UserError
+
 
 _MLFLOW_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
@@ -34,7 +37,8 @@ def mlflow_key(name: str) -> str:
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-__all__ = ["NullTracker", "Tracker", "client", "git_revision", "open_tracker", "resolve_uri"]
+__all__ = ["NullTracker", "Tracker", "TrackingError", "checkpoint_run", "client", "git_revision", "open_tracker",
+           "preflight", "resolve_uri"]
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -53,8 +57,48 @@ def absolute_uri(uri: str) -> str:
     return f"sqlite:///{db}" if db is not None else uri
 
 
-def client(uri: str | None = None) -> Any:
-    """An ``mlflow.MlflowClient`` on ``uri`` (resolved as above); creates a SQLite store's directory."""
+class TrackingError(UserError):
+    """The tracking store cannot be used: a server that does not answer, a path that cannot be written."""
+
+
+#: seconds a tracking server has to answer its health check before a run refuses to start
+PREFLIGHT_TIMEOUT_S = float(os.environ.get("STATELAB_MLFLOW_TIMEOUT_S", "10"))
+
+_HINT = "fix tracking.uri or MLFLOW_TRACKING_URI, or set tracking.enabled: false"
+
+
+def preflight(uri: str) -> None:
+    """Fail fast, in one line, on a store that cannot work: an HTTP server that does not answer
+    within :data:`PREFLIGHT_TIMEOUT_S` (mlflow itself retries for minutes), or a SQLite
+    database whose directory cannot be created or written."""
+    db = _sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"cannot create the mlflow store's directory {str(db.parent)!r} "
+                                f"({exc.strerror or exc}); {_HINT}") from None
+        writable = os.access(db, os.W_OK) if db.exists() else os.access(db.parent, os.W_OK | os.X_OK)
+        if not writable:
+            raise TrackingError(f"the mlflow store {str(db if db.exists() else db.parent)!r} is not writable; {_HINT}")
+        return
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PREFLIGHT_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError:
+            return  # it answered (a proxy or an auth layer may refuse /health): mlflow reports the rest
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"the mlflow tracking server {uri} does not answer ({reason}); start it or {_HINT}") from None
+
+
+def client(uri: str | None = None, *, check: bool = True) -> Any:
+    """An ``mlflow.MlflowClient`` on ``uri`` (resolved as above), after :func:`preflight`
+    (which creates a SQLite store's directory) unless ``check`` is false."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import logging
 
@@ -63,10 +107,20 @@ def client(uri: str | None = None) -> Any:
     from mlflow import MlflowClient
 
     uri = resolve_uri(uri)
-    db = _sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+    if check:
+        preflight(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def _store_call(uri: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` against the store; a failure becomes one :class:`TrackingError` line."""
+    try:
+        return fn()
+    except TrackingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - mlflow raises many types; the message is what matters
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise TrackingError(f"the mlflow store {uri} failed ({type(exc).__name__}: {first}); {_HINT}") from exc
 
 
 def experiment_id(c: Any, name: str, uri: str) -> str:
@@ -204,9 +258,40 @@ def open_tracker(
             return Tracker(c, run.info.run_id, uri)
         except Exception:  # noqa: BLE001 - the store moved: start a new run
             print(f"statelab: mlflow run {resume_run_id} not found in {uri}; starting a new run", file=sys.stderr)
-    exp = experiment_id(c, tracking.experiment, uri)
-    run = c.create_run(exp, run_name=tracking.run_name or run_name)
+    exp = _store_call(uri, lambda: experiment_id(c, tracking.experiment, uri))
+    run = _store_call(uri, lambda: c.create_run(exp, run_name=tracking.run_name or run_name))
     return Tracker(c, run.info.run_id, uri)
+
+
+def checkpoint_run(meta: Mapping[str, str], uri: str | None, *, command: str) -> tuple[Tracker, int] | None:
+    """The mlflow run that wrote a checkpoint, opened in the store the *user* names (``uri``,
+    else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``), never in the store recorded
+    in the checkpoint's metadata: a checkpoint file must not choose where data is sent or
+    which files are created. Returns the tracker and the run's last logged step (so a
+    metric logged there becomes the value the run shows), or ``None`` with a note on stderr
+    when the run is not in that store. Nothing is created: a missing SQLite file is a miss."""
+    run_id = meta.get("statelab.mlflow_run_id")
+    if not run_id:
+        return None
+    uri = resolve_uri(uri)
+    recorded = meta.get("statelab.mlflow_uri")
+    hint = f" (the checkpoint was logged to {recorded}: pass --uri {recorded} to log there)" if recorded and \
+        recorded != absolute_uri(uri) else ""
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        print(f"statelab {command}: not logged: {uri} does not exist{hint}", file=sys.stderr)
+        return None
+    try:
+        c = client(uri)
+        c.get_run(run_id)
+        steps = [m.step for key in ("train/loss", "val/loss") for m in c.get_metric_history(run_id, key)]
+    except TrackingError as exc:
+        print(f"statelab {command}: not logged: {exc}", file=sys.stderr)
+        return None
+    except Exception:  # noqa: BLE001 - mlflow raises its own types for an unknown run
+        print(f"statelab {command}: not logged: mlflow run {run_id} is not in {uri}{hint}", file=sys.stderr)
+        return None
+    return Tracker(c, run_id, uri), max(steps, default=0)
 
 
 def log_probe_result(tracker: Any, kind: str, result: Any, step: int) -> dict[str, float]:

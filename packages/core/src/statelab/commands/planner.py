@@ -14,6 +14,10 @@ def configure(parser) -> None:
     fit.add_argument("--seq-len", type=int, default=None)
     fit.add_argument("--lr", type=float, default=None)
     fit.add_argument("--device", default="auto")
+    fit.add_argument("--uri", default=None,
+                     help="tracking store holding the checkpoint's mlflow run, to log the fit into "
+                     "(default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; never the one the checkpoint names)")
+    fit.add_argument("--no-log", action="store_true", help="do not log into the checkpoint's mlflow run")
 
 
 def run(args) -> int:
@@ -48,15 +52,13 @@ def run(args) -> int:
     for k, v in metrics.items():
         print(f"  planner/{k}: {float(v):.6g}")
     print(f"planner fitted ({steps} steps); saved to {path}")
-    run_id, uri = meta.get("statelab.mlflow_run_id"), meta.get("statelab.mlflow_uri")
-    if run_id:
-        try:
-            from statelab.tracking import Tracker, client
+    if not args.no_log:
+        from statelab.tracking import checkpoint_run
 
-            t = Tracker(client(uri), run_id, uri)
-            t.log_metrics({f"planner/{k}": float(v) for k, v in metrics.items()}, 0)
-            t.close()
-            print(f"logged to mlflow run {run_id}", file=sys.stderr)
-        except Exception as exc:  # noqa: BLE001
-            print(f"statelab planner fit: could not log to mlflow run {run_id} ({exc})", file=sys.stderr)
+        opened = checkpoint_run(meta, args.uri, command="planner fit")
+        if opened is not None:
+            tracker, step = opened
+            tracker.log_metrics({f"planner/{k}": float(v) for k, v in metrics.items()}, step)
+            tracker.close()
+            print(f"logged to mlflow run {tracker.run_id} at step {step}", file=sys.stderr)
     return 0

@@ -16,6 +16,9 @@ def configure(parser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--uri", default=None,
+                        help="tracking store holding the checkpoint's mlflow run, to log the result into "
+                        "(default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; never the one the checkpoint names)")
     parser.add_argument("--no-log", action="store_true", help="do not log into the checkpoint's mlflow run")
 
 
@@ -76,21 +79,17 @@ def run(args) -> int:
         for k, v in res.artifacts.items():
             print(f"  artifact {k}: {v}")
     if not args.no_log:
-        _log(model, args.probe, res)
+        _log(model, args.probe, res, args.uri)
     return 0
 
 
-def _log(model, kind, res) -> None:
-    meta = getattr(model, "checkpoint_meta", {}) or {}
-    run_id, uri = meta.get("statelab.mlflow_run_id"), meta.get("statelab.mlflow_uri")
-    if not run_id:
-        return
-    try:
-        from statelab.tracking import Tracker, client, log_probe_result
+def _log(model, kind, res, uri) -> None:
+    from statelab.tracking import checkpoint_run, log_probe_result
 
-        t = Tracker(client(uri), run_id, uri)
-        log_probe_result(t, kind, res, 0)
-        t.close()
-        print(f"  logged to mlflow run {run_id}", file=sys.stderr)
-    except Exception as exc:  # noqa: BLE001
-        print(f"statelab probe: could not log to mlflow run {run_id} ({exc})", file=sys.stderr)
+    opened = checkpoint_run(getattr(model, "checkpoint_meta", {}) or {}, uri, command="probe")
+    if opened is None:
+        return
+    tracker, step = opened
+    log_probe_result(tracker, kind, res, step)  # at the run's last step: the value the run now shows
+    tracker.close()
+    print(f"  logged to mlflow run {tracker.run_id} at step {step}", file=sys.stderr)
