@@ -334,11 +334,36 @@ def load(
     return model.to(map_location).eval()
 
 
-def load_training_state(path: str | os.PathLike) -> tuple[Checkpoint, dict[str, Any], dict[str, Tensor]]:
-    """Read a full training checkpoint (weights plus trainer state) for resuming."""
+def load_training_state(
+    path: str | os.PathLike, *, tokenizer: Any = None
+) -> tuple[Checkpoint, dict[str, Any], dict[str, Tensor]]:
+    """Read a full training checkpoint (weights plus trainer state) for resuming.
+
+    ``tokenizer``: the one the data yields now; it must encode exactly as the checkpoint's
+    ``tokenizer.json`` (a corpus whose characters changed at the same count would otherwise
+    resume with every id meaning another character)."""
     ck = read_checkpoint(path)
     ts = ck.trainer_state()
     if ts is None:
         raise CheckpointError(f"checkpoint {str(ck.path)!r} holds weights only (no trainer state); "
                               "cannot resume from it")
+    if tokenizer is not None:
+        check_same_tokenizer(ck, tokenizer)
     return ck, ts[0], ts[1]
+
+
+def check_same_tokenizer(ck: Checkpoint, tokenizer: Any) -> None:
+    """Raise :class:`IncompatibleCheckpointError` when ``tokenizer`` differs from the checkpoint's."""
+    theirs = ck.tokenizer()
+    if theirs is None or theirs.to_json() == tokenizer.to_json():
+        return
+    old, new = theirs.to_json(), tokenizer.to_json()
+    if old.get("kind") == new.get("kind") == "char":
+        gone, added = sorted(set(old["chars"]) - set(new["chars"])), sorted(set(new["chars"]) - set(old["chars"]))
+        what = f"characters no longer in the corpus: {gone!r}; new characters: {added!r}"
+    else:
+        what = f"{old.get('kind')} tokenizer -> {new.get('kind')} tokenizer with other contents"
+    raise IncompatibleCheckpointError(
+        f"the data now yields another tokenizer than checkpoint {str(ck.path)!r} was trained with ({what}), so "
+        "token ids would change meaning; restore the original corpus, or start a new run (another name or --out)"
+    )

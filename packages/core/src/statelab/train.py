@@ -564,7 +564,7 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
     tstate: dict[str, Any] = {}
     ttensors: dict[str, Tensor] = {}
     if resume:
-        ck, tstate, ttensors = ckpt.load_training_state(last_link)
+        ck, tstate, ttensors = ckpt.load_training_state(last_link, tokenizer=data.tokenizer)
         diff = _spec_diff(tstate.get("spec", {}), spec_doc, ("model", "tokenizer"))
         if ck.vocab_size != model.vocab_size:
             diff.append(f"  vocab_size: {ck.vocab_size} -> {model.vocab_size}")
