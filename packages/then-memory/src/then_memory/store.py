@@ -12,6 +12,8 @@ Config (keyword arguments of :class:`TraceStore`)::
                    traces held then), and every cold chunk is laid out by list, so a coarse
                    search reads only the lists nearest to the query; 0 = exact search only
     durable        fsync the log on every append (survives power loss, not only a killed process)
+    private        the directory is created 0700 and every file 0600 (per-user memory: other
+                   accounts on the machine cannot read it)
 
 Every trace has a time index ``t`` (0, 1, 2, ... in append order). The tiers hold
 contiguous ranges of time: cold ``[0, n_cold)``, warm ``[n_cold, n_cold + n_warm)``, hot the
@@ -216,6 +218,7 @@ class TraceStore:
         coarse_lists: int = 0,
         durable: bool = False,
         read_only: bool = False,
+        private: bool = False,
         block: int = 1 << 16,
     ) -> None:
         if warm_budget < chunk_traces:
@@ -226,7 +229,7 @@ class TraceStore:
         self.root = Path(root) if root is not None else None
         self.dim, self.chunk_traces, self.block = dim, chunk_traces, block
         self.device = torch.device(device)
-        self.durable, self.read_only = durable, read_only
+        self.durable, self.read_only, self.private = durable, read_only, private
         self.coarse_lists = coarse_lists
         self.dtype = torch.float16  # storage precision of every tier
         # in-memory tiers hold fp16 values; on a CPU-only store as float32 (CPU fp16 math is slow)
@@ -266,6 +269,8 @@ class TraceStore:
         assert root is not None
         if not self.read_only:
             root.mkdir(parents=True, exist_ok=True)
+            if self.private:
+                os.chmod(root, 0o700)
             for tmp in root.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
         elif not root.exists():
@@ -365,7 +370,8 @@ class TraceStore:
         if self._log_fd is None or self._log_t0 != seg:
             if self._log_fd is not None:
                 os.close(self._log_fd)
-            self._log_fd = os.open(self.root / f"log_{seg:012d}.bin", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._log_fd = os.open(self.root / f"log_{seg:012d}.bin", os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                   0o600 if self.private else 0o644)
             self._log_t0 = seg
         os.write(self._log_fd, self._records(t, k, v))
         if self.durable:
@@ -390,7 +396,7 @@ class TraceStore:
             kf = k.to(self.device).float()  # k-means and assignment on the compute device
             if self.centroids is None:
                 self.centroids = _kmeans(self._coarse_sample(kf), self.coarse_lists, iters=10, seed=0)
-                atomic_write_bytes(self.root / "centroids.safetensors", st_save({"c": self.centroids.cpu().contiguous()}))
+                self._write(self.root / "centroids.safetensors", st_save({"c": self.centroids.cpu().contiguous()}))
             assign = _nearest(kf, self.centroids).cpu()  # (n,) nearest list
             del kf
             order = torch.argsort(assign, stable=True)
@@ -405,10 +411,10 @@ class TraceStore:
                 "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
             }
         path = self.root / f"chunk_{t0:012d}.safetensors"
-        atomic_write_bytes(path, st_save(tensors))
+        self._write(path, st_save(tensors))
         spans = [(c.t0, c.t1) for c in self.chunks] + [(t0, t1)]
         meta = {"dim": str(self.dim), "chunk_traces": str(self.chunk_traces), "format": "then-trace-store/1"}
-        atomic_write_bytes(self.root / "index.safetensors",
+        self._write(self.root / "index.safetensors",
                            st_save({"spans": torch.tensor(spans, dtype=torch.int64).reshape(-1, 2)}, metadata=meta))
         self.chunks.append(_Chunk(path, t0, t1))
         log = self.root / f"log_{t0:012d}.bin"
@@ -464,7 +470,7 @@ class TraceStore:
                 self._write_log_file(c.t0, k.to(self.dtype), v.to(self.dtype))
         kept = [(c.t0, c.t1) for c in self.chunks if c.t1 <= n]
         meta = {"dim": str(self.dim), "chunk_traces": str(self.chunk_traces), "format": "then-trace-store/1"}
-        atomic_write_bytes(root / "index.safetensors",
+        self._write(root / "index.safetensors",
                            st_save({"spans": torch.tensor(kept, dtype=torch.int64).reshape(-1, 2)}, metadata=meta))
         for c in cut:
             c.path.unlink(missing_ok=True)
@@ -478,7 +484,12 @@ class TraceStore:
         self._reload()
 
     def _write_log_file(self, t0: int, k: Tensor, v: Tensor) -> None:
-        atomic_write_bytes(self.root / f"log_{t0:012d}.bin", self._records(t0, k, v))
+        self._write(self.root / f"log_{t0:012d}.bin", self._records(t0, k, v))
+
+    def _write(self, path: Path, data: bytes) -> None:
+        atomic_write_bytes(path, data)
+        if self.private:  # inside a 0700 directory, so never readable by others in between
+            os.chmod(path, 0o600)
 
     def _records(self, t0: int, k: Tensor, v: Tensor) -> bytes:
         """Log records of traces t0, t0 + 1, ...: time, fp16 key and value, crc32 of both."""

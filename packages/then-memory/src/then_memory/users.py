@@ -51,7 +51,7 @@ from statelab.io import atomic_write_bytes
 from then_memory.memory import ThenMemory
 from then_memory.store import TraceStore
 
-USER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+USER_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # always used with fullmatch ("$" accepts a trailing newline)
 STATE_FILE = "state.safetensors"
 LOCK_FILE = ".lock"
 
@@ -70,7 +70,7 @@ def default_root() -> Path:
 
 def validate_user_id(user: str) -> str:
     """Return ``user`` if it is a valid id, else raise :class:`UserIdError` saying why."""
-    if not isinstance(user, str) or not USER_RE.match(user) or ".." in user:
+    if not isinstance(user, str) or not USER_RE.fullmatch(user) or ".." in user:
         raise UserIdError(
             f"invalid user id {user!r}: use 1-64 characters of lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit and without '..' (ids are lowercase so that no two ids can "
@@ -88,7 +88,8 @@ def model_fingerprint(model) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # flattened first: a 0-dim buffer (a planner's step counter) cannot be viewed as bytes
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -121,8 +122,25 @@ def ingest_tokens(model, tokens: Tensor, state: State | None = None, segment_len
     return state
 
 
+class UnknownUserError(ValueError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class UserDirectories:
-    """The users' directories under ``root``: paths, locks and wiping (no model needed)."""
+    """The users' directories under ``root``: paths, locks and wiping (no model needed).
+
+    Directories are created 0700 and files 0600: a user's memory is readable by the account
+    that runs statelab only. A wipe renames the user's directory to ``.wipe-<hex>`` (from
+    then on the user has no memory) and deletes it; a wipe killed before the delete ends
+    is finished by the next operation on the root (listing, a session, another wipe)."""
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
@@ -133,7 +151,31 @@ class UserDirectories:
     def users(self) -> list[str]:
         if not self.root.exists():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and USER_RE.match(p.name))
+        self.finish_wipes()
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and USER_RE.fullmatch(p.name))
+
+    def finish_wipes(self) -> int:
+        """Delete what interrupted wipes left (``.wipe-*``); returns how many were finished."""
+        done = 0
+        if not self.root.exists():
+            return 0
+        for gone in self.root.glob(".wipe-*"):
+            for _ in range(3):  # another process may be deleting the same folder: retry what it left
+                try:
+                    shutil.rmtree(gone)
+                except FileNotFoundError:
+                    pass
+                if not gone.exists():
+                    done += 1
+                    break
+        return done
+
+    def _make_private_dir(self, d: Path) -> None:
+        if not self.root.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o700)
 
     @contextlib.contextmanager
     def locked(self, user: str, create: bool, exclusive: bool = True) -> Iterator[Path | None]:
@@ -141,12 +183,13 @@ class UserDirectories:
         ``None`` when it does not exist and ``create`` is false. Retries if the directory was
         wiped while waiting."""
         d = self.user_dir(user)
+        self.finish_wipes()
         while True:
             if not d.exists():
                 if not create:
                     yield None
                     return
-                d.mkdir(parents=True, exist_ok=True)
+                self._make_private_dir(d)
             lock = d / LOCK_FILE
             try:
                 fd = os.open(lock, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o600)
@@ -173,10 +216,12 @@ class UserDirectories:
         d = self.user_dir(user)
         with self.locked(user, create=False) as locked:
             if locked is None:
+                self.finish_wipes()
                 return False
             gone = self.root / f".wipe-{uuid.uuid4().hex}"
             os.replace(d, gone)  # atomic: from here on the user has no memory
-        shutil.rmtree(gone)
+            _fsync_dir(self.root)  # the rename survives a power loss too
+        self.finish_wipes()
         return True
 
 
@@ -230,10 +275,18 @@ class MemoryService:
 
     # -- sessions -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def session(self, user: str, *, incognito: bool = False) -> Iterator[Session]:
+    def session(self, user: str, *, incognito: bool = False, must_exist: bool = False) -> Iterator[Session]:
         """Open ``user``'s memory with the model's ``then`` memories attached to the user's
-        stores; on a clean exit the state is saved (never in incognito)."""
-        with self.dirs.locked(user, create=not incognito, exclusive=not incognito) as d, self._model_lock:
+        stores; on a clean exit the state is saved (never in incognito). ``must_exist``: an
+        unknown user is an :class:`UnknownUserError` instead of a new, empty memory."""
+        create = not incognito and not must_exist
+        with self.dirs.locked(user, create=create, exclusive=not incognito) as d, self._model_lock:
+            if d is None and must_exist:
+                raise UnknownUserError(
+                    f"user {user!r} has no memory: ingest something first (statelab memory ingest --user {user} "
+                    "FILES); `statelab memory list` shows the users")
+            if d is not None and not incognito:
+                os.chmod(d, 0o700)  # directories written before memory files were private
             sess = Session(user, self.model.init_state(1), incognito=incognito)
             cfg = self.store_cfg
             mems = then_memories(self.model)
@@ -244,7 +297,7 @@ class MemoryService:
                 root = (d if d is not None else self.user_dir(user)) / f"traces_{j}"  # read-only when incognito
                 store = TraceStore(root, mem.d_model, hot_budget=cfg.hot_budget, warm_budget=cfg.warm_budget,
                                    chunk_traces=cfg.chunk_traces, device=dev, durable=cfg.durable,
-                                   read_only=incognito, coarse_lists=cfg.coarse_lists)
+                                   read_only=incognito, coarse_lists=cfg.coarse_lists, private=True)
                 count = int(sess.state[f"memory.{j}.count"][0])
                 if len(store) > count:
                     if incognito:
@@ -282,6 +335,7 @@ class MemoryService:
         meta = {"model": self.fingerprint, "tokens": str(sess.tokens), "saved": str(time.time())}
         tensors = {k: v.detach().cpu().contiguous() for k, v in sess.state.items()}
         atomic_write_bytes(d / STATE_FILE, st_save(tensors, metadata=meta))
+        os.chmod(d / STATE_FILE, 0o600)
 
     # -- the three operations ---------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -325,7 +379,7 @@ class MemoryService:
         from statelab.generation import generate
 
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        with self.session(user, incognito=incognito) as sess:
+        with self.session(user, incognito=incognito, must_exist=True) as sess:
             res = generate(self.model, [ids], tokenizer=self.tokenizer, max_new_tokens=max_new_tokens,
                            temperature=0.0, state=sess.state, stop=stop, use_planner=False)
             sess.state = res.state
@@ -333,5 +387,5 @@ class MemoryService:
         return res.texts[0] if self.tokenizer is not None else res.tokens[0]
 
 
-__all__ = ["MemoryService", "Session", "StoreConfig", "UserDirectories", "UserIdError", "default_root", "ingest_tokens",
-           "model_fingerprint", "then_memories", "validate_user_id"]
+__all__ = ["MemoryService", "Session", "StoreConfig", "UnknownUserError", "UserDirectories", "UserIdError",
+           "default_root", "ingest_tokens", "model_fingerprint", "then_memories", "validate_user_id"]
