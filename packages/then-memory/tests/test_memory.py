@@ -150,3 +150,58 @@ def test_ingest_writes_only_through_the_tail_memory_and_keeps_the_state_exact(re
     for k in full:
         assert torch.allclose(full[k].float(), fast[k].float(), atol=1e-6), k
     assert not model.memories[0].write_only  # reset after the ingest
+
+
+@pytest.mark.parametrize("supersede_cos", [0.0, 0.5])
+def test_supersede_matches_naive_reference(supersede_cos):
+    torch.manual_seed(2)
+    mem = small("token", supersede_cos=supersede_cos).eval()
+    x = torch.randn(2, 23, 16)
+    with torch.no_grad():
+        ref, _ = naive_forward(mem, x)
+        y1, s1, _ = mem(x[:, :10])
+        y2, _, _ = mem(x[:, 10:], s1)
+        plain, _, _ = small("token").eval()(x)
+    assert torch.allclose(torch.cat([y1, y2], 1), ref, atol=1e-5)
+    assert not torch.allclose(ref, plain, atol=1e-4)  # the rule changed some reads
+
+
+def _two_facts_memory(**kw) -> tuple[ThenMemory, torch.Tensor]:
+    """A memory whose key reads dims 0-3 of the input and whose value reads dims 4-7, and a
+    sequence: fact (key e0, value a), filler, update (key e0, value b), filler, question (key e0)."""
+    mem = ThenMemory(8, n_heads=1, chunk_size=1, window=1, ring_size=16, top_k=2, trace_key="self",
+                     tie_qk_init=False, **kw).eval()
+    with torch.no_grad():
+        mem.norm.weight.fill_(1.0), mem.norm.bias.zero_()
+        w = torch.zeros(24, 8)
+        w[0:4, 0:4] = torch.eye(4)  # q
+        w[8:12, 0:4] = torch.eye(4)  # k
+        w[20:24, 4:8] = torch.eye(4)  # v
+        mem.qkv.weight.copy_(w)
+        mem.gate.bias.fill_(20.0)  # read the traces only
+    e0 = torch.tensor([3.0, 0, 0, 0])
+    a, b = torch.tensor([1.0, -1, 1, -1]), torch.tensor([-1.0, 1, 1, -1])
+    filler = torch.tensor([0, 0, 2.0, 0, 0, 0, 0, 0])
+    x = torch.stack([torch.cat([e0, a]), filler, torch.cat([e0, b]), filler, torch.cat([e0, torch.zeros(4)])])
+    return mem, x[None]  # (1, 5, 8)
+
+
+@pytest.mark.parametrize("backend", ["ring", "store"])
+def test_an_updated_fact_replaces_the_old_one(tmp_path, backend):
+    """Two traces written in the same context: with ``supersede_cos`` the newer value is read
+    alone (not a blend), in the ring and through a store; without it both are blended."""
+    reads = {}
+    for rule in (None, 0.99):
+        mem, x = _two_facts_memory(supersede_cos=rule)
+        if backend == "store":
+            mem.attach_store(TraceStore(tmp_path / str(rule), 8, hot_budget=2, warm_budget=2, chunk_traces=2))
+        with torch.no_grad():
+            state = None
+            for t in range(5):  # one token at a time: the question reads traces from earlier calls
+                _, state, aux = mem(x[:, t : t + 1], state)
+        reads[rule] = aux["memory.recall"][0, -1]  # (D,) what the question read
+    v = lambda t: mem.qkv(mem.norm(x[0, t]))[16:]  # noqa: E731 - the value a token writes
+    with torch.no_grad():
+        assert torch.allclose(reads[0.99], v(2), atol=2e-3)  # the update only (fp16 in a store)
+        assert not torch.allclose(reads[None], v(2), atol=1e-2)  # a blend of the fact and its update
+        assert torch.allclose(reads[None], (v(0) + v(2)) / 2, atol=2e-3)

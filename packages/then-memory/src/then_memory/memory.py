@@ -21,6 +21,9 @@ Per position ``p`` with normed input ``h = LN(x_p)`` and ``q, k, v = W_qkv h``::
              ``recall_temperature``), and the top-k are those with the largest
              sum_h tau_h q_h . k_h (an inner product with the query scaled per head, so a
              store ranks the same way)
+             with ``supersede_cos`` set, a chosen trace whose key has cosine >= it with a
+             *newer* chosen trace is dropped before the softmax: the newer one replaces it
+             (an updated fact is read, not a blend of the old and the new value)
     g      = sigmoid(W_g h)                      (B, T, H), published as ``memory.gate``
     y_p    = x_p + W_o [(1 - g) local + g recall]   (recall published as ``memory.recall``)
 
@@ -90,6 +93,7 @@ class ThenMemory(Memory):
         trace_key: str = "previous",
         recall_temperature: float = 4.0,
         tie_qk_init: bool = True,
+        supersede_cos: float | None = None,
     ) -> None:
         super().__init__()
         if d_model % n_heads:
@@ -101,6 +105,9 @@ class ThenMemory(Memory):
         if trace_key not in ("previous", "self"):
             raise ValueError(f"then: trace_key must be 'previous' or 'self', not {trace_key!r}")
         self.trace_key = trace_key
+        if supersede_cos is not None and not -1.0 <= supersede_cos <= 1.0:
+            raise ValueError(f"then: supersede_cos must be in [-1, 1] or None, got {supersede_cos}")
+        self.supersede_cos = supersede_cos
         self.d_model, self.n_heads, self.dh = d_model, n_heads, d_model // n_heads
         self.chunk_size, self.trace_mode, self.window = chunk_size, trace_mode, window
         self.ring_size, self.top_k = ring_size, top_k
@@ -220,8 +227,10 @@ class ThenMemory(Memory):
             rk = state["ring_k"].to(q.dtype).view(B, S, H, dh)
             s_old = torch.einsum("bthd,bshd->bhts", qh, rk)  # (B, H, T, S)
             v_all = torch.cat([state["ring_v"].to(nv.dtype), nv], 1)  # (B, M, D), M = S + N
+            k_all = torch.cat([state["ring_k"].to(nk.dtype), nk], 1)  # (B, M, D)
+            t_all = torch.cat([rn, nseq], 1)  # (B, M) time index of each candidate
         else:
-            ok_old, s_old, v_old = self._store_candidates(q, count0)  # per-query candidates (B, T, K0, ...)
+            ok_old, s_old, k_old, v_old, t_old = self._store_candidates(q, count0)  # per query (B, T, K0, ...)
             ok_new = can
             v_all = None
         s_new = torch.einsum("bthd,bnhd->bhtn", qh, nk.view(B, -1, H, dh))  # (B, H, T, N)
@@ -238,16 +247,20 @@ class ThenMemory(Memory):
         sk = s.gather(-1, idx[:, None].expand(B, H, T, K))  # (B, H, T, K)
         sk = sk.masked_fill(~okk[:, None], torch.finfo(sk.dtype).min)
         wts = sk.softmax(-1) * okk[:, None].to(sk.dtype)  # (B, H, T, K); all zero when nothing to read
-        # gathers from the (B, M, D) rows with a flat (B, T*K) index: the backward pass then
-        # scatters into (B, M, D), never into a (B, T, M, D) expansion
         if v_all is not None:
-            vk = v_all.gather(1, idx.reshape(B, T * K, 1).expand(B, T * K, D)).view(B, T, K, D)  # (B, T, K, D)
+            vk = self._gather_rows(v_all, idx)  # (B, T, K, D)
         else:  # chosen among the store's candidates (index < K0) or this call's new traces
-            K0 = v_old.shape[2]
-            vo = v_old.gather(2, idx.clamp(max=K0 - 1)[..., None].expand(B, T, K, D))  # (B, T, K, D)
-            i_new = (idx - K0).clamp(min=0).reshape(B, T * K, 1).expand(B, T * K, D)  # (B, T*K, D)
-            vn = nv.gather(1, i_new).view(B, T, K, D)  # (B, T, K, D)
-            vk = torch.where((idx < K0)[..., None], vo, vn)  # (B, T, K, D)
+            vk = self._gather_candidates(v_old, nv, idx)  # (B, T, K, D)
+        if self.supersede_cos is not None:
+            if v_all is not None:
+                kc, tc = self._gather_rows(k_all, idx), t_all.gather(1, idx.reshape(B, T * K)).view(B, T, K)
+            else:
+                kc = self._gather_candidates(k_old, nk, idx)  # (B, T, K, D)
+                tc = self._gather_candidates(t_old[..., None], nseq[..., None], idx)[..., 0]  # (B, T, K)
+            gone = self._superseded(kc, tc, okk)  # (B, T, K)
+            okk = okk & ~gone
+            sk = sk.masked_fill(gone[:, None], torch.finfo(sk.dtype).min)
+            wts = sk.softmax(-1) * okk[:, None].to(sk.dtype)
         vk = vk.view(B, T, K, H, dh)  # (B, T, K, H, dh)
         recall = torch.einsum("bhtk,btkhd->bthd", wts, vk)  # (B, T, H, dh)
 
@@ -257,6 +270,34 @@ class ThenMemory(Memory):
         mixed = (1 - g)[..., None] * local + g[..., None] * recall  # (B, T, H, dh)
         y = x + self.out(mixed.reshape(B, T, D))  # (B, T, D)
         return y, aux
+
+    @staticmethod
+    def _gather_rows(rows: Tensor, idx: Tensor) -> Tensor:
+        """``rows`` (B, M, D) at ``idx`` (B, T, K) -> (B, T, K, D), through a flat (B, T*K) index
+        (the backward pass then scatters into (B, M, D), never into a (B, T, M, D) expansion)."""
+        B, T, K = idx.shape
+        D = rows.shape[-1]
+        return rows.gather(1, idx.reshape(B, T * K, 1).expand(B, T * K, D)).view(B, T, K, D)
+
+    @staticmethod
+    def _gather_candidates(old: Tensor, new: Tensor, idx: Tensor) -> Tensor:
+        """Rows of the chosen candidates when index < K0 names a per-query store candidate
+        ``old`` (B, T, K0, D) and K0 + n names this call's new trace ``new`` (B, N, D)."""
+        B, T, K = idx.shape
+        K0, D = old.shape[2], old.shape[-1]
+        o = old.gather(2, idx.clamp(max=K0 - 1)[..., None].expand(B, T, K, D))  # (B, T, K, D)
+        i_new = (idx - K0).clamp(min=0).reshape(B, T * K, 1).expand(B, T * K, D)  # (B, T*K, D)
+        n = new.gather(1, i_new).view(B, T, K, D)  # (B, T, K, D)
+        return torch.where((idx < K0)[..., None], o, n)
+
+    def _superseded(self, keys: Tensor, times: Tensor, ok: Tensor) -> Tensor:
+        """Chosen traces (B, T, K) that a newer chosen trace replaces: its key points the same
+        way (cosine >= ``supersede_cos``), so it was written in the same context, later (an
+        updated fact). Keys (B, T, K, D), time indices (B, T, K), validity (B, T, K)."""
+        kn = torch.nn.functional.normalize(keys.detach().float(), dim=-1)
+        cos = kn @ kn.transpose(-1, -2)  # (B, T, K, K): [i, j] = cos(key_i, key_j)
+        newer = times[..., None, :] > times[..., :, None]  # (B, T, K, K): j is newer than i
+        return ((cos >= self.supersede_cos) & newer & ok[..., None, :]).any(-1)
 
     def _next_state(self, state, nk, nv, nvalid, nseq, ek, ev, T) -> State:
         """Window cache, ring (slot n % S, newest S only) and counters after this call; with
@@ -308,7 +349,7 @@ class ThenMemory(Memory):
         vv = res.values.to(q.device, q.dtype)[None]  # (1, T, K0, D)
         ok = (res.ids >= 0).to(q.device)[None]  # (1, T, K0)
         s = torch.einsum("bthd,btkhd->bhtk", q.view(B, T, H, dh), kk.view(B, T, -1, H, dh))  # (1, H, T, K0)
-        return ok, s, vv
+        return ok, s, kk, vv, res.ids.to(q.device)[None]
 
     def _store_write(self, nk: Tensor, nv: Tensor, nvalid: Tensor, nseq: Tensor) -> None:
         store = self.store
@@ -336,4 +377,5 @@ def build_then(params: "ThenParams", ctx) -> ThenMemory:
         trace_key=params.trace_key,
         recall_temperature=params.recall_temperature,
         tie_qk_init=params.tie_qk_init,
+        supersede_cos=params.supersede_cos,
     )

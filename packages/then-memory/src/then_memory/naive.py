@@ -46,6 +46,10 @@ def naive_forward(mem: ThenMemory, x: Tensor) -> tuple[Tensor, list[list[tuple[i
                 full = torch.stack([(q * tau) @ tk for tk, _, _, _ in readable])
                 top = full.topk(min(mem.top_k, len(readable))).indices.tolist()
                 chosen = [readable[i] for i in top]
+                if mem.supersede_cos is not None:  # drop a trace that a newer one with the same key direction replaces
+                    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+                    chosen = [c for c in chosen
+                              if not any(o[2] > c[2] and cos(c[0], o[0]) >= mem.supersede_cos for o in chosen)]
                 row_reads += [(p, n) for _, _, n, _ in chosen]
                 for hd in range(H):
                     sl = slice(hd * dh, (hd + 1) * dh)

@@ -37,6 +37,9 @@ class ThenParams(BaseModel):
                                       "(learned per head); sharp reads make the retrieved value dominate early")
     tie_qk_init: bool = Field(True, description="initialise the key projection as a copy of the query projection, so "
                               "a query first retrieves traces written in the same context (the lookup exists at step 0)")
+    supersede_cos: float | None = Field(
+        None, ge=-1, le=1, description="newer traces win: among a query's top-k traces, one whose key has cosine >= this "
+        "with a newer one's is not read (an updated fact replaces the old one instead of blending with it); null = off")
     trace_key: Literal["previous", "self"] = Field(
         "previous", description="previous: a token's trace is (key of the token before it, its own value), so a query "
         "retrieves what followed its context (induction-style lookup); self: key and value of the same token")
