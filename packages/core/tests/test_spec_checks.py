@@ -3,11 +3,13 @@ about) at validation, with the reason; components see the model width through th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from statelab.plugins import Component, hookimpl
-from statelab.spec import SpecError, validate_spec
+from statelab.spec import SpecError, check_data_fit, validate_spec
 from statelab.testing.toys import ToyRNN, toy_registry, toy_spec
 
 
@@ -25,15 +27,26 @@ def test_zero_steps_is_warned_about_unless_starting_from_weights(reg):
     assert "train.steps" not in {w.path for w in validate_spec(spec, reg).warnings}
 
 
-def test_vocab_size_smaller_than_the_tokenizers_is_refused(reg):
+def test_vocab_size_smaller_than_the_tokenizers_is_refused(reg, tmp_path, capsys):
+    from statelab import cli
+    from statelab.plugins import set_registry
+
     spec = toy_spec(vocab_size=100)  # the byte tokenizer has 256 tokens
     with pytest.raises(SpecError, match="model.vocab_size: 100 is smaller than the 256 tokens the text data yields"):
-        validate_spec(spec, reg)
+        check_data_fit(validate_spec(spec, reg).spec)
     spec = toy_spec(vocab_size=50)
     spec["data"] = {"kind": "mqar", "mqar": {"vocab_size": 64}}
     with pytest.raises(SpecError, match="50 is smaller than the 64 tokens the mqar data yields"):
-        validate_spec(spec, reg)
-    assert validate_spec(toy_spec(vocab_size=300), reg).warnings == []
+        check_data_fit(validate_spec(spec, reg).spec)
+    check_data_fit(validate_spec(toy_spec(vocab_size=300), reg).spec)
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(toy_spec(vocab_size=100)))
+    set_registry(reg)
+    try:
+        assert cli.main(["validate", str(path)]) == 2
+        assert "100 is smaller than the 256 tokens" in capsys.readouterr().err
+    finally:
+        set_registry(None)
 
 
 def test_warnings_for_warmup_planner_fit_and_probes_in_a_short_run(reg):

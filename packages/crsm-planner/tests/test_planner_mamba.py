@@ -25,7 +25,9 @@ def test_models_with_the_planner_pass_the_conformance_kit():
 
 @pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
 def test_planner_fits_and_steers_a_mamba_backbone(mixer):
-    model = planner_model(backbone={**MAMBA, "mixer": mixer}, simulations=8, d_latent=8, gate_steps=2,
+    mamba1 = {k: v for k, v in MAMBA.items() if k not in ("headdim", "chunk_size")}  # mamba2-only fields
+    model = planner_model(backbone={**MAMBA, "mixer": "mamba2"} if mixer == "mamba2" else {**mamba1, "mixer": "mamba1"},
+                          simulations=8, d_latent=8, gate_steps=2,
                           asynchronous=False, plan_every=2)
     keys = [f"backbone.{k}" for k in model.backbone.injectable_keys()]
     assert keys and all(k.endswith(".ssm") for k in keys)

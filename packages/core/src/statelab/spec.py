@@ -396,7 +396,6 @@ def validate_spec(
     regs = [_resolve(registry, "regularizer", rs, f"model.regularizers.{i}", issues, context=ctx)
             for i, rs in enumerate(m.regularizers)]
     probes = [_resolve(registry, "probe", ps, f"probes.{i}", issues, context=ctx) for i, ps in enumerate(spec.probes)]
-    issues += _run_issues(spec)
 
     if backbone is not None:
         n_layers = getattr(backbone.params, "n_layers", None)
@@ -473,14 +472,16 @@ def _tokenizer_vocab_size(spec: RunSpec) -> int | None:
         return None
 
 
-def _run_issues(spec: RunSpec) -> list[SpecIssue]:
-    """Settings that pass their own field checks but cannot work together."""
-    out = []
+def check_data_fit(spec: RunSpec) -> None:
+    """Raise :class:`SpecError` when the model cannot take the data's tokens (an explicit
+    ``model.vocab_size`` below the tokenizer's). Separate from :func:`validate_spec`, which
+    also validates specs built without data (tests, ``build(spec, vocab_size=...)``);
+    `statelab validate` and `statelab train` run both."""
     vocab = _tokenizer_vocab_size(spec) if spec.model.vocab_size is not None else None
     if vocab is not None and spec.model.vocab_size < vocab:  # type: ignore[operator]
-        out.append(SpecIssue("model.vocab_size", f"{spec.model.vocab_size} is smaller than the {vocab} tokens the "
-                             f"{spec.data.kind} data yields; remove model.vocab_size (null = the tokenizer's) or raise it"))
-    return out
+        raise SpecError([SpecIssue("model.vocab_size", f"{spec.model.vocab_size} is smaller than the {vocab} tokens the "
+                                   f"{spec.data.kind} data yields; remove model.vocab_size (null = the tokenizer's) or "
+                                   "raise it")])
 
 
 #: Runs shorter than this many steps are smoke runs: probes after them draw a warning.
@@ -600,6 +601,7 @@ __all__ = [
     "flatten",
     "json_schema",
     "apply_overrides",
+    "check_data_fit",
     "load_document",
     "load_yaml",
     "parse_value",

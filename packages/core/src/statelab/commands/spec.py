@@ -10,9 +10,10 @@ def configure_validate(parser) -> None:
 
 
 def run_validate(args) -> int:
-    from statelab.spec import validate_spec
+    from statelab.spec import check_data_fit, validate_spec
 
     resolved = validate_spec(args.spec)
+    check_data_fit(resolved.spec)
     parts = [f"backbone {resolved.backbone.component.name}"]
     parts += [f"memory {m.component.name}@{m.spec.after_layer}" for m in resolved.memories]  # type: ignore[attr-defined]
     if resolved.planner:

@@ -17,13 +17,15 @@ def configure(parser) -> None:
 
 def run(args) -> int:
     from statelab.commands.spec import print_warnings
-    from statelab.spec import apply_overrides, load_document, validate_spec
+    from statelab.spec import apply_overrides, check_data_fit, load_document, validate_spec
     from statelab.train import train
 
     # --set values are read here with YAML 1.2 rules (`name=no` stays text, `steps=1e3` is a number)
     doc = apply_overrides(load_document(args.spec), args.overrides)
+    resolved = validate_spec(doc, source=args.spec)
+    check_data_fit(resolved.spec)
     if _is_main():
-        print_warnings(validate_spec(doc, source=args.spec))
+        print_warnings(resolved)
     res = train(doc, resume=args.resume, out_dir=args.out, progress=False if args.quiet else None)
     if not _is_main():
         return 0

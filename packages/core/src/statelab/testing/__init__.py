@@ -12,9 +12,11 @@ from statelab.testing.conformance import (
     check_injection,
     check_memory,
     check_model,
+    check_publishes,
     check_shapes,
     check_state_roundtrip,
     check_stateful_module,
+    default_length,
     state_roundtrip,
 )
 
@@ -30,8 +32,10 @@ __all__ = [
     "check_injection",
     "check_memory",
     "check_model",
+    "check_publishes",
     "check_shapes",
     "check_state_roundtrip",
     "check_stateful_module",
+    "default_length",
     "state_roundtrip",
 ]

@@ -11,6 +11,12 @@ Each ``check_*`` function runs every applicable check and raises ``AssertionErro
 message naming the check that failed and by how much. Individual checks are public too.
 Tolerances default to fp32 values; pass ``atol``/``rtol`` for modules whose fast and
 step paths differ by more (document why in the test).
+
+Sequence lengths default to :func:`default_length`: several chunks of the module's largest
+``chunk_size`` plus a remainder, so chunked fast paths are checked across chunk
+boundaries. Every check that hands a state to the module also checks that the module
+left it untouched: a state is a value, and a module that updates it in place corrupts
+the caller's copy (a planner's snapshot, a resumed stream).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import torch
 from safetensors.torch import load, save
 from torch import Tensor, nn
 
-from statelab.interfaces import Backbone, State, StatefulModule
+from statelab.interfaces import Backbone, Memory, State, StatefulModule
+from statelab.internals import key_name
 
 __all__ = [
     "assert_close",
@@ -36,9 +43,11 @@ __all__ = [
     "check_injection",
     "check_memory",
     "check_model",
+    "check_publishes",
     "check_shapes",
     "check_state_roundtrip",
     "check_stateful_module",
+    "default_length",
     "state_roundtrip",
 ]
 
@@ -59,6 +68,26 @@ def _assert_states_close(a: State, b: State, *, atol: float, rtol: float, what: 
         raise AssertionError(f"{what}: state keys differ: {sorted(set(a) ^ set(b))}")
     for k in a:
         assert_close(a[k], b[k], atol=atol, rtol=rtol, what=f"{what} [state {k!r}]")
+
+
+def default_length(module: nn.Module, chunks: int = 2) -> int:
+    """A sequence length that crosses chunk boundaries: ``chunks`` chunks of the largest
+    ``chunk_size`` attribute among the module's submodules, plus a remainder (at least 12)."""
+    sizes = [m.chunk_size for m in module.modules() if isinstance(getattr(m, "chunk_size", None), int)]
+    c = max(sizes, default=4)
+    return max(12, chunks * c + c // 2 + 1)
+
+
+def _snapshot(state: State | None) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in (state or {}).items()}
+
+
+def _assert_untouched(before: dict[str, Tensor], state: State | None, what: str) -> None:
+    """``state`` still holds the values snapshotted in ``before`` (no in-place update)."""
+    for k, v in before.items():
+        if not torch.equal((state or {})[k].detach(), v):
+            raise AssertionError(f"{what} modified its incoming state in place (entry {k!r}); return a new tensor "
+                                 "instead (e.g. `h = a * h + u`, not `h.mul_(a).add_(u)`)")
 
 
 def state_roundtrip(state: State) -> State:
@@ -95,8 +124,11 @@ def check_shapes(module: StatefulModule, d_model: int, batch: int = 2, T: int = 
         raise AssertionError(f"shapes: step returned {tuple(y_t.shape)}, expected {(batch, d_model)}")
 
 
-def check_causality(module: StatefulModule, d_model: int, T: int = 12, t0: int = 5, atol: float = 1e-5) -> None:
+def check_causality(module: StatefulModule, d_model: int, T: int | None = None, t0: int | None = None,
+                    atol: float = 1e-5) -> None:
     """Changing inputs at positions >= t0 leaves outputs before t0 unchanged."""
+    T = T or default_length(module)
+    t0 = t0 if t0 is not None else T // 2 - 1
     x = _inputs(2, T, d_model, 1)
     x2 = x.clone()
     x2[:, t0:] = torch.randn_like(x2[:, t0:]) * 3.0
@@ -108,26 +140,39 @@ def check_causality(module: StatefulModule, d_model: int, T: int = 12, t0: int =
 
 
 def check_forward_then_step(
-    module: StatefulModule, d_model: int, T: int = 12, prefix: int = 5, atol: float = 1e-5, rtol: float = 1e-4
+    module: StatefulModule, d_model: int, T: int | None = None, prefix: int | None = None, atol: float = 1e-5,
+    rtol: float = 1e-4,
 ) -> None:
-    """forward(prefix) then step per token == forward(whole), outputs and final state."""
+    """forward(prefix) then step per token == forward(whole), outputs and final state;
+    ``step`` leaves its incoming state untouched."""
+    T = T or default_length(module)
+    prefix = prefix if prefix is not None else T // 2 - 1
     x = _inputs(2, T, d_model, 2)
     y_full, s_full, _ = module(x, None)
     y_pre, s, _ = module(x[:, :prefix], None)
     outs = [y_pre]
     for t in range(prefix, T):
-        y_t, s, _ = module.step(x[:, t], s)
+        before = _snapshot(s)
+        y_t, s_next, _ = module.step(x[:, t], s)
+        _assert_untouched(before, s, f"step (t={t})")
+        s = s_next
         outs.append(y_t.unsqueeze(1))
     assert_close(torch.cat(outs, 1), y_full, atol=atol, rtol=rtol, what="forward-then-step outputs")
     _assert_states_close(s, s_full, atol=atol, rtol=rtol, what="forward-then-step final state")
 
 
-def check_chunked_forward(module: StatefulModule, d_model: int, T: int = 12, split: int = 7, atol: float = 1e-5, rtol: float = 1e-4) -> None:
-    """forward(x[:split]) then forward(x[split:], state) == forward(x): a non-empty initial state works."""
+def check_chunked_forward(module: StatefulModule, d_model: int, T: int | None = None, split: int | None = None,
+                          atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """forward(x[:split]) then forward(x[split:], state) == forward(x): a non-empty initial
+    state works, and forward leaves it untouched."""
+    T = T or default_length(module)
+    split = split if split is not None else T // 2 + 1
     x = _inputs(2, T, d_model, 3)
     y_full, s_full, _ = module(x, None)
     y1, s1, _ = module(x[:, :split], None)
+    before = _snapshot(s1)
     y2, s2, _ = module(x[:, split:], s1)
+    _assert_untouched(before, s1, "forward")
     assert_close(torch.cat([y1, y2], 1), y_full, atol=atol, rtol=rtol, what="chunked forward outputs")
     _assert_states_close(s2, s_full, atol=atol, rtol=rtol, what="chunked forward final state")
 
@@ -193,22 +238,26 @@ def check_determinism(make: Callable[[], nn.Module], run: Callable[[nn.Module], 
 
 
 def check_injection(backbone: Backbone, d_model: int, T: int = 6) -> None:
-    """For steerable backbones: inject with a=0 is identity, a=1 reaches the target, the
-    result stays between current and target, and decoding continues from it."""
+    """For steerable backbones: inject with a=0 is identity, a=1 reaches the target, a=0.5
+    lands halfway, neither the state nor the target is modified in place, and decoding
+    continues from the result."""
     keys = backbone.injectable_keys()
     if not keys:
         return
     x = _inputs(2, T, d_model, 6)
     _, s, _ = backbone(x, None)
     target = {k: torch.randn_like(s[k]) for k in keys}
+    before, target_before = _snapshot(s), _snapshot(target)
     s0 = backbone.inject(s, target, 0.0)
     s1 = backbone.inject(s, target, 1.0)
+    s_half = backbone.inject(s, target, torch.full((2,), 0.5))
+    _assert_untouched(before, s, "inject")
+    _assert_untouched(target_before, target, "inject (its target)")
     for k in keys:
         assert_close(s0[k], s[k], atol=0, rtol=0, what=f"injection a=0 [{k}]")
         assert_close(s1[k], target[k].to(s[k].dtype), atol=1e-6, rtol=0, what=f"injection a=1 [{k}]")
-        if not torch.equal(s[k], s[k].clone()):  # pragma: no cover
-            raise AssertionError("injection modified the incoming state in place")
-    s_half = backbone.inject(s, target, torch.full((2,), 0.5))
+        assert_close(s_half[k], (0.5 * (s[k] + target[k])).to(s[k].dtype), atol=1e-5, rtol=1e-5,
+                     what=f"injection a=0.5 [{k}]")
     y, _, _ = backbone.step(x[:, -1], s_half)
     if not torch.isfinite(y).all():
         raise AssertionError("injection: decoding after an injection produced non-finite values")
@@ -221,13 +270,20 @@ def check_stateful_module(
     atol: float = 1e-5,
     rtol: float = 1e-4,
     allow_unused: Iterable[str] = (),
-    T: int = 12,
+    T: int | None = None,
+    publishes: Iterable[str] | None = None,
 ) -> StatefulModule:
-    """All checks that apply to any :class:`StatefulModule`. Returns the module checked."""
+    """All checks that apply to any :class:`StatefulModule`. Returns the module checked.
+
+    ``T``: default :func:`default_length`. ``publishes``: the internal names the module's
+    component declares (its ``Component.published(params)``), checked by :func:`check_publishes`."""
     torch.manual_seed(0)
     module = make()
     module.eval()  # dropout off: the checks compare exact computations
+    T = T or default_length(module)
     with torch.no_grad():
+        if publishes is not None:
+            check_publishes(module, publishes, d_model, T=T)
         check_shapes(module, d_model, T=min(T, 8))
         check_causality(module, d_model, T=T, t0=T // 2 - 1, atol=atol)
         check_forward_then_step(module, d_model, T=T, prefix=T // 2 - 1, atol=atol, rtol=rtol)
@@ -257,15 +313,50 @@ def check_backbone(make: Callable[[], Backbone], d_model: int, **kw) -> Backbone
 
 
 def check_memory(make: Callable[[], StatefulModule], d_model: int, **kw) -> StatefulModule:
-    """:func:`check_stateful_module` for a Memory (placed after a layer)."""
-    return check_stateful_module(make, d_model, **kw)
+    """:func:`check_stateful_module` for a :class:`Memory`, plus its ``ingest``: the state it
+    returns equals forward's, it continues like forward's, and the incoming state is untouched."""
+    module = check_stateful_module(make, d_model, **kw)
+    if not isinstance(module, Memory):
+        raise AssertionError(f"memory: {type(module).__name__} is not a statelab.Memory")
+    atol, rtol = kw.get("atol", 1e-5), kw.get("rtol", 1e-4)
+    T = kw.get("T") or default_length(module)
+    x = _inputs(2, T, d_model, 8)
+    split = T // 2 + 1
+    with torch.no_grad():
+        _, s_fwd, _ = module(x[:, :split], None)
+        s_ing = module.ingest(x[:, :split], None)
+        _assert_states_close(s_ing, s_fwd, atol=atol, rtol=rtol, what="ingest state (vs forward's)")
+        before = _snapshot(s_ing)
+        s_more = module.ingest(x[:, split:], s_ing)
+        _assert_untouched(before, s_ing, "ingest")
+        _, s_full, _ = module(x, None)
+        _assert_states_close(s_more, s_full, atol=atol, rtol=rtol, what="ingest in two parts (vs forward of the whole)")
+    return module
 
 
-def check_model(make: Callable[[], nn.Module], *, T: int = 12, atol: float = 1e-5, rtol: float = 1e-4, allow_unused: Iterable[str] = ()) -> None:
-    """The checks on an assembled :class:`~statelab.model.StatelabModel` (token inputs)."""
+def check_publishes(module: StatefulModule, names: Iterable[str], d_model: int, T: int | None = None) -> None:
+    """Every declared internal ``name`` appears in the module's ``aux`` (forward or step), so
+    a regularizer or probe that validation accepted finds it at run time."""
+    T = T or default_length(module)
+    x = _inputs(2, T, d_model, 9)
+    _, s, aux = module(x, None)
+    seen = {key_name(k) for k in aux}
+    seen |= {key_name(k) for k in module.step(x[:, -1], s)[2]}
+    missing = sorted(set(names) - seen)
+    if missing:
+        raise AssertionError(f"publishes: declared {missing} but forward/step publish only {sorted(seen) or '(none)'}; "
+                             "publish them with statelab.publish, or stop declaring them")
+
+
+def check_model(make: Callable[[], nn.Module], *, T: int | None = None, atol: float = 1e-5, rtol: float = 1e-4,
+                allow_unused: Iterable[str] = ()) -> None:
+    """The checks on an assembled :class:`~statelab.model.StatelabModel` (token inputs); a
+    model built from a spec also has every internal its backbone and memories declare
+    (planners publish while generating, so theirs are not required here)."""
     torch.manual_seed(0)
     model = make()
     model.eval()
+    T = T or default_length(model)
     V = model.vocab_size
     g = torch.Generator().manual_seed(0)
     tok = torch.randint(0, V, (2, T), generator=g)
@@ -281,12 +372,24 @@ def check_model(make: Callable[[], nn.Module], *, T: int = 12, atol: float = 1e-
         _, s, _ = model(tok[:, :p])
         outs = []
         for t in range(p, T):
-            lt, s, _ = model.step(tok[:, t], s)
+            before = _snapshot(s)
+            lt, s_next, _ = model.step(tok[:, t], s)
+            _assert_untouched(before, s, f"model step (t={t})")
+            s = s_next
             outs.append(lt.unsqueeze(1))
         assert_close(torch.cat(outs, 1), logits[:, p:], atol=atol, rtol=rtol, what="model forward-then-step")
         _assert_states_close(s, s_full, atol=atol, rtol=rtol, what="model forward-then-step state")
         s_rt = state_roundtrip(s)
         _assert_states_close(s_rt, {k: v.cpu() for k, v in s.items()}, atol=0, rtol=0, what="model state roundtrip")
+        resolved = getattr(model, "resolved", None)
+        if resolved is not None:
+            _, _, aux = model(tok)
+            seen = {key_name(k) for k in aux} | {key_name(k) for k in model.step(tok[:, -1], s)[2]}
+            for rc in [resolved.backbone, *resolved.memories]:
+                missing = sorted(set(rc.component.published(rc.params)) - seen)
+                if missing:
+                    raise AssertionError(f"model publishes: {rc.component.slot} {rc.component.name!r} declares {missing}, "
+                                         f"which the model's forward/step never publish (seen: {sorted(seen)})")
     model.train()
     check_gradients(model, lambda: model(tok)[0], allow_unused=allow_unused)
     model.eval()
