@@ -15,4 +15,3 @@ def test_entry_point_registers_the_documented_components():
     documented = {key for key, dist in FIRST_PARTY.items() if dist == "traces-crystallize"}
     assert documented, "FIRST_PARTY lists no component of traces-crystallize"
     assert documented <= set(reg.components), f"documented but not registered: {sorted(documented - set(reg.components))}"
-
