@@ -93,7 +93,26 @@ def test_compare_lists_both_runs_and_plots_their_curves(store, capsys, tmp_path)
     printed = capsys.readouterr().out
     assert "with-ema" in printed and "plain" in printed and "best val loss" in printed
     assert out.stat().st_size > 5000
-    assert cli.main(["compare", "--experiment", "nope", "--uri", uri]) == 1
+    assert "fields that differ:" in printed and "model.memories.0.kind" in printed and "toy-ema" in printed
+    assert cli.main(["compare", "--experiment", "nope", "--uri", uri]) == 2
+    assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_compare_shows_the_fields_that_differ():
+    from statelab.compare import RunRow, differing_params
+
+    common = {"model.backbone.kind": "mamba", "model.d_model": "64", "tracking.experiment": "x"}
+    rows = [RunRow(str(i), name, "FINISHED", "mamba", 1, 1.0, 1.4, 1.0,
+                   params={**common, "name": name, "model.backbone.mixer": mixer, "model.backbone.d_state": str(n)})
+            for i, (name, mixer, n) in enumerate([("m1", "mamba1", 16), ("m2", "mamba2", 64)])]
+    assert differing_params(rows) == ["model.backbone.d_state", "model.backbone.mixer"]
+    table = format_table(rows)
+    assert table.splitlines()[-4:] == [
+        "run  model.backbone.d_state  model.backbone.mixer",
+        "---  ----------------------  --------------------",
+        "m1   16                      mamba1",
+        "m2   64                      mamba2",
+    ]
 
 
 def test_checkpoint_commands(store, capsys):

@@ -1,8 +1,8 @@
 """``statelab compare``: the runs of one mlflow experiment side by side.
 
 For each run: name, a spec summary (backbone, memories, planner), parameter count, best
-validation loss and bits per char/byte, training tokens/s, and probe verdicts; plus an
-overlay plot of the validation-loss curves.
+validation loss and bits per char/byte, training tokens/s, and probe verdicts; then the spec
+fields whose values differ between the runs; plus an overlay plot of the validation-loss curves.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunRow", "collect", "format_table", "plot_curves"]
+__all__ = ["RunRow", "collect", "differing_params", "format_table", "plot_curves"]
 
 
 @dataclass
@@ -27,6 +27,19 @@ class RunRow:
     tokens_per_s: float | None
     probes: dict[str, str] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)
+    params: dict[str, str] = field(default_factory=dict)
+
+
+#: params that name or place a run rather than define it: never shown as a difference
+_NOT_A_DIFFERENCE = ("name", "tracking.", "train.out_dir", "train.device", "data.cache_dir", "model.parameters")
+
+
+def differing_params(rows: list[RunRow]) -> list[str]:
+    """The spec fields (flattened params) whose values are not the same in every run, in
+    order: what actually distinguishes the compared runs (``model.backbone.mixer`` for a
+    Mamba-1 against a Mamba-2 run, which the one-line summary shows as "mamba" alike)."""
+    keys = sorted({k for r in rows for k in r.params})
+    return [k for k in keys if not k.startswith(_NOT_A_DIFFERENCE) and len({r.params.get(k) for r in rows}) > 1]
 
 
 def _summary(params: dict[str, str], tags: dict[str, str]) -> str:
@@ -46,13 +59,14 @@ def _summary(params: dict[str, str], tags: dict[str, str]) -> str:
 
 def collect(experiment: str, uri: str | None = None, *, curves: bool = True) -> list[RunRow]:
     """Read the runs of ``experiment`` (newest first)."""
+    from statelab.errors import UserError
     from statelab.tracking import client, resolve_uri
 
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in c.search_experiments()]
-        raise ValueError(f"no experiment {experiment!r} in {resolve_uri(uri)}; experiments there: "
+        raise UserError(f"no experiment {experiment!r} in {resolve_uri(uri)}; experiments there: "
                          f"{', '.join(names) or '(none)'}")
     rows = []
     for run in c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000):
@@ -84,6 +98,7 @@ def collect(experiment: str, uri: str | None = None, *, curves: bool = True) -> 
                 tokens_per_s=tok,
                 probes=probes,
                 curve=curve,
+                params=dict(params),
             )
         )
     return rows
@@ -108,6 +123,21 @@ def format_table(rows: list[RunRow]) -> str:
         ]
         for r in rows
     ]
+    table = _table(head, body)
+    diff = differing_params(rows) if len(rows) > 1 else []
+    if not diff:
+        return table
+    shown = diff[:_MAX_DIFF_COLUMNS]
+    more = f" (+{len(diff) - len(shown)} more fields differ: {', '.join(diff[len(shown):])})" if diff[len(shown):] else ""
+    return (table + f"\n\nfields that differ{more}:\n"
+            + _table(["run", *shown], [[r.name, *(r.params.get(k, "-") for k in shown)] for r in rows]))
+
+
+#: differing fields shown as columns; the rest are named below the table
+_MAX_DIFF_COLUMNS = 8
+
+
+def _table(head: list[str], body: list[list[str]]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body)])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def configure(parser) -> None:
     parser.add_argument("--experiment", "-e", default="statelab", help="mlflow experiment name")
@@ -16,11 +14,7 @@ def configure(parser) -> None:
 def run(args) -> int:
     from statelab.compare import collect, format_table, plot_curves
 
-    try:
-        rows = collect(args.experiment, args.uri)
-    except ValueError as exc:
-        print(f"statelab compare: {exc}", file=sys.stderr)
-        return 1
+    rows = collect(args.experiment, args.uri)
     if not rows:
         print(f"experiment {args.experiment!r} has no runs")
         return 0
