@@ -223,3 +223,29 @@ def test_unusable_stores_fail_fast_in_one_line(tmp_path, capsys):
         set_registry(None)
     err = capsys.readouterr().err
     assert "does not answer" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_commands_take_an_mlflow_run(store, capsys):
+    """eval/generate/probe accept runs:/RUN_ID and a bare run id: the complete checkpoint is downloaded."""
+    from statelab import checkpoint as ckpt
+    from statelab.tracking import CHECKPOINT_ARTIFACT
+
+    root, uri, results = store
+    run_id = results["plain"].mlflow_run_id
+    c = client(uri)
+    if not any(a.path == CHECKPOINT_ARTIFACT for a in c.list_artifacts(run_id)):  # what the trainer logs
+        best = ckpt.find_checkpoint(results["plain"].run_dir)
+        c.log_artifacts(run_id, str(best), CHECKPOINT_ARTIFACT)
+    assert cli.main(["eval", f"runs:/{run_id}", "--uri", uri, "--json", "--batches", "2"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["val/loss"] == pytest.approx(results["plain"].best_val_loss, rel=1e-5)
+    assert cli.main(["generate", run_id, "--uri", uri, "--prompt", "RO", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("RO")
+    assert cli.main(["probe", f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}", "--uri", uri, "--probe", "toy-norm",
+                     "--param", "batches=1"]) == 0
+    assert "logged to mlflow run " + run_id in capsys.readouterr().err
+    other = results["with-ema"].mlflow_run_id
+    assert cli.main(["eval", f"runs:/{other}", "--uri", uri]) == 2
+    assert "has no complete checkpoint at artifact path 'checkpoint'" in capsys.readouterr().err
+    assert cli.main(["eval", "0" * 32, "--uri", uri]) == 2
+    assert f"mlflow run {'0' * 32} is not in {uri}" in capsys.readouterr().err

@@ -312,3 +312,74 @@ def log_probe_result(tracker: Any, kind: str, result: Any, step: int) -> dict[st
         if Path(path).exists():
             tracker.log_artifact(path, f"probes/{kind}")
     return m
+
+
+# --------------------------------------------------------------------------------------
+# checkpoints logged to mlflow
+
+#: where the trainer logs a run's complete best checkpoint (manifest, tokenizer, spec, weights)
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def is_run_reference(ref: str) -> bool:
+    """``runs:/<run_id>[/<artifact path>]``, or a bare mlflow run id (32 hex digits)."""
+    return ref.startswith("runs:/") or bool(_RUN_ID.match(ref))
+
+
+def download_checkpoint(ref: str, uri: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The checkpoint directory an mlflow run holds, downloaded from the store the user names
+    (``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``) into
+    ``<cache>/mlflow/<run_id>/<artifact path>`` and reused while its manifest verifies.
+
+    ``ref``: ``runs:/<run_id>`` (the ``checkpoint`` artifact), ``runs:/<run_id>/<path>``, or a
+    bare run id. Raises :class:`TrackingError` when the run or its checkpoint is not there."""
+    from statelab.checkpoint import MANIFEST, CheckpointError, read_checkpoint
+
+    if ref.startswith("runs:/"):
+        run_id, _, artifact = ref[len("runs:/"):].strip("/").partition("/")
+    else:
+        run_id, artifact = ref, ""
+    artifact = artifact or CHECKPOINT_ARTIFACT
+    uri = resolve_uri(uri)
+    if cache_dir is None:
+        from statelab.data import cache_root
+
+        cache_dir = cache_root()
+    dst = Path(cache_dir) / "mlflow" / run_id / artifact
+    if (dst / MANIFEST).exists():
+        try:
+            read_checkpoint(dst)
+            return dst
+        except CheckpointError:
+            pass  # a partial or stale copy: download again
+    c = client(uri)
+    try:
+        c.get_run(run_id)
+    except Exception:  # noqa: BLE001 - mlflow raises its own types for an unknown run
+        raise TrackingError(f"mlflow run {run_id} is not in {uri}; pass the store that holds it with --uri "
+                            "(or MLFLOW_TRACKING_URI)") from None
+    listed = {a.path for a in c.list_artifacts(run_id, artifact)}
+    if f"{artifact}/{MANIFEST}" not in listed:
+        raise TrackingError(f"mlflow run {run_id} has no complete checkpoint at artifact path {artifact!r} (no "
+                            f"{MANIFEST}; runs logged by older statelab versions hold only best/model.safetensors): "
+                            "load the run directory instead, or give the artifact path as runs:/<run_id>/<path>")
+    import shutil
+    import tempfile
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.download-") as tmp:
+        got = Path(_store_call(uri, lambda: c.download_artifacts(run_id, artifact, tmp)))
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(got, dst)
+    return dst
+
+
+def resolve_checkpoint(ref: str, uri: str | None = None) -> str:
+    """A local path as given; an mlflow run reference (see :func:`is_run_reference`) that is
+    not a local path, downloaded by :func:`download_checkpoint`."""
+    if Path(ref).exists() or not is_run_reference(ref):
+        return ref
+    return str(download_checkpoint(ref, uri))

@@ -6,7 +6,10 @@ import json
 
 
 def configure(parser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory or run directory (uses best/)")
+    parser.add_argument("checkpoint", help="checkpoint directory, run directory (uses best/), or an mlflow run: runs:/RUN_ID[/PATH] or RUN_ID")
+    parser.add_argument("--uri", default=None,
+                        help="tracking store of an mlflow run given as the checkpoint "
+                        "(default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--batches", type=int, default=None, help="validation batches (default: the whole split)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the spec's train.batch_size")
     parser.add_argument("--seq-len", type=int, default=None, help="default: the spec's train.seq_len")
@@ -14,14 +17,16 @@ def configure(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
-def load_with_data(path: str, device: str):
-    """The checkpoint's model on ``device`` and its data source, with matching tokenizers."""
+def load_with_data(path: str, device: str, uri: str | None = None):
+    """The checkpoint's model on ``device`` and its data source, with matching tokenizers;
+    ``path`` may name an mlflow run (see :func:`statelab.tracking.resolve_checkpoint`)."""
     import statelab
     from statelab.data import make_data
     from statelab.distributed import resolve_device
+    from statelab.tracking import resolve_checkpoint
 
     dev = resolve_device(device)
-    model = statelab.load(path, map_location=dev)
+    model = statelab.load(resolve_checkpoint(path, uri), map_location=dev)
     data = make_data(model.spec)
     if model.tokenizer is not None and data.tokenizer.to_json() != model.tokenizer.to_json():
         from statelab.errors import UserError
@@ -36,7 +41,7 @@ def load_with_data(path: str, device: str):
 def run(args) -> int:
     from statelab.train import evaluate
 
-    model, data, dev = load_with_data(args.checkpoint, args.device)
+    model, data, dev = load_with_data(args.checkpoint, args.device, args.uri)
     cfg = model.spec.train
     autocast = None
     if dev.type == "cuda":

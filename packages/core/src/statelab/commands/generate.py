@@ -6,7 +6,10 @@ import sys
 
 
 def configure(parser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory or run directory (uses best/)")
+    parser.add_argument("checkpoint", help="checkpoint directory, run directory (uses best/), or an mlflow run: runs:/RUN_ID[/PATH] or RUN_ID")
+    parser.add_argument("--uri", default=None,
+                        help="tracking store of an mlflow run given as the checkpoint "
+                        "(default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable: a batch)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -23,8 +26,9 @@ def run(args) -> int:
     from statelab.distributed import resolve_device
     from statelab.errors import UserError
     from statelab.generation import generate
+    from statelab.tracking import resolve_checkpoint
 
-    model = statelab.load(args.checkpoint, map_location=resolve_device(args.device))
+    model = statelab.load(resolve_checkpoint(args.checkpoint, args.uri), map_location=resolve_device(args.device))
     if model.tokenizer is None:
         raise UserError("this checkpoint has no tokenizer.json, so text prompts cannot be encoded")
     prompts = args.prompt or ["\n"]

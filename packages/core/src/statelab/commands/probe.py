@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def configure(parser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory or run directory (uses best/)")
+    parser.add_argument("checkpoint", help="checkpoint directory, run directory (uses best/), or an mlflow run: runs:/RUN_ID[/PATH] or RUN_ID")
     parser.add_argument("--probe", required=True, help="probe kind (see `statelab plugins`)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="probe parameter (repeatable; values are YAML 1.2)")
@@ -17,7 +17,8 @@ def configure(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--uri", default=None,
-                        help="tracking store holding the checkpoint's mlflow run, to log the result into "
+                        help="tracking store of the checkpoint's mlflow run: to download it (checkpoint given as a run) and to "
+                        "log the result into it "
                         "(default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; never the one the checkpoint names)")
     parser.add_argument("--no-log", action="store_true", help="do not log into the checkpoint's mlflow run")
 
@@ -58,7 +59,7 @@ def run(args) -> int:
     from statelab.commands.evaluate import load_with_data
     from statelab.interfaces import ProbeContext
 
-    model, data, dev = load_with_data(args.checkpoint, args.device)
+    model, data, dev = load_with_data(args.checkpoint, args.device, args.uri)
     val, tok = data.val_tokens, data.tokenizer
     probe = make_cli_probe(args.probe, parse_params(args.param), model)
     out_dir = Path(args.out) if args.out else Path(model.checkpoint_path) / "probes" / args.probe
