@@ -32,6 +32,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
         p.add_argument("--incognito", action="store_true", help="read the user's memory but write nothing")
         p.add_argument("--segment-len", type=int, default=256, help="tokens per forward pass")
+        p.add_argument("--coarse-lists", type=int, default=0, metavar="N",
+                       help="k-means lists of the trace store's coarse index (cold chunks are laid out by list and "
+                            "the index is retrained as the store doubles); 0 = exact search (default)")
+        p.add_argument("--nprobe", type=int, default=32, help="lists each query reads with --coarse-lists")
+        p.add_argument("--durable", action="store_true",
+                       help="fsync the trace log on every write (survives a power loss, not only a killed process)")
 
     p = sub.add_parser("ingest", help="read files into a user's memory (the model stays frozen)")
     common(p)
@@ -59,10 +65,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _service(args):
     import statelab
-    from then_memory.users import MemoryService
+    from then_memory.users import MemoryService, StoreConfig
 
+    if args.coarse_lists < 0 or args.nprobe < 1:
+        raise ValueError("--coarse-lists must be >= 0 and --nprobe >= 1")
     model = statelab.load(args.model, map_location=args.device)
-    return MemoryService(model, args.root, segment_len=args.segment_len)
+    store = StoreConfig(coarse_lists=args.coarse_lists, nprobe=args.nprobe, durable=args.durable)
+    return MemoryService(model, args.root, segment_len=args.segment_len, store=store)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,10 @@ Config (keyword arguments of :class:`TraceStore`)::
     coarse_lists   > 0: a coarse index (k-means centroids) is trained when the first cold chunk
                    is sealed, on up to 64 traces per list (that chunk plus the warm and hot
                    traces held then), and every cold chunk is laid out by list, so a coarse
-                   search reads only the lists nearest to the query; 0 = exact search only
+                   search reads only the lists nearest to each query (per query: a batch of
+                   queries never widens one query's search); whenever the cold tier has
+                   doubled since the last training, the index is retrained on a sample of
+                   every chunk and the chunks are re-laid (``retrain_coarse``); 0 = exact only
     durable        fsync the log on every append (survives power loss, not only a killed process)
     private        the directory is created 0700 and every file 0600 (per-user memory: other
                    accounts on the machine cannot read it)
@@ -194,6 +197,8 @@ class _Chunk:
         self.ids = arrs.get("ids")  # time index of each row (coarse layout); None = row i is t0 + i
         self.rows = arrs.get("rows")
         self.offsets = None if "offsets" not in arrs else np.asarray(arrs["offsets"])
+        # the generation of the coarse index the layout was made with (chunks of an older one are read whole)
+        self.gen = int(np.asarray(arrs["gen"])[0]) if "gen" in arrs else 0
         self.k_t = _tensor(self.k)  # torch views of the same memory, for gathers into a staging buffer
         self.ids_t = None if self.ids is None else _tensor(self.ids)
 
@@ -239,6 +244,8 @@ class TraceStore:
         self.warm = _Ring(warm_budget, dim, torch.device("cpu"), self.ring_dtype, pin=pin)
         self.chunks: list[_Chunk] = []
         self.centroids: Tensor | None = None
+        self.centroid_gen = 0  # bumped at every retraining; a chunk laid out with another generation is read whole
+        self.trained_on = 0  # cold traces when the coarse index was last trained
         self._staging: tuple[Tensor, Tensor] | None = None  # coarse reads: gathered (keys, ids), reused
         self._offsets: tuple[list[_Chunk], np.ndarray] | None = None  # the list offsets of those chunks, stacked
         self._log_fd: int | None = None
@@ -288,12 +295,17 @@ class TraceStore:
             self.chunks.append(_Chunk(root / f"chunk_{t0:012d}.safetensors", t0, t1))
         cpath = root / "centroids.safetensors"
         if cpath.exists():
-            self.centroids = _tensor(np.array(read_safetensors_mmap(cpath)["c"])).float().to(self.device)
+            arrs = read_safetensors_mmap(cpath)
+            self.centroids = _tensor(np.array(arrs["c"])).float().to(self.device)
+            self.centroid_gen = int(np.asarray(arrs["gen"])[0]) if "gen" in arrs else 0
+            self.trained_on = int(np.asarray(arrs["trained_on"])[0]) if "trained_on" in arrs else 0
         if not self.read_only:  # orphans of an interrupted seal
             known = {c.path.name for c in self.chunks}
             for p in root.glob("chunk_*.safetensors"):
                 if p.name not in known:
                     p.unlink()
+        if not self.read_only and self.centroids is not None and any(c.gen != self.centroid_gen for c in self.chunks):
+            self._relayout()  # a retraining was interrupted: finish re-laying its chunks
         self.hot.t0 = self.warm.t0 = self.n_cold
         for log in sorted(root.glob("log_*.bin")):
             t0 = int(log.stem.split("_")[1])
@@ -395,21 +407,9 @@ class TraceStore:
         if self.coarse_lists > 0:
             kf = k.to(self.device).float()  # k-means and assignment on the compute device
             if self.centroids is None:
-                self.centroids = _kmeans(self._coarse_sample(kf), self.coarse_lists, iters=10, seed=0)
-                self._write(self.root / "centroids.safetensors", st_save({"c": self.centroids.cpu().contiguous()}))
-            assign = _nearest(kf, self.centroids).cpu()  # (n,) nearest list
+                self._train_centroids(self._coarse_sample(kf), self.n_cold + t1 - t0)
+            tensors = self._coarse_layout(kf, k, v, t0)
             del kf
-            order = torch.argsort(assign, stable=True)
-            rows = torch.empty_like(order)
-            rows[order] = torch.arange(order.numel())
-            counts = torch.bincount(assign, minlength=self.centroids.shape[0])
-            tensors = {
-                "k": k[order].contiguous(),
-                "v": v[order].contiguous(),
-                "ids": (order + t0).contiguous(),
-                "rows": rows.contiguous(),
-                "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
-            }
         path = self.root / f"chunk_{t0:012d}.safetensors"
         self._write(path, st_save(tensors))
         spans = [(c.t0, c.t1) for c in self.chunks] + [(t0, t1)]
@@ -417,11 +417,72 @@ class TraceStore:
         self._write(self.root / "index.safetensors",
                            st_save({"spans": torch.tensor(spans, dtype=torch.int64).reshape(-1, 2)}, metadata=meta))
         self.chunks.append(_Chunk(path, t0, t1))
+        if self.coarse_lists > 0 and self.n_cold >= 2 * max(self.trained_on, 1):
+            self.retrain_coarse()  # the store doubled since the lists were made: retrain and re-lay them
         log = self.root / f"log_{t0:012d}.bin"
         if self._log_fd is not None and self._log_t0 == t0:
             os.close(self._log_fd)
             self._log_fd = None
         log.unlink(missing_ok=True)
+        _release_freed_heap()
+
+    def _train_centroids(self, sample: Tensor, n_cold: int) -> None:
+        self.centroids = _kmeans(sample, self.coarse_lists, iters=10, seed=self.centroid_gen)
+        self.centroid_gen += 1
+        self.trained_on = n_cold
+        i64 = lambda x: torch.tensor([x], dtype=torch.int64)  # noqa: E731
+        self._write(self.root / "centroids.safetensors", st_save({
+            "c": self.centroids.cpu().contiguous(), "gen": i64(self.centroid_gen), "trained_on": i64(n_cold)}))
+
+    def _coarse_layout(self, kf: Tensor, k: Tensor, v: Tensor, t0: int, ids: Tensor | None = None) -> dict[str, Tensor]:
+        """A chunk's tensors laid out by list: rows sorted by nearest centroid. ``kf`` the keys
+        as float32 on the device, ``ids`` the time index of each row (default t0, t0 + 1, ...)."""
+        assign = _nearest(kf, self.centroids).cpu()  # (n,) nearest list
+        order = torch.argsort(assign, stable=True)
+        ids = (torch.arange(k.shape[0]) + t0) if ids is None else ids
+        ids = ids[order]
+        rows = torch.empty_like(order)
+        rows[ids - t0] = torch.arange(order.numel())
+        counts = torch.bincount(assign, minlength=self.centroids.shape[0])
+        return {
+            "k": k[order].contiguous(),
+            "v": v[order].contiguous(),
+            "ids": ids.contiguous(),
+            "rows": rows.contiguous(),
+            "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
+            "gen": torch.tensor([self.centroid_gen], dtype=torch.int64),
+        }
+
+    def retrain_coarse(self) -> None:
+        """Retrain the coarse index on a sample of every cold chunk (64 traces per list) and re-lay
+        each chunk with it. Crash-safe: the new centroids are written first; until a chunk is
+        rewritten (atomically) its layout belongs to the old generation and it is read whole,
+        and reopening re-lays what is left."""
+        if self.root is None or self.read_only or not self.chunks or self.coarse_lists <= 0:
+            return
+        g = torch.Generator().manual_seed(self.centroid_gen)
+        want = 64 * self.coarse_lists
+        parts = []
+        for c in self.chunks:
+            n = c.t1 - c.t0
+            take = min(n, max(1, round(want * n / self.n_cold)))
+            rows = np.sort(torch.randperm(n, generator=g)[:take].numpy())
+            parts.append(torch.from_numpy(np.asarray(c.k[rows], dtype=np.float32)))
+        self._train_centroids(torch.cat(parts).to(self.device), self.n_cold)
+        self._relayout()
+
+    def _relayout(self) -> None:
+        """Rewrite every cold chunk laid out with an older generation of the coarse index."""
+        for i, c in enumerate(self.chunks):
+            if c.gen == self.centroid_gen and c.offsets is not None:
+                continue
+            k = torch.from_numpy(np.array(c.k))
+            v = torch.from_numpy(np.array(c.v))
+            ids = torch.from_numpy(np.array(c.ids)) if c.ids is not None else None
+            tensors = self._coarse_layout(k.to(self.device).float(), k, v, c.t0, ids)
+            self._write(c.path, st_save(tensors))
+            self.chunks[i] = _Chunk(c.path, c.t0, c.t1)
+        self._offsets = None
         _release_freed_heap()
 
     def _staging_buffers(self, n: int) -> tuple[Tensor, Tensor]:
@@ -576,10 +637,14 @@ class TraceStore:
         best_s = torch.full((Q, k), float("-inf"), device=self.device)
         best_i = torch.full((Q, k), -1, dtype=torch.int64, device=self.device)
 
-        def merge(scores: Tensor, ids: Tensor | int) -> None:  # scores (Q, n); ids (n,) or the first id of a range
+        def merge(scores: Tensor, ids: Tensor | int) -> None:
+            """scores (Q, n); ids (n,), (Q, n) or the first id of a contiguous range."""
             nonlocal best_s, best_i
             top = scores.topk(min(k, scores.shape[1]), dim=1)  # the block's own top-k first: small merges
-            cand = top.indices + ids if isinstance(ids, int) else ids[top.indices]  # (Q, k')
+            if isinstance(ids, int):
+                cand = top.indices + ids
+            else:
+                cand = ids[top.indices] if ids.dim() == 1 else ids.gather(1, top.indices)  # (Q, k')
             s = torch.cat([best_s, top.values], 1)
             i = torch.cat([best_i, cand], 1)
             top = s.topk(k, dim=1)
@@ -592,11 +657,6 @@ class TraceStore:
                     b = min(n, a + self.block)
                     blk = kk[a:b].to(self.device, non_blocking=True)  # (n, dim)
                     merge((qd.to(blk.dtype) @ blk.T).float(), t0 + a)
-        use_coarse = coarse and self.centroids is not None
-        lists = None
-        if use_coarse:
-            probe = (qd @ self.centroids.T).topk(min(nprobe, self.centroids.shape[0]), dim=1).indices  # (Q, nprobe)
-            lists = torch.unique(probe).cpu().numpy()
 
         def score(blk: Tensor, ids: Tensor) -> None:  # blk (n, dim) fp16, ids (n,), both on the device
             sc = (qd.half() @ blk.T).float() if self.device.type == "cuda" else qd @ blk.float().T  # (Q, n)
@@ -605,34 +665,13 @@ class TraceStore:
             merge(sc, ids)
 
         cold = [c for c in self.chunks if c.t0 < limit]
-        if use_coarse:
-            # the probed lists' rows of every coarse-laid chunk, gathered into one staging buffer
-            # (pinned on CUDA) and scored in one product; chunks without a layout are read whole
-            laid = [c for c in cold if c.offsets is not None]
-            cold = [c for c in cold if c.offsets is None]
+        if coarse and self.centroids is not None:
+            # chunks laid out with the current index: each query reads only its own nprobe lists;
+            # the others (no layout, or laid out before a retraining finished) are read whole
+            laid = [c for c in cold if c.offsets is not None and c.gen == self.centroid_gen]
+            cold = [c for c in cold if not (c.offsets is not None and c.gen == self.centroid_gen)]
             if laid:
-                if self._offsets is None or len(self._offsets[0]) != len(laid) or any(
-                        a is not b for a, b in zip(self._offsets[0], laid)):
-                    self._offsets = (laid, np.stack([c.offsets for c in laid]))  # (C, lists + 1)
-                offs = self._offsets[1]
-                a0 = offs[:, lists]  # (C, p) first row of each probed list
-                n = offs[:, lists + 1] - a0  # (C, p) its length
-                per_chunk = n.sum(1)  # (C,)
-                total = int(per_chunk.sum())
-                if total:
-                    n, a0 = n.ravel(), a0.ravel()
-                    # rows of every span, chunk after chunk: span start repeated, plus 0..len-1
-                    rows = np.repeat(a0 - np.cumsum(n) + n, n) + np.arange(total)  # (total,)
-                    rows = torch.from_numpy(rows)
-                    buf_k, buf_i = self._staging_buffers(total)
-                    pos = 0
-                    for c, m in zip(laid, per_chunk.tolist()):
-                        if m:
-                            r = rows[pos : pos + m]
-                            torch.index_select(c.k_t, 0, r, out=buf_k[pos : pos + m])
-                            torch.index_select(c.ids_t, 0, r, out=buf_i[pos : pos + m])
-                            pos += m
-                    score(buf_k[:total].to(self.device, non_blocking=True), buf_i[:total].to(self.device, non_blocking=True))
+                self._coarse_search(qd, laid, nprobe, limit, merge)
         # the cold tier read whole, streamed in blocks of ``block`` rows
         pend_k: list[np.ndarray] = []
         pend_i: list[np.ndarray] = []
@@ -659,6 +698,61 @@ class TraceStore:
         best_i = torch.where(torch.isfinite(best_s), best_i, torch.full_like(best_i, -1))
         keys, values = self.get(best_i)
         return SearchResult(best_i, best_s, keys, values)
+
+    def _coarse_search(self, qd: Tensor, laid: list[_Chunk], nprobe: int, limit: int, merge) -> None:
+        """Per-query coarse search over the laid-out chunks ``laid``: query ``i`` scores only the
+        rows of the ``nprobe`` lists whose centroids score highest for it (never the lists another
+        query of the batch probes). The union of the probed lists is gathered once into a staging
+        buffer (pinned on CUDA); each query then gathers its own spans from it."""
+        Q = qd.shape[0]
+        probe = (qd @ self.centroids.T).topk(min(nprobe, self.centroids.shape[0]), dim=1).indices.cpu()  # (Q, p)
+        lists = torch.unique(probe).numpy()  # (U,) sorted
+        if self._offsets is None or len(self._offsets[0]) != len(laid) or any(
+                a is not b for a, b in zip(self._offsets[0], laid)):
+            self._offsets = (laid, np.stack([c.offsets for c in laid]))  # (C, lists + 1)
+        offs = self._offsets[1]
+        a0 = offs[:, lists]  # (C, U) first row of each probed list in each chunk
+        n = offs[:, lists + 1] - a0  # (C, U) its length
+        total = int(n.sum())
+        if not total:
+            return
+        # the union, chunk after chunk, list after list: span start repeated, plus 0..len-1
+        nf, af = n.ravel(), a0.ravel()
+        starts = np.cumsum(nf) - nf  # (C*U,) where each span begins in the buffer
+        rows = torch.from_numpy(np.repeat(af - starts, nf) + np.arange(total))  # (total,) row in its chunk
+        buf_k, buf_i = self._staging_buffers(total)
+        pos = 0
+        for c, m in zip(laid, n.sum(1).tolist()):
+            if m:
+                r = rows[pos : pos + m]
+                torch.index_select(c.k_t, 0, r, out=buf_k[pos : pos + m])
+                torch.index_select(c.ids_t, 0, r, out=buf_i[pos : pos + m])
+                pos += m
+        bk = buf_k[:total].to(self.device, non_blocking=True)  # (total, dim) fp16
+        bi = buf_i[:total].to(self.device, non_blocking=True)  # (total,)
+        # each query's spans in the buffer: its lists' positions among the union, in every chunk
+        U = len(lists)
+        where = np.searchsorted(lists, probe.numpy())  # (Q, p) index into the union
+        span = (np.arange(len(laid))[:, None, None] * U + where[None]).transpose(1, 0, 2).reshape(Q, -1)  # (Q, C*p)
+        span_n, span_s = nf[span], starts[span]  # (Q, C*p)
+        per_q = span_n.sum(1)  # (Q,) rows each query scores
+        R = int(per_q.max())
+        idx = np.zeros((Q, R), dtype=np.int64)
+        valid = np.arange(R)[None] < per_q[:, None]  # (Q, R)
+        for i in range(Q):
+            ln = span_n[i]
+            idx[i, : per_q[i]] = np.repeat(span_s[i] - (np.cumsum(ln) - ln), ln) + np.arange(per_q[i])
+        idx_t = torch.from_numpy(idx).to(self.device)
+        ok = torch.from_numpy(valid).to(self.device)
+        qb = max(1, (1 << 24) // max(1, R * self.dim))  # queries per block: a (qb, R, dim) gather stays ~32 MiB
+        scores = []
+        for a in range(0, Q, qb):
+            kk = bk[idx_t[a : a + qb]]  # (qb, R, dim)
+            q = qd[a : a + qb]
+            scores.append(torch.einsum("qd,qrd->qr", q.half(), kk).float() if self.device.type == "cuda"
+                          else torch.einsum("qd,qrd->qr", q, kk.float()))  # (qb, R)
+        ids = bi[idx_t]  # (Q, R)
+        merge(torch.cat(scores).masked_fill(~ok | (ids >= limit), float("-inf")), ids)
 
 
 def _nearest(x: Tensor, c: Tensor) -> Tensor:
