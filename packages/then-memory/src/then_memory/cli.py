@@ -5,6 +5,7 @@
     statelab memory wipe   --user U
     statelab memory list
     statelab memory corpus --out FILE [--docs N] [--lengths 512 1024 2048]
+    statelab memory facts  --out FILE [--docs N] [--seed S]      (fact/question training text)
 
 ``--root DIR`` (every command) is the users' directory; default ``$STATELAB_MEMORY_ROOT`` or
 ``~/.local/share/statelab/users``.
@@ -52,6 +53,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     common(p)
     p = sub.add_parser("list", help="list the users with a memory")
     common(p, user=False)
+    p = sub.add_parser("facts", help="write fact/question training text (varied templates, updates, preferences, "
+                       "Tiny Shakespeare filler; training templates only)")
+    p.add_argument("--out", required=True, help="output text file")
+    p.add_argument("--docs", type=int, default=6000, help="documents")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the text is a pure function of it)")
+    p.add_argument("--update-p", type=float, default=0.3, help="chance that a document updates one of its facts")
     p = sub.add_parser("corpus", help="write Tiny Shakespeare interleaved with passkey documents (stateful pretraining)")
     p.add_argument("--out", required=True, help="output text file")
     p.add_argument("--docs", type=int, default=400, help="passkey documents")
@@ -89,6 +96,15 @@ def run(args: argparse.Namespace) -> int:
 
             print(json.dumps(make_passkey_corpus(args.out, docs=args.docs, lengths=args.lengths, digits=args.digits,
                                                  seed=args.seed, min_gap=args.min_gap)))
+            return 0
+        if action == "facts":
+            from statelab.io import atomic_write_text
+
+            from then_memory.facts import fact_corpus
+
+            text = fact_corpus(args.docs, seed=args.seed, update_p=args.update_p)
+            atomic_write_text(args.out, text)
+            print(json.dumps({"out": args.out, "docs": args.docs, "chars": len(text)}))
             return 0
         if action == "list":
             from then_memory.users import UserDirectories
