@@ -3,8 +3,8 @@
 The public API. Everything a plugin may use is importable from here or from
 ``statelab.interfaces``, ``statelab.internals``, ``statelab.plugins``, ``statelab.spec``,
 ``statelab.testing`` and the runtime modules ``statelab.tokenizers``, ``statelab.data``,
-``statelab.train``, ``statelab.checkpoint``, ``statelab.generation``, ``statelab.tracking``
-and ``statelab.io`` (atomic writes). Names starting with an underscore are private.
+``statelab.train``, ``statelab.callbacks``, ``statelab.checkpoint``, ``statelab.generation``,
+``statelab.tracking`` and ``statelab.io`` (atomic writes). Names starting with an underscore are private.
 """
 
 import sys
@@ -23,7 +23,9 @@ _LAZY: dict[str, str] = {
     ),
     **dict.fromkeys(["intervene", "publish", "select", "site"], "statelab.internals"),
     "StatelabModel": "statelab.model",
-    **dict.fromkeys(["PLUGIN_API_VERSION", "Component", "get_registry", "hookimpl"], "statelab.plugins"),
+    **dict.fromkeys(["PLUGIN_API_VERSION", "CallbackEntry", "Component", "get_registry", "hookimpl"],
+                    "statelab.plugins"),
+    **dict.fromkeys(["Callback", "MicroBatch"], "statelab.callbacks"),
     **dict.fromkeys(["RunSpec", "SpecError", "parse_spec", "validate_spec"], "statelab.spec"),
     "UserError": "statelab.errors",
     "load": "statelab.checkpoint",
@@ -34,9 +36,12 @@ __all__ = [
     "Aux",
     "Backbone",
     "BuildContext",
+    "Callback",
+    "CallbackEntry",
     "Component",
     "Layer",
     "Memory",
+    "MicroBatch",
     "PLUGIN_API_VERSION",
     "PlanRequest",
     "PlanResult",

@@ -97,6 +97,28 @@ class HookSpecs:
     def statelab_commands(self) -> list["Command"]:  # type: ignore[empty-body]
         """Return extra ``statelab`` CLI sub-commands (:class:`Command`) this plugin provides."""
 
+    @hookspec
+    def statelab_callbacks(self) -> list["CallbackEntry"]:  # type: ignore[empty-body]
+        """Return named training callbacks (:class:`CallbackEntry`); a run uses those in ``train.callbacks``."""
+
+
+@dataclass
+class CallbackEntry:
+    """A training callback a plugin registers under ``name`` (see :mod:`statelab.callbacks`).
+
+    ``factory``: ``"module:function"`` (imported on use) or a callable, called as
+    ``factory(spec)`` with the run's :class:`~statelab.spec.RunSpec`; it returns a
+    :class:`statelab.callbacks.Callback`. A run uses it when ``train.callbacks`` names it.
+    """
+
+    name: str
+    factory: str | Callable[[Any], Any]
+    description: str = ""
+    distribution: str = "<local>"
+
+    def build(self, spec: Any) -> Any:
+        return Command._load(self.factory)(spec)
+
 
 @dataclass
 class Command:
@@ -195,6 +217,7 @@ class Registry:
     failures: list[LoadFailure] = field(default_factory=list)
     duplicates: dict[tuple[str, str], list[Component]] = field(default_factory=dict)
     commands: dict[str, Command] = field(default_factory=dict)
+    callbacks: dict[str, CallbackEntry] = field(default_factory=dict)
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -219,8 +242,14 @@ class Registry:
             try:  # registered alone, so the hook calls return this plugin's contributions only
                 produced = self._pm.hook.statelab_components()
                 commands = [c for batch in self._pm.hook.statelab_commands() for c in (batch or [])]
+                callbacks = [c for batch in self._pm.hook.statelab_callbacks() for c in (batch or [])]
             finally:
                 self._pm.unregister(plugin)
+            for cb in callbacks:
+                cb.distribution = distribution
+                if cb.name in self.callbacks:
+                    raise PluginError(f"callback {cb.name!r} is provided by both {self.callbacks[cb.name].distribution} and {distribution}")
+                self.callbacks[cb.name] = cb
             for cmd in commands:
                 cmd.distribution = distribution
                 if cmd.name in self.commands:

@@ -140,6 +140,12 @@ class TrainSpec(_Strict):
         "best/, else last/); optimizer, schedule and step start afresh, and the spec must build the same model. "
         "Ignored by --resume, which continues from the run's own checkpoint")
     planner_fit: PlannerFitSpec = Field(default_factory=PlannerFitSpec, description="planner fitting after training")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (torch.set_num_threads at run start); null = torch's default "
+        "(every core, which is slow on a machine other jobs share)")
+    callbacks: list[str] = Field(
+        default_factory=list, description="registered training callbacks to use (names from the statelab_callbacks "
+        "plugin hook of installed distributions)")
 
 
 class TrackingSpec(_Strict):

@@ -536,6 +536,8 @@ def _train(spec, resolved, cfg, info, run_dir, registry, resume, progress, stop_
     from statelab.tracking import NullTracker, git_revision, open_tracker
 
     device, main, W, rank = info.device, info.is_main, info.world_size, info.rank
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     per_rank, rem = divmod(cfg.batch_size, W * cfg.grad_accum)
     if rem or per_rank == 0:
         raise SpecError([SpecIssue("train.batch_size", f"{cfg.batch_size} is not divisible by world_size x grad_accum "

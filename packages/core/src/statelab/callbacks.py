@@ -1,0 +1,116 @@
+"""Training-time callbacks: everything the trainer does around its loop is one of these.
+
+The trainer (:class:`statelab.trainer.Trainer`) owns the optimisation loop; checkpointing,
+tracking, progress, evaluation and sampling, the planner fit and the probes are callbacks,
+and so is any training-time behaviour a component or a third-party distribution needs.
+Override only the hooks you need; every hook receives the trainer, which exposes:
+
+* ``trainer.spec`` (the :class:`~statelab.spec.RunSpec`), ``trainer.model`` (the
+  :class:`~statelab.model.StatelabModel`, unwrapped), ``trainer.data``, ``trainer.device``,
+  ``trainer.run_dir``, ``trainer.is_main`` (rank 0), ``trainer.world_size``;
+* ``trainer.step``: optimizer steps done so far (``grad_accum`` micro-batches make one);
+* ``trainer.metrics``: the latest value of every logged metric; ``trainer.log_metrics(d)``
+  logs more (rank 0: mlflow and ``metrics.jsonl``);
+* ``trainer.stop_reason()``: ``None``, or why the run must stop now (``"interrupted"`` by a
+  signal or ``stop_after``, ``"time_budget"``); a long hook calls it between units of work
+  and returns early when it is set;
+* ``trainer.progress``: ``trainer.progress.note(text)`` and
+  ``trainer.progress.phase(name, total)`` for a progress display of a long phase.
+
+Hook order in one run::
+
+    on_run_start
+    on_checkpoint_load                      (only with --resume, after the trainer's own state)
+    repeat train.steps times:
+        repeat train.grad_accum times:
+            on_micro_batch_start(mb)        mb.x, mb.y, mb.mask: this micro-batch (b, T)
+            on_micro_batch_end(mb)          + mb.loss (detached), mb.aux
+        on_optimizer_step(step)             after optimizer.step(); step = optimizer steps done
+        on_evaluate(step, metrics)          when the trainer evaluated (rank 0)
+        on_checkpoint_save(path)            when a checkpoint was written (rank 0)
+    on_train_end                            after the loop and its final checkpoint: post-training
+                                            phases (planner fit, probes) run here, status known
+    on_run_end                              always last (also after an error: status "failed")
+
+State: ``state_dict()`` returns a flat mapping of names to tensors or JSON values (numbers,
+strings, lists, dicts). Tensors are written to the checkpoint's safetensors file, the rest
+to its JSON file (no pickle); ``load_state_dict`` receives the same mapping back, tensors on
+the CPU. A callback's state is stored under its ``name``, which must be unique in a run.
+
+Components contribute callbacks by defining ``training_callbacks(self) -> list[Callback]``
+on any ``nn.Module`` inside the model; their state is saved with every checkpoint, the
+weights-only ``best/`` included, and restored when a checkpoint is loaded (``statelab.load``,
+``--resume``, ``statelab probe``). A third-party distribution registers named callbacks
+with the ``statelab_callbacks`` pluggy hook (:class:`statelab.plugins.CallbackEntry`); a run
+uses the ones its spec lists in ``train.callbacks``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from torch import Tensor
+
+__all__ = ["Callback", "MicroBatch"]
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of an optimizer step (``grad_accum`` of them make a step).
+
+    ``index``: 0 .. grad_accum - 1; ``x``, ``y`` ``(b, T)`` token ids and targets, ``mask``
+    ``(b, T)`` or ``None``; after the backward pass ``loss`` (scalar, detached, unscaled)
+    and ``aux`` (the published internals of the forward) are set."""
+
+    index: int
+    x: Tensor
+    y: Tensor
+    mask: Tensor | None
+    loss: Tensor | None = None
+    aux: Mapping[str, Any] | None = None
+
+
+class Callback:
+    """Base class of training-time callbacks; see the module docstring for the hook order.
+
+    ``name`` keys the callback's state in checkpoints (unique per run); ``order`` sorts
+    callbacks (lower runs first; the trainer's own use 0-100, components default to 50).
+    """
+
+    name: str = ""
+    order: int = 50
+
+    def on_run_start(self, trainer: Any) -> None:
+        """The run is set up (model built and on its device, resume state not yet restored)."""
+
+    def on_micro_batch_start(self, trainer: Any, mb: MicroBatch) -> None:
+        """Before the forward pass of one micro-batch (the model is in training mode)."""
+
+    def on_micro_batch_end(self, trainer: Any, mb: MicroBatch) -> None:
+        """After the backward pass of one micro-batch; ``mb.loss`` and ``mb.aux`` are set."""
+
+    def on_optimizer_step(self, trainer: Any, step: int) -> None:
+        """After ``optimizer.step()``; ``step`` is the number of optimizer steps done (1, 2, ...)."""
+
+    def on_evaluate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+        """After an evaluation at ``step`` (rank 0); ``metrics`` holds the ``val/*`` values."""
+
+    def on_checkpoint_save(self, trainer: Any, path: Any) -> None:
+        """A checkpoint (with this callback's ``state_dict``) was written to ``path`` (rank 0)."""
+
+    def on_checkpoint_load(self, trainer: Any, path: Any) -> None:
+        """``--resume``: the trainer restored its state and this callback's from ``path``."""
+
+    def on_train_end(self, trainer: Any) -> None:
+        """The optimisation loop ended (``trainer.status`` says how) and its checkpoint is written."""
+
+    def on_run_end(self, trainer: Any) -> None:
+        """Last hook of a run, also after an error (``trainer.status == "failed"``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Flat mapping of names to tensors or JSON values; saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (tensors arrive on the CPU)."""
