@@ -92,7 +92,7 @@ def test_store_backend_equals_ring_when_everything_fits(tmp_path, mode):
 def test_store_backend_refuses_batches_and_foreign_states(tmp_path):
     mem = small("token")
     mem.attach_store(TraceStore(None, 16, hot_budget=8, warm_budget=8, chunk_traces=8))
-    with pytest.raises(ValueError, match="one user at a time"):
+    with pytest.raises(ValueError, match="one per batch row"):
         mem(torch.randn(2, 4, 16))
     state = mem.init_state(1)
     state["count"] += 5
@@ -205,3 +205,28 @@ def test_an_updated_fact_replaces_the_old_one(tmp_path, backend):
         assert torch.allclose(reads[0.99], v(2), atol=2e-3)  # the update only (fp16 in a store)
         assert not torch.allclose(reads[None], v(2), atol=1e-2)  # a blend of the fact and its update
         assert torch.allclose(reads[None], (v(0) + v(2)) / 2, atol=2e-3)
+
+
+def test_one_forward_serves_several_users_from_their_own_stores(tmp_path):
+    """Rows of a batch with one store each give what each row gives alone, and write only
+    into their own store."""
+    torch.manual_seed(3)
+    mem = small("token", ring_size=64).eval()
+    x = torch.randn(3, 14, 16)
+    alone = []
+    with torch.no_grad():
+        for b in range(3):
+            st = TraceStore(tmp_path / f"a{b}", 16, hot_budget=4, warm_budget=4, chunk_traces=4)
+            mem.attach_store(st)
+            y1, s1, _ = mem(x[b : b + 1, :8])
+            y2, _, _ = mem(x[b : b + 1, 8:], s1)
+            alone.append((torch.cat([y1, y2], 1), st.fetch(0, len(st))[0]))
+        stores = [TraceStore(tmp_path / f"b{b}", 16, hot_budget=4, warm_budget=4, chunk_traces=4) for b in range(3)]
+        mem.attach_stores(stores)
+        y1, s1, _ = mem(x[:, :8])
+        y2, _, _ = mem(x[:, 8:], s1)
+        mem.attach_stores(None)
+    y = torch.cat([y1, y2], 1)
+    for b in range(3):
+        assert torch.allclose(y[b], alone[b][0][0], atol=1e-5)
+        assert torch.equal(stores[b].fetch(0, len(stores[b]))[0], alone[b][1])

@@ -56,9 +56,10 @@ State (flat, batch-first)::
 
 Without a store the readable traces at position ``p`` are the newest ``S`` available ones
 (exactly what a ring of size S holds when stepping token by token), so ``forward`` on a
-sequence equals ``step`` per token. With a store attached (:meth:`ThenMemory.attach_store`,
-batch size 1, inference) the candidates are the top-k of *every* trace in the store written
-before the call, plus those written during it, and new traces are appended to the store.
+sequence equals ``step`` per token. With stores attached (:meth:`ThenMemory.attach_stores`,
+one per batch row, inference) the candidates of row ``b`` are the top-k of *every* trace in
+its store written before the call, plus those written during it, and its new traces are
+appended to its store (so one forward serves several users, each from their own store).
 """
 
 from __future__ import annotations
@@ -126,16 +127,22 @@ class ThenMemory(Memory):
         nn.init.normal_(self.out.weight, std=0.02)
         # set by ingest_tokens when nothing downstream reads this memory's output (see there)
         self.write_only = False
-        self.store: "TraceStore | None" = None
+        self.stores: "list[TraceStore] | None" = None  # one store per batch row (inference)
         self.store_coarse, self.store_nprobe = False, 32
 
     # -- store backend ---------------------------------------------------------------
     def attach_store(self, store: "TraceStore | None", *, coarse: bool = False, nprobe: int = 32) -> None:
         """Read and write traces through ``store`` (batch size 1); ``None`` detaches.
         ``coarse``: read through the store's coarse lists (``nprobe`` probed) instead of exactly."""
-        if store is not None and store.dim != self.d_model:
-            raise ValueError(f"then: the store holds traces of width {store.dim}, this memory writes {self.d_model}")
-        self.store = store
+        self.attach_stores(None if store is None else [store], coarse=coarse, nprobe=nprobe)
+
+    def attach_stores(self, stores: "list[TraceStore] | None", *, coarse: bool = False, nprobe: int = 32) -> None:
+        """One store per batch row (row b reads and writes ``stores[b]`` only: a batch of
+        different users in one forward); ``None`` detaches."""
+        for st in stores or []:
+            if st.dim != self.d_model:
+                raise ValueError(f"then: the store holds traces of width {st.dim}, this memory writes {self.d_model}")
+        self.stores = list(stores) if stores is not None else None
         self.store_coarse, self.store_nprobe = coarse, nprobe
 
     # -- state -----------------------------------------------------------------------
@@ -217,7 +224,7 @@ class ThenMemory(Memory):
         local = torch.einsum("bhtl,blhd->bthd", att, ev.view(B, -1, H, dh))  # (B, T, H, dh)
         can = nvalid[:, None, :] & (navail[:, None, :] <= qp[:, :, None])  # (B, T, N) available at p
 
-        if self.store is None:
+        if self.stores is None:
             # the newest S available traces: ring slots and new traces
             n_avail = count0[:, None] + can.long().sum(-1)  # (B, T) traces available at p
             lo = (n_avail - S)[:, :, None]  # (B, T, 1) oldest readable time index
@@ -320,7 +327,7 @@ class ThenMemory(Memory):
             "ring_v": ring_v,
             "ring_n": ring_n,
         }
-        if self.store is not None:
+        if self.stores is not None:
             self._store_write(nk, nv, nvalid, nseq)
         return new_state
 
@@ -331,37 +338,42 @@ class ThenMemory(Memory):
         return padded.scatter(1, slot[:, :, None].expand(B, slot.shape[1], D), new.to(ring.dtype))[:, :S]
 
     # -- store-backed reads and writes (inference, batch size 1) -----------------------
-    def _store_candidates(self, q: Tensor, count0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _store_candidates(self, q: Tensor, count0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Each row's top-k traces from its own store: validity (B, T, K0), per-head scores
+        (B, H, T, K0), keys and values (B, T, K0, D), time indices (B, T, K0)."""
         B, T, D = q.shape
         H, dh = self.n_heads, self.dh
-        if B != 1:
-            raise ValueError(f"then: a memory backed by a trace store serves one user at a time (batch 1), got batch {B}")
-        limit = int(count0[0])
-        if limit > len(self.store):
-            raise ValueError(
-                f"then: the state says {limit} traces were written but the attached store holds {len(self.store)}; "
-                "the state and the store belong to different users or the store lost data"
-            )
+        if B != len(self.stores):
+            raise ValueError(f"then: {len(self.stores)} trace stores are attached (one per batch row), the batch has {B} rows")
         tau = self.recall_log_temp.exp().to(q.dtype).repeat_interleave(dh)  # (D,): each head's dims by its tau
-        res = self.store.search((q[0] * tau).detach(), self.top_k, limit=limit, coarse=self.store_coarse,
-                                nprobe=self.store_nprobe)  # ranks by sum_h tau_h q_h . k_h, as the ring does
-        kk = res.keys.to(q.device, q.dtype)[None]  # (1, T, K0, D)
-        vv = res.values.to(q.device, q.dtype)[None]  # (1, T, K0, D)
-        ok = (res.ids >= 0).to(q.device)[None]  # (1, T, K0)
-        s = torch.einsum("bthd,btkhd->bhtk", q.view(B, T, H, dh), kk.view(B, T, -1, H, dh))  # (1, H, T, K0)
-        return ok, s, kk, vv, res.ids.to(q.device)[None]
+        res = []
+        for b, store in enumerate(self.stores):
+            limit = int(count0[b])
+            if limit > len(store):
+                raise ValueError(
+                    f"then: the state says {limit} traces were written but the attached store holds {len(store)}; "
+                    "the state and the store belong to different users or the store lost data"
+                )
+            # ranks by sum_h tau_h q_h . k_h, as the ring does
+            res.append(store.search((q[b] * tau).detach(), self.top_k, limit=limit, coarse=self.store_coarse,
+                                    nprobe=self.store_nprobe))
+        kk = torch.stack([r.keys for r in res]).to(q.device, q.dtype)  # (B, T, K0, D)
+        vv = torch.stack([r.values for r in res]).to(q.device, q.dtype)  # (B, T, K0, D)
+        ids = torch.stack([r.ids for r in res]).to(q.device)  # (B, T, K0)
+        s = torch.einsum("bthd,btkhd->bhtk", q.view(B, T, H, dh), kk.view(B, T, -1, H, dh))  # (B, H, T, K0)
+        return ids >= 0, s, kk, vv, ids
 
     def _store_write(self, nk: Tensor, nv: Tensor, nvalid: Tensor, nseq: Tensor) -> None:
-        store = self.store
-        rows = nvalid[0]
-        seq = nseq[0][rows]
-        fresh = seq >= len(store)  # traces already in the store (a replayed snapshot) are not rewritten
-        if not bool(fresh.any()):
-            return
-        first = int(seq[fresh][0])
-        if first != len(store):
-            raise ValueError(f"then: the next trace has time index {first} but the store holds {len(store)} traces")
-        store.append(nk[0][rows][fresh].detach(), nv[0][rows][fresh].detach())
+        for b, store in enumerate(self.stores):
+            rows = nvalid[b]
+            seq = nseq[b][rows]
+            fresh = seq >= len(store)  # traces already in the store (a replayed snapshot) are not rewritten
+            if not bool(fresh.any()):
+                continue
+            first = int(seq[fresh][0])
+            if first != len(store):
+                raise ValueError(f"then: the next trace has time index {first} but the store holds {len(store)} traces")
+            store.append(nk[b][rows][fresh].detach(), nv[b][rows][fresh].detach())
 
 
 def build_then(params: "ThenParams", ctx) -> ThenMemory:
