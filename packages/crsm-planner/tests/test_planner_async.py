@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import statelab
-from statelab.interfaces import PlanResult, StepContext
+from statelab.interfaces import PlanRequest, PlanResult, StepContext
 
 from crsm_planner.async_planner import PlanningHook
 from crsm_planner.planner_testing import single_thread, trained_planner_model
@@ -176,7 +176,6 @@ def test_worker_failure_is_raised_in_the_generating_thread(model):
 
 
 def test_worker_duty_bounds_the_time_spent_planning():
-    from statelab.interfaces import PlanRequest
 
     from crsm_planner.async_planner import PlanWorker
 
@@ -278,3 +277,49 @@ def test_stream_mode_never_waits_skips_while_busy_and_drops_across_generations(m
     launcher.polls = launcher.delay  # other's plan is done too
     out = hook(_ctx(model, 3, state, gid=50))
     assert out is None and hook.stats["dropped_foreign"] == 1 and hook.stats["applied"] == 0
+
+
+def _stay_put(model, request):
+    """A plan that proposes no move at all: its target is its own snapshot."""
+    codec = model.planner.codec
+    snap = codec.flatten(request.state)
+    return PlanResult(codec.unflatten(snap.clone(), request.state), torch.ones(2), torch.full((2,), 0.5),
+                      request.step, request.generation_id, {"snapshot_flat": snap})
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_stale_target_no_longer_pulls_the_state_back(model, fused):
+    """A plan made at step 0 and applied at step 2, after the state has moved on: rebased, a
+    plan that proposes no move leaves the state alone and a real plan moves it by exactly
+    ``a * (target - snapshot)``; with absolute targets (``target_frame: snapshot``) the same
+    no-move plan drags the state back toward the old snapshot."""
+    g = torch.Generator().manual_seed(0)
+    old = {k: torch.randn(v.shape, generator=g) for k, v in model.init_state(2).items()}
+    now = {k: v + torch.randn(v.shape, generator=g) for k, v in old.items()}  # two tokens later
+    keys = model.planner.codec.keys
+    a = 0.5 * model.planner.params.lag_decay**2
+
+    def run(frame, plan_fn=None, alpha_fn=None):
+        model.planner.params = model.planner.params.model_copy(
+            update={"target_frame": frame, "sync_lag": 2, "target_norm": "none"})
+        hook = PlanningHook(model.planner, model, inline=True, plan_fn=plan_fn, plan_every=100, alpha_fn=alpha_fn)
+        if not fused:
+            hook._begin(_ctx(model, 0, old))
+            hook._unit = None  # the per-entry path
+        assert hook(_ctx(model, 0, old)) is None
+        hook(_ctx(model, 1, now))
+        return hook, hook(_ctx(model, 2, now))
+
+    _, out = run("rebase", _stay_put)
+    for k in keys:
+        torch.testing.assert_close(out[k], now[k])
+    _, stale = run("snapshot", _stay_put)
+    for k in keys:
+        torch.testing.assert_close(stale[k], (1 - a) * now[k] + a * old[k])
+        assert (stale[k] - old[k]).norm() < (now[k] - old[k]).norm()  # pulled back
+    # the planner's own plan, rebased: the current state moved by a times the planned change
+    plan = model.planner.plan(model, PlanRequest(old, torch.zeros(2, 256), 0, 1))
+    _, moved = run("rebase", alpha_fn=lambda a: torch.full_like(a, 0.3))
+    for k in keys:
+        assert (plan.target[k] - old[k]).norm() > 1e-3  # the plan does move the state
+        torch.testing.assert_close(moved[k], now[k] + 0.3 * (plan.target[k] - old[k]), rtol=1e-4, atol=1e-5)

@@ -5,8 +5,12 @@ Timeline of one plan (``statelab.generate`` calls the hook after every step)::
     step t      hook: snapshot (clone) of the injectable state + logits -> request queue
     ...         generation continues; the worker thread searches on the snapshot
     step t+lag  hook: the result is taken from the result queue and applied with
-                a = alpha * lag_decay**lag, or dropped if lag > max_lag; the target is
-                first capped at the norm of the state it replaces (``target_norm``)
+                a = alpha * lag_decay**lag, or dropped if lag > max_lag. With
+                ``target_frame: rebase`` (the default) the planned move is rebased onto
+                the current state: target = h_{t+lag} + (target - s_t), so a plan made
+                on an old snapshot moves the state by the planned change and never pulls
+                it back toward that snapshot. The target is then capped at the norm of
+                the state it replaces (``target_norm``)
 
 Guarantees, each tested:
 
@@ -148,7 +152,7 @@ class EagerLauncher:
 
     def __init__(self, planner, model, delay: int = 1, simulations: int | None = None) -> None:
         self.planner, self.model, self.delay, self.simulations = planner, model, delay, simulations
-        self.token, self.polls, self.out = 0, 0, None
+        self.token, self.polls, self.out, self.snapshot = 0, 0, None, None
 
     def idle(self) -> bool:
         return self.out is None or self.polls >= self.delay
@@ -156,7 +160,7 @@ class EagerLauncher:
     def launch(self, state: State, logits: Tensor, step: int) -> int:
         pl = self.planner
         with torch.no_grad():
-            s = pl.codec.flatten(state)
+            s = self.snapshot = pl.codec.flatten(state)
             noise = pl.root_noise(s.shape[0], step, s.device) if pl.params.root_noise > 0 else None
             self.out = pl._plan_core(self.model, s, logits, noise, self.simulations)
         self.polls = 0
@@ -171,7 +175,7 @@ class EagerLauncher:
         target_flat, conf, alpha, best_token, visits, nodes = self.out
         return PlanResult(self.planner.codec.unflatten(target_flat, state), conf, alpha, step, generation_id,
                           {"best_token": best_token, "root_visits": visits, "nodes": nodes,
-                           "target_flat": target_flat})
+                           "target_flat": target_flat, "snapshot_flat": self.snapshot})
 
 
 class PlanningHook:
@@ -360,6 +364,8 @@ class PlanningHook:
     def _apply(self, ctx: StepContext, r: PlanResult) -> State | None:
         ev = r.info.pop("_cuda_event", None)
         stream_ev = r.info.pop("_stream_event", None)
+        # the snapshot the plan was made from; without one (a foreign plan_fn) the target is absolute
+        snap = r.info.pop("snapshot_flat", None) if self.planner.params.target_frame == "rebase" else None
         if stream_ev is not None:  # a launcher's static outputs: complete (polled), kept alive by the graph
             torch.cuda.current_stream().wait_event(stream_ev)
         flat = r.info.pop("target_flat", None)
@@ -367,7 +373,7 @@ class PlanningHook:
             flat = None  # the targets are not (or no longer) views of it: a wrapped plan_fn replaced them
         if ev is not None:
             torch.cuda.current_stream().wait_event(ev)
-            for t in [*r.target.values(), r.alpha, r.confidence] + ([flat] if flat is not None else []):
+            for t in [*r.target.values(), r.alpha, r.confidence] + [x for x in (flat, snap) if x is not None]:
                 t.record_stream(torch.cuda.current_stream())
         if any(ctx.state[k].shape != v.shape for k, v in r.target.items()):
             self._stats["dropped_foreign"] += 1  # a different batch: cannot belong here
@@ -379,9 +385,13 @@ class PlanningHook:
         alpha = publish(self.aux, "planner.alpha", alpha)
         codec = self.planner.codec
         if self._unit is not None and set(r.target) == set(codec.keys):
-            state = self._apply_flat(ctx.state, r.target, flat, alpha)
+            state = self._apply_flat(ctx.state, r.target, flat, alpha, snap)
         else:
             target = {k: v.to(ctx.state[k].device) for k, v in r.target.items()}  # from the CPU shadow, if any
+            if snap is not None:  # rebase: the current state moved by the planned change
+                old = codec.unflatten(snap, r.target)
+                target = {k: (ctx.state[k].float() + (v.float() - old[k].to(v.device).float())).to(v.dtype)
+                          for k, v in target.items()}
             if self.planner.params.target_norm == "cap":  # never above the norm of the state it replaces
                 target = cap_target_norm(target, ctx.state)
             bb = unprefix_state("backbone", ctx.state)
@@ -398,14 +408,18 @@ class PlanningHook:
             self.worker_times.append(r.info["_worker_s"])
         return state
 
-    def _apply_flat(self, state: State, target: State, flat: Tensor | None, alpha: Tensor | float) -> State:
-        """:func:`cap_target_norm` and the gated interpolation ``h <- (1 - a) h + a t`` on the
+    def _apply_flat(self, state: State, target: State, flat: Tensor | None, alpha: Tensor | float,
+                    snapshot: Tensor | None = None) -> State:
+        """Rebasing (``t <- h + t - snapshot`` when a ``snapshot (B, S)`` is given),
+        :func:`cap_target_norm` and the gated interpolation ``h <- (1 - a) h + a t`` on the
         codec's flat layout: about ten kernels for all layers instead of ~9 per layer (the
         generating thread pays for every launch). Same arithmetic as the per-entry path."""
         codec = self.planner.codec
         cur = codec.flatten(state)  # (B, S)
         B, S = cur.shape
         tgt = (flat if flat is not None else codec.flatten(target)).to(cur.device, cur.dtype)  # (B, S)
+        if snapshot is not None:
+            tgt = cur + (tgt - snapshot.to(cur.device, cur.dtype))  # (B, S)
         if self.planner.params.target_norm == "cap":
             U = self._unit
             hn = torch.linalg.vector_norm(cur.view(B, S // U, U), dim=-1, keepdim=True)  # (B, S/U, 1)

@@ -139,7 +139,7 @@ class GraphLauncher:
             target=self.planner.codec.unflatten(target_flat, state), confidence=conf, alpha=alpha, step=step,
             generation_id=generation_id,
             info={"best_token": best_token, "root_visits": visits, "nodes": nodes, "target_flat": target_flat,
-                  "_stream_event": self.done},
+                  "snapshot_flat": self.captured.s, "_stream_event": self.done},
         )
 
 
@@ -251,7 +251,8 @@ class MCTSPlanner(Planner):
             generation_id=request.generation_id,
             info={"best_token": best_token, "root_visits": visits, "nodes": nodes,
                   "simulations": simulations or self.params.simulations,
-                  "target_flat": target_flat},  # the target's entries are views of it (the hook's fused apply)
+                  "target_flat": target_flat,  # the target's entries are views of it (the hook's fused apply)
+                  "snapshot_flat": s},  # what the target is relative to (the hook rebases the move onto the state)
         )
 
     def root_noise(self, B: int, step: int, device) -> Tensor:
@@ -536,7 +537,10 @@ class MCTSPlanner(Planner):
                 alpha = self.alpha_from(res.confidence) * p.lag_decay**lag  # (B,) with grad to the gate
                 bb = unprefix_state("backbone", st2)
                 injected = dict(st2)
-                target = res.target if p.target_norm == "none" else cap_target_norm(res.target, st2)
+                target = res.target
+                if p.target_frame == "rebase":  # as the generation hook applies it: the move, from the current state
+                    target = {k_: st2[k_] + (v - st[k_]) for k_, v in target.items()}
+                target = target if p.target_norm == "none" else cap_target_norm(target, st2)
                 new_bb = model.backbone.inject(bb, unprefix_state("backbone", target), alpha)
                 injected.update(prefix_state("backbone", new_bb))
                 with torch.enable_grad():

@@ -61,6 +61,14 @@ class MCTSParams(BaseModel):
             "state's norm; none: inject the target as planned"
         ),
     )
+    target_frame: Literal["rebase", "snapshot"] = Field(
+        "rebase",
+        description=(
+            "rebase: a result applied `lag` steps after its snapshot moves the current state by the planned change "
+            "(target = h_now + target - snapshot), so a stale plan never pulls the state back toward the old "
+            "snapshot; snapshot: the planned target as it is (the old behaviour, kept as the stale-target control)"
+        ),
+    )
     # -- asynchronous planning -----------------------------------------------------
     asynchronous: bool = Field(
         True,
