@@ -11,7 +11,7 @@ D = 16
 
 def _reference(core: HebbianRecall, x, H0):
     """Recall and final H of the token-by-token reference, through the same projections."""
-    q, k, v = core._project(x)
+    q, k, v, _ = core._project(x)
     w = core._write_strength(x)
     r, H = hebbian_sequence(q, k, v, H0, core.gamma(), core.eta(), core.temperature, core.topk, w)  # (B, h, T, d)
     B, T = x.shape[:2]
@@ -94,7 +94,7 @@ def test_write_gate_stores_only_the_tokens_it_opens_for():
     with torch.no_grad():
         core.write_gate.weight[:, 0] = 2e4  # w_5 = sigmoid(1e4) = 1, every other token sigmoid(-1e4) = 0
     _, s = core(x)
-    q, k, v = core._project(x)
+    q, k, v, _ = core._project(x)
     g, e = core.gamma(), core.eta()
     expect = (g ** 6)[:, None, None] * e[:, None, None] * (k[0, :, 5, :, None] * v[0, :, 5, None, :])  # (h, d, d)
     torch.testing.assert_close(s["H"][0], expect, atol=1e-6, rtol=1e-5)
@@ -124,7 +124,7 @@ def test_decay_and_rate_stay_in_range():
 def test_topk_keeps_k_entries_per_head():
     core = HebbianRecall(D, D, n_heads=2, topk=2)
     x = torch.randn(2, 9, D)
-    q, k, v = core._project(x)
+    q, k, v, _ = core._project(x)
     r, _ = hebbian_sequence(q, k, v, torch.zeros(2, 2, 8, 8), core.gamma(), core.eta(), 1.0, 2)
     assert ((r != 0).sum(-1) == 2).all()
 

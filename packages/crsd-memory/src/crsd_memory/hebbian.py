@@ -6,6 +6,23 @@ Config (``HebbianParams`` in plugin.py): ``n_heads``, ``d_head``, ``temperature`
 per-token, per-head write strength ``w_t = sigmoid(W_w x_t)`` that scales each write, so the
 memory can learn to store some tokens and skip the rest).
 
+Options beyond the seed's rule (the defaults keep the seed's rule exactly):
+
+* ``rule: delta`` -- the delta rule (DeltaNet): a write replaces what the key already
+  recalls, ``H <- H + beta_t k_t (v_t - H^T k_t)^T`` with ``beta_t = eta w_t``, instead of
+  adding to it; overwriting instead of superposing is what lets a d x d matrix hold ~d
+  associations without their cross-talk piling up.
+* ``decay: token`` -- input-dependent forgetting (Gated DeltaNet / GLA): per token and head,
+  ``a_t = exp(-softplus(W_a x_t + b_a))``, with ``b_a`` set so the heads start at decays
+  spread over [0.95, 0.999] (close to 1: remember by default, learn when to forget).
+* ``key_conv: K`` -- a short causal depthwise convolution (width K) over the key projection
+  before normalisation (as in Mamba, DeltaNet): a key can mix the previous tokens, e.g.
+  the key token before a value; the last K-1 key projections are part of the state.
+
+These general writes run through :func:`crsd_memory.delta.memory_chunked` (reference
+:func:`crsd_memory.reference.memory_sequence`); the seed's rule keeps its own chunked form
+below.
+
 The forward pass is the chunked, causal, linear-attention form of the recurrence in
 reference.py. Inside a chunk of length C starting from ``H0``, with ``i, j`` positions in
 the chunk::
@@ -30,8 +47,11 @@ from torch import Tensor, nn
 
 from statelab.interfaces import State
 
+import torch.nn.functional as F
+
+from crsd_memory.delta import memory_chunked
 from crsd_memory.gated import GatedRecallMemory
-from crsd_memory.reference import hebbian_step, topk_magnitude, unit
+from crsd_memory.reference import hebbian_step, memory_step, topk_magnitude, unit
 
 
 def _no_autocast(x: Tensor):
@@ -81,7 +101,8 @@ def hebbian_chunked(
 class HebbianRecall(nn.Module):
     """The memory itself, without the residual: ``x (B, T, d_in) -> recall (B, T, d_out)``.
 
-    State: ``{"H": (B, n_heads, d_head, d_head)}`` in fp32.
+    State: ``{"H": (B, n_heads, d_head, d_head)}`` in fp32, plus ``"conv": (B, key_conv - 1,
+    n_heads * d_head)`` (the last key projections, oldest first) with a key convolution.
     """
 
     def __init__(
@@ -98,11 +119,17 @@ class HebbianRecall(nn.Module):
         lr_max: float = 1.0,
         chunk_size: int = 64,
         write_gate: bool = False,
+        rule: str = "hebbian",
+        decay: str = "head",
+        key_conv: int | None = None,
     ) -> None:
         super().__init__()
         d_head = d_head or max(1, d_in // n_heads)
         if topk is not None and topk > d_head:
             raise ValueError(f"hebbian: topk ({topk}) cannot exceed d_head ({d_head}); lower topk or raise d_head")
+        if rule not in ("hebbian", "delta") or decay not in ("head", "token"):
+            raise ValueError(f"hebbian: rule must be hebbian or delta (got {rule!r}), decay head or token ({decay!r})")
+        self.rule, self.decay, self.key_conv = rule, decay, key_conv
         self.n_heads, self.d_head = n_heads, d_head
         self.temperature, self.topk, self.detach = temperature, topk, detach
         self.decay_min, self.decay_max, self.lr_max = decay_min, decay_max, lr_max
@@ -113,10 +140,32 @@ class HebbianRecall(nn.Module):
         # heads start with decays spread over [0.9, 0.99] (clipped to the allowed range) and eta = lr_max / 2
         target = torch.linspace(0.9, 0.99, n_heads).clamp(decay_min + 1e-3, decay_max - 1e-3)
         frac = (target - decay_min) / (decay_max - decay_min)
-        self.decay_logit = nn.Parameter(torch.log(frac / (1 - frac)))
+        # with decay: token the per-token decay replaces the per-head one
+        self.decay_logit = nn.Parameter(torch.log(frac / (1 - frac))) if decay == "head" else None
         self.rate_logit = nn.Parameter(torch.zeros(n_heads))
+        self.decay_proj = None
+        if decay == "token":
+            self.decay_proj = nn.Linear(d_in, n_heads)
+            start = -torch.log(torch.linspace(0.95, 0.999, n_heads))  # softplus(b_a) = -log a
+            with torch.no_grad():
+                self.decay_proj.weight.mul_(0.1)
+                self.decay_proj.bias.copy_(start + torch.log(-torch.expm1(-start)))  # inverse softplus
+        self.conv_weight = None
+        if key_conv is not None:
+            # (channels, K); starts close to the identity (last tap 1) so keys start as the token's own
+            w = torch.randn(n_heads * d_head, key_conv) * 0.1 / key_conv**0.5
+            w[:, -1] += 1.0
+            self.conv_weight = nn.Parameter(w)
 
-    def gamma(self) -> Tensor:
+    @property
+    def faithful(self) -> bool:
+        """The seed's rule: Hebbian write, one learned decay per head, no key convolution."""
+        return self.rule == "hebbian" and self.decay == "head" and self.key_conv is None
+
+    def gamma(self) -> Tensor | None:
+        """The per-head decay (heads,), or None with ``decay: token``."""
+        if self.decay_logit is None:
+            return None
         return self.decay_min + (self.decay_max - self.decay_min) * torch.sigmoid(self.decay_logit.float())
 
     def eta(self) -> Tensor:
@@ -124,15 +173,38 @@ class HebbianRecall(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         shape = (batch_size, self.n_heads, self.d_head, self.d_head)
-        return {"H": torch.zeros(shape, device=device, dtype=torch.float32)}
+        state = {"H": torch.zeros(shape, device=device, dtype=torch.float32)}
+        if self.key_conv is not None:
+            state["conv"] = torch.zeros(batch_size, self.key_conv - 1, self.n_heads * self.d_head, device=device)
+        return state
 
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, T, d_in) -> unit q, unit k, v, each (B, heads, T, d_head) in fp32."""
+    def _conv_keys(self, k: Tensor, past: Tensor) -> tuple[Tensor, Tensor]:
+        """Causal depthwise convolution of ``k`` (B, T, h*d) continuing ``past`` (B, K-1, h*d);
+        reference: :func:`crsd_memory.reference.causal_conv_sequence`."""
+        full = torch.cat([past, k], dim=1)  # (B, K-1+T, h*d)
+        y = F.conv1d(full.transpose(1, 2), self.conv_weight.float().unsqueeze(1), groups=full.shape[-1])
+        return y.transpose(1, 2), full[:, full.shape[1] - (self.key_conv - 1) :]  # (B, T, h*d), (B, K-1, h*d)
+
+    def _project(self, x: Tensor, state: State | None = None) -> tuple[Tensor, Tensor, Tensor, State]:
+        """(B, T, d_in) -> unit q, unit k, v, each (B, heads, T, d_head) in fp32, and the
+        convolution's next state (empty without one)."""
         B, T, _ = x.shape
-        qkv = self.qkv(x).float().view(B, T, 3, self.n_heads, self.d_head)  # (B, T, 3, h, d)
-        qkv = qkv.permute(2, 0, 3, 1, 4).contiguous()  # (3, B, h, T, d)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        return unit(q), unit(k), v
+        q, k, v = self.qkv(x).float().chunk(3, dim=-1)  # (B, T, h*d) each
+        conv: State = {}
+        if self.key_conv is not None:
+            past = state["conv"] if state else self.init_state(B, x.device)["conv"]
+            k, conv["conv"] = self._conv_keys(k, past)
+
+        def heads(z: Tensor) -> Tensor:
+            return z.view(B, T, self.n_heads, self.d_head).transpose(1, 2).contiguous()  # (B, h, T, d)
+
+        return unit(heads(q)), unit(heads(k)), heads(v), conv
+
+    def _log_decay(self, x: Tensor, gamma: Tensor | None) -> Tensor:
+        """Log decay broadcastable to (B, heads, T): per token with ``decay: token``, else log gamma."""
+        if self.decay_proj is None:
+            return torch.log(gamma)[:, None]  # (h, 1)
+        return -F.softplus(self.decay_proj(x).float()).transpose(1, 2)  # (B, h, T)
 
     def _write_strength(self, x: Tensor) -> Tensor | None:
         """(B, T, d_in) -> w (B, heads, T) in (0, 1), or None without a write gate."""
@@ -140,40 +212,55 @@ class HebbianRecall(nn.Module):
             return None
         return torch.sigmoid(self.write_gate(x).float()).transpose(1, 2)  # (B, h, T)
 
-    def _write_params(self) -> tuple[Tensor, Tensor]:
+    def _write_params(self) -> tuple[Tensor | None, Tensor]:
         gamma, eta = self.gamma(), self.eta()
         if self.detach:
-            gamma, eta = gamma.detach(), eta.detach()
+            gamma, eta = None if gamma is None else gamma.detach(), eta.detach()
         return gamma, eta
+
+    def _inputs(self, x: Tensor, state: State | None):
+        """Everything the write needs, in fp32 (detached where ``detach`` says): unit q, k and
+        v (B, h, T, d), H, gamma, eta (h,), write strengths w (B, h, T) or None, log decay
+        (broadcastable to (B, h, T)) and the convolution's next state."""
+        H = state["H"] if state else self.init_state(x.shape[0], x.device)["H"]
+        q, k, v, conv = self._project(x, state)
+        w = self._write_strength(x)
+        gamma, eta = self._write_params()
+        log_a = self._log_decay(x, gamma)
+        if self.detach:
+            k, v, H, log_a = k.detach(), v.detach(), H.detach(), log_a.detach()
+            w = None if w is None else w.detach()
+        return q, k, v, H, gamma, eta, w, log_a, conv
+
+    @staticmethod
+    def _beta(eta: Tensor, w: Tensor | None) -> Tensor:
+        return eta[:, None] if w is None else eta[:, None] * w  # (h, 1) or (B, h, T)
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         B, T, _ = x.shape
-        H = state["H"] if state else self.init_state(B, x.device)["H"]
         with _no_autocast(x):
-            q, k, v = self._project(x)
-            w = self._write_strength(x)
-            gamma, eta = self._write_params()
-            if self.detach:
-                k, v, H = k.detach(), v.detach(), H.detach()
-                w = None if w is None else w.detach()
-            r, H = hebbian_chunked(q, k, v, H, gamma, eta, self.temperature, self.topk, self.chunk_size, w)
+            q, k, v, H, gamma, eta, w, log_a, conv = self._inputs(x, state)
+            if self.faithful:
+                r, H = hebbian_chunked(q, k, v, H, gamma, eta, self.temperature, self.topk, self.chunk_size, w)
+            else:
+                r, H = memory_chunked(q, k, v, H, log_a, self._beta(eta, w), self.rule == "delta",
+                                      self.temperature, self.topk, self.chunk_size)
             r = r.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head)  # (B, T, h*d)
-        return self.out(r.to(x.dtype)), {"H": H}
+        return self.out(r.to(x.dtype)), {"H": H, **conv}
 
     def step(self, x_t: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         B = x_t.shape[0]
-        H = state["H"] if state else self.init_state(B, x_t.device)["H"]
         with _no_autocast(x_t):
-            q, k, v = (z[:, :, 0] for z in self._project(x_t.unsqueeze(1)))  # (B, h, d)
-            w = self._write_strength(x_t.unsqueeze(1))
+            q, k, v, H, gamma, eta, w, log_a, conv = self._inputs(x_t.unsqueeze(1), state)
+            q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, h, d)
             w = None if w is None else w[:, :, 0]  # (B, h)
-            gamma, eta = self._write_params()
-            if self.detach:
-                k, v, H = k.detach(), v.detach(), H.detach()
-                w = None if w is None else w.detach()
-            r, H = hebbian_step(q, k, v, H, gamma, eta, self.temperature, self.topk, w)
+            if self.faithful:
+                r, H = hebbian_step(q, k, v, H, gamma, eta, self.temperature, self.topk, w)
+            else:
+                beta = self._beta(eta, None if w is None else w.unsqueeze(-1))[..., 0]  # (h,) or (B, h)
+                r, H = memory_step(q, k, v, H, log_a[..., 0], beta, self.rule == "delta", self.temperature, self.topk)
             r = r.reshape(B, self.n_heads * self.d_head)  # (B, h*d)
-        return self.out(r.to(x_t.dtype)), {"H": H}
+        return self.out(r.to(x_t.dtype)), {"H": H, **conv}
 
 
 class HebbianMemory(GatedRecallMemory):
@@ -189,7 +276,8 @@ def hebbian_kwargs(params) -> dict:
     return dict(
         n_heads=params.n_heads, d_head=params.d_head, temperature=params.temperature, topk=params.topk,
         detach=params.detach, decay_min=params.decay_min, decay_max=params.decay_max, lr_max=params.lr_max,
-        chunk_size=params.chunk_size, write_gate=params.write_gate,
+        chunk_size=params.chunk_size, write_gate=params.write_gate, rule=params.rule, decay=params.decay,
+        key_conv=params.key_conv,
     )
 
 

@@ -11,6 +11,8 @@ Components
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from statelab.plugins import Component, hookimpl
@@ -35,6 +37,17 @@ class HebbianParams(BaseModel):
         False, description="learn a per-token, per-head write strength in (0, 1) that scales each write "
         "(H <- gamma H + eta w_t k v^T), so the memory can skip tokens instead of writing every one"
     )
+    rule: Literal["hebbian", "delta"] = Field(
+        "hebbian", description="hebbian: add eta w_t k v^T (the seed's rule); delta: replace what k recalls, "
+        "H <- H + eta w_t k (v - H^T k)^T (DeltaNet; pair it with write_gate)"
+    )
+    decay: Literal["head", "token"] = Field(
+        "head", description="head: one learned decay per head in [decay_min, decay_max]; token: input-dependent "
+        "decay a_t = exp(-softplus(W x_t + b)) per head, starting in [0.95, 0.999] (Gated DeltaNet / GLA)"
+    )
+    key_conv: int | None = Field(
+        None, ge=2, description="width of a short causal depthwise convolution over the keys (e.g. 4); null = none"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "HebbianParams":
@@ -42,6 +55,8 @@ class HebbianParams(BaseModel):
             raise ValueError(f"decay_min ({self.decay_min}) must be below decay_max ({self.decay_max})")
         if self.topk is not None and self.d_head is not None and self.topk > self.d_head:
             raise ValueError(f"topk ({self.topk}) cannot exceed d_head ({self.d_head}); lower topk or raise d_head")
+        if self.rule == "delta" and self.lr_max > 2:
+            raise ValueError(f"rule delta needs lr_max <= 2 (got {self.lr_max}): a larger write rate diverges")
         return self
 
 

@@ -10,6 +10,9 @@ Hebbian memory, per head (gamma, eta scalars per head; q_hat, k_hat unit vectors
     H_t = gamma * H_{t-1} + eta * w_t * k_hat_t v_t^T    (d x d)
     r_t = topk(q_hat_t^T H_t / temperature)              (d,)
 
+The options of the Hebbian memory (delta rule, per-token decay) generalise the write: see
+:func:`memory_step`.
+
 Episodic buffer, per batch row: ``S`` slots of (key k_hat, value v, importance z, write
 time s). The priority of a slot at any time is ``u = z + recency * s`` (a constant
 ``recency * t`` offset is common to all slots, so only the ordering matters). One step::
@@ -95,6 +98,60 @@ def hebbian_sequence(
         r, H = hebbian_step(q[:, :, t], k[:, :, t], v[:, :, t], H, gamma, eta, temperature, topk, wt)
         rs.append(r)
     return torch.stack(rs, dim=2), H
+
+
+def memory_step(
+    q: Tensor, k: Tensor, v: Tensor, H: Tensor, log_a: Tensor, beta: Tensor, delta: bool, temperature: float,
+    topk: int | None,
+) -> tuple[Tensor, Tensor]:
+    """One token of the general write (the options of the Hebbian memory). ``q, k`` unit vectors
+    and ``v`` (B, heads, d); ``H`` (B, heads, d, d); ``log_a`` the log decay and ``beta`` the
+    write strength, each broadcastable to (B, heads). Returns ``(r (B, heads, d), H_t)``::
+
+        H <- a_t H
+        H <- H + beta_t k_t (v_t - H^T k_t)^T    (delta rule: replace what k_t recalls)
+        H <- H + beta_t k_t v_t^T                 (Hebbian: add)
+        r  = topk(q_t^T H / temperature)
+
+    With ``log_a = log gamma`` per head and ``beta = eta w_t`` the Hebbian form is
+    :func:`hebbian_step`."""
+    a = torch.exp(log_a).expand(H.shape[:2])[..., None, None]  # (B, h, 1, 1)
+    beta = beta.expand(H.shape[:2])[..., None]  # (B, h, 1)
+    H = a * H
+    new = v - torch.einsum("bhk,bhkv->bhv", k, H) if delta else v  # (B, h, d)
+    H = H + k.unsqueeze(-1) * (beta * new).unsqueeze(-2)
+    r = torch.einsum("bhk,bhkv->bhv", q, H) / temperature
+    return topk_magnitude(r, topk), H
+
+
+def memory_sequence(
+    q: Tensor, k: Tensor, v: Tensor, H: Tensor, log_a: Tensor, beta: Tensor, delta: bool, temperature: float,
+    topk: int | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`memory_step` token by token: ``q, k, v`` (B, heads, T, d), ``log_a, beta``
+    broadcastable to (B, heads, T) -> ``r`` (B, heads, T, d), ``H_T``."""
+    B, h, T, _ = q.shape
+    log_a, beta = log_a.expand(B, h, T), beta.expand(B, h, T)
+    rs = []
+    for t in range(T):
+        r, H = memory_step(q[:, :, t], k[:, :, t], v[:, :, t], H, log_a[:, :, t], beta[:, :, t], delta,
+                           temperature, topk)
+        rs.append(r)
+    return torch.stack(rs, dim=2), H
+
+
+def causal_conv_sequence(x: Tensor, weight: Tensor, past: Tensor) -> tuple[Tensor, Tensor]:
+    """Depthwise causal convolution token by token: ``y_t = sum_i weight[:, i] x_{t-K+1+i}``.
+
+    ``x`` (B, T, C); ``weight`` (C, K); ``past`` (B, K-1, C) the inputs before ``x`` (zeros at
+    the start). Returns ``(y (B, T, C), the last K-1 inputs)``."""
+    window = past
+    ys = []
+    for t in range(x.shape[1]):
+        window = torch.cat([window, x[:, t : t + 1]], dim=1)  # (B, K, C)
+        ys.append(torch.einsum("bkc,ck->bc", window, weight))
+        window = window[:, 1:]
+    return torch.stack(ys, dim=1), window
 
 
 # ---------------------------------------------------------------------------------------
