@@ -61,8 +61,10 @@ class RegularizerSpec(ComponentSpec):
 
 
 class TokenizerSpec(_Strict):
-    kind: Literal["char", "byte", "bpe"] = Field("char", description="char: vocabulary from the corpus; byte: 256 ids; bpe: tiktoken ranks")
-    path: str | None = Field(None, description="bpe: path of a .tiktoken ranks file")
+    kind: Literal["char", "byte", "bpe", "hf"] = Field(
+        "char", description="char: vocabulary from the corpus; byte: 256 ids; bpe: tiktoken ranks; "
+        "hf: a HuggingFace tokenizer.json")
+    path: str | None = Field(None, description="bpe: path of a .tiktoken ranks file; hf: path of a tokenizer.json")
     name: str | None = Field(None, description="bpe: name of a bundled encoding (see `statelab tokenizer list`)")
 
 

@@ -11,6 +11,8 @@
   tiktoken only encodes and decodes.
 - ``ids``: token ids written as decimal numbers; the tokenizer of synthetic tasks (MQAR)
   whose tokens are not text.
+- ``hf``: a HuggingFace ``tokenizer.json`` (``{kind: hf, path: tokenizer.json}``), encoded
+  by the ``tokenizers`` library; what ``statelab import-hf`` gives imported models.
 
 Every tokenizer serialises itself completely with :meth:`Tokenizer.to_json` (the BPE ranks
 included), so a checkpoint decodes with that dict alone: :func:`tokenizer_from_json`.
@@ -258,6 +260,57 @@ class BPETokenizer(Tokenizer):
         return {"kind": "bpe", "name": self.name, "pattern": self.pattern, "ranks": dump_ranks(self.ranks)}
 
 
+class HFTokenizer(Tokenizer):
+    """A HuggingFace ``tokenizer.json`` (any model the ``tokenizers`` library reads), kept whole
+    in :meth:`to_json` so a checkpoint decodes without the original file."""
+
+    kind = "hf"
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer as _Tokenizer
+
+        try:
+            self._tok = _Tokenizer.from_str(json.dumps(document))
+        except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions for bad files
+            raise TokenizerError(f"not a HuggingFace tokenizer.json ({exc})") from None
+        self.document = document
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        arr = self._ids(ids)
+        out, run = [], []
+        for i in arr.tolist():  # ids past the vocabulary decode to U+FFFD, like every kind
+            if 0 <= i < self.vocab_size:
+                run.append(i)
+                continue
+            out.append(self._tok.decode(run, skip_special_tokens=False))
+            out.append(REPLACEMENT)
+            run = []
+        out.append(self._tok.decode(run, skip_special_tokens=False))
+        return "".join(out)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "hf", "tokenizer": self.document}
+
+
+def load_hf(path: str | os.PathLike | None) -> HFTokenizer:
+    """A :class:`HFTokenizer` from a local ``tokenizer.json`` (never a download)."""
+    if path is None:
+        raise TokenizerError("an hf tokenizer needs `path`: a local HuggingFace tokenizer.json")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TokenizerError(f"tokenizer file {str(p)!r} does not exist; give the path of a HuggingFace "
+                             "tokenizer.json (statelab never downloads tokenizers)")
+    try:
+        document = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TokenizerError(f"{str(p)!r} is not a JSON tokenizer file ({exc})") from None
+    return HFTokenizer(document)
+
+
 # --------------------------------------------------------------------------------------
 # construction
 
@@ -284,7 +337,9 @@ def tokenizer_from_json(d: dict[str, Any]) -> Tokenizer:
     if kind == "bpe":
         return BPETokenizer(parse_ranks(d["ranks"], source="tokenizer JSON"), name=d.get("name", "bpe"),
                             pattern=d.get("pattern"))
-    raise TokenizerError(f"unknown tokenizer kind {kind!r} (known: char, byte, bpe, ids)")
+    if kind == "hf":
+        return HFTokenizer(d["tokenizer"])
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} (known: char, byte, bpe, ids, hf)")
 
 
 def bundled_encodings() -> dict[str, Path]:
@@ -339,13 +394,15 @@ def make_tokenizer(spec: "TokenizerSpec", corpus_text: str | None = None) -> Tok
         return ByteTokenizer()
     if spec.kind == "bpe":
         return load_bpe(path=spec.path, name=spec.name)
+    if spec.kind == "hf":
+        return load_hf(spec.path)
     if spec.kind == "char":
         if corpus_text is None:
             raise TokenizerError("a char tokenizer takes its vocabulary from the corpus; pass the corpus text")
         if not corpus_text:
             raise TokenizerError("a char tokenizer cannot be made from an empty corpus")
         return CharTokenizer.from_corpus(corpus_text)
-    raise TokenizerError(f"unknown tokenizer kind {spec.kind!r} (known: char, byte, bpe)")
+    raise TokenizerError(f"unknown tokenizer kind {spec.kind!r} (known: char, byte, bpe, hf)")
 
 
 # --------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from statelab.plugins import Component, hookimpl
+from statelab.plugins import Command, Component, hookimpl
 
 from crsm_planner.mamba_params import MambaParams
 from crsm_planner.planner_params import InjectionStabilityParams, MCTSParams, PlannerEffectParams
@@ -28,3 +28,9 @@ def statelab_components() -> list[Component]:
         Component("probe", "injection-stability", InjectionStabilityParams, "crsm_planner.probes:build_injection_stability",
                   "1000+ consecutive injections: bounded norms, no NaN, valid tokens"),
     ]
+
+
+@hookimpl
+def statelab_commands() -> list[Command]:
+    return [Command("import-hf", "a local HuggingFace Mamba/Mamba-2 folder as a statelab run (checkpoint, spec, tokenizer)",
+                    "crsm_planner.hf_import:configure", "crsm_planner.hf_import:run")]
