@@ -3,6 +3,7 @@
     statelab memory ingest --user U --model CKPT FILES... [--incognito]
     statelab memory query  --user U --model CKPT "prompt" [--max-new-tokens N] [--incognito]
     statelab memory wipe   --user U
+    statelab memory serve  --model CKPT [--port 8765] [--max-batch 16]   (HTTP on loopback; then-memory[serve])
     statelab memory list
     statelab memory corpus --out FILE [--docs N] [--lengths 512 1024 2048]
     statelab memory facts  --out FILE [--docs N] [--seed S]      (fact/question training text)
@@ -49,6 +50,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model(p)
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    p = sub.add_parser("serve", help="serve many users from one frozen model over HTTP on loopback "
+                       "(needs then-memory[serve])")
+    common(p, user=False)
+    model(p)
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (127.0.0.1, ::1, localhost)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port")
+    p.add_argument("--max-batch", type=int, default=16, help="most users' queries in one batched generation")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the first query of a batch waits for others (milliseconds)")
     p = sub.add_parser("wipe", help="remove everything of a user")
     common(p)
     p = sub.add_parser("list", help="list the users with a memory")
@@ -124,6 +134,15 @@ def run(args: argparse.Namespace) -> int:
                 return 2
             stats = _service(args).ingest(args.user, [Path(f) for f in args.files], incognito=args.incognito)
             print(json.dumps({"user": args.user, "incognito": args.incognito, **stats}))
+            return 0
+        if action == "serve":
+            from then_memory.serve import check_loopback, serve
+
+            check_loopback(args.host)
+            if args.incognito:
+                raise ValueError("serve: incognito is per request ({\"incognito\": true}), not a server flag")
+            serve(_service(args), host=args.host, port=args.port, max_batch=args.max_batch,
+                  batch_wait_s=args.batch_wait_ms / 1000)
             return 0
         if action == "query":
             print(_service(args).query(args.user, args.prompt, max_new_tokens=args.max_new_tokens,

@@ -48,6 +48,7 @@ from torch import Tensor
 from statelab.interfaces import State
 from statelab.io import atomic_write_bytes
 
+from then_memory.facts import ANSWER_END
 from then_memory.memory import ThenMemory
 from then_memory.store import TraceStore
 
@@ -287,17 +288,35 @@ class MemoryService:
                     "FILES); `statelab memory list` shows the users")
             if d is not None and not incognito:
                 os.chmod(d, 0o700)  # directories written before memory files were private
-            sess = Session(user, self.model.init_state(1), incognito=incognito)
+            sess = self._open(user, d, incognito)
             cfg = self.store_cfg
             mems = then_memories(self.model)
-            if d is not None and (d / STATE_FILE).exists():
-                sess.state, sess.tokens = self._load_state(d / STATE_FILE)
-            dev = next(self.model.parameters()).device
             for j, mem in mems:
+                mem.attach_store(sess.stores[j], coarse=cfg.coarse_lists > 0, nprobe=cfg.nprobe)
+            try:
+                yield sess
+                if not incognito:
+                    self._save_state(d, sess)
+            finally:
+                for j, mem in mems:
+                    mem.attach_store(None)
+                self._close(sess)
+
+    def _open(self, user: str, d: Path | None, incognito: bool) -> Session:
+        """The user's state and stores (read-only when ``incognito``), checked against each
+        other; ``d`` is the user's locked directory or None (no memory yet)."""
+        sess = Session(user, self.model.init_state(1), incognito=incognito)
+        cfg = self.store_cfg
+        if d is not None and (d / STATE_FILE).exists():
+            sess.state, sess.tokens = self._load_state(d / STATE_FILE)
+        dev = next(self.model.parameters()).device
+        try:
+            for j, mem in then_memories(self.model):
                 root = (d if d is not None else self.user_dir(user)) / f"traces_{j}"  # read-only when incognito
                 store = TraceStore(root, mem.d_model, hot_budget=cfg.hot_budget, warm_budget=cfg.warm_budget,
                                    chunk_traces=cfg.chunk_traces, device=dev, durable=cfg.durable,
                                    read_only=incognito, coarse_lists=cfg.coarse_lists, private=True)
+                sess.stores[j] = store
                 count = int(sess.state[f"memory.{j}.count"][0])
                 if len(store) > count:
                     if incognito:
@@ -307,16 +326,15 @@ class MemoryService:
                 elif len(store) < count:
                     raise RuntimeError(f"user {user!r}: memory {j} lost traces (state records {count}, store holds "
                                        f"{len(store)}); the user's directory was modified outside statelab")
-                sess.stores[j] = store
-                mem.attach_store(store, coarse=cfg.coarse_lists > 0, nprobe=cfg.nprobe)
-            try:
-                yield sess
-                if not incognito:
-                    self._save_state(d, sess)
-            finally:
-                for j, mem in mems:
-                    mem.attach_store(None)
-                    sess.stores[j].close()
+        except BaseException:
+            self._close(sess)
+            raise
+        return sess
+
+    @staticmethod
+    def _close(sess: Session) -> None:
+        for store in sess.stores.values():
+            store.close()
 
     def _load_state(self, path: Path) -> tuple[State, int]:
         with open(path, "rb") as f:
@@ -374,8 +392,10 @@ class MemoryService:
         return {"tokens": len(ids), "seconds": dt, "tokens_per_s": len(ids) / max(dt, 1e-9), "traces": traces}
 
     def query(self, user: str, prompt: str | list[int], *, max_new_tokens: int = 32, incognito: bool = False,
-              stop: str | None = None) -> str:
-        """Greedy continuation of ``prompt`` from the user's memory."""
+              stop: str | None = ANSWER_END) -> str:
+        """Greedy continuation of ``prompt`` from the user's memory, up to the end-of-answer
+        marker ``stop`` (excluded; None = ``max_new_tokens`` tokens). Not ``incognito``: the
+        prompt and the answer are written into the user's memory."""
         from statelab.generation import generate
 
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -385,6 +405,52 @@ class MemoryService:
             sess.state = res.state
             sess.tokens += len(ids) + len(res.tokens[0])
         return res.texts[0] if self.tokenizer is not None else res.tokens[0]
+
+    def query_batch(self, requests: Sequence[tuple[str, str | list[int]]], *, max_new_tokens: int = 32,
+                    stop: str | None = ANSWER_END) -> list[str | Exception]:
+        """Answer several users' prompts in one batched generation (row b reads only user b's
+        memory). Read-only: nothing is written (a query is remembered only through
+        :meth:`query`). A request that cannot run (unknown user, bad id, a damaged memory)
+        gets its exception in its slot; the others still run. One user at most once."""
+        from statelab.generation import generate
+
+        users = [u for u, _ in requests]
+        if len(set(users)) != len(users):
+            raise ValueError("query_batch: a user appears twice; send their requests in separate batches")
+        out: list[str | Exception | None] = [None] * len(requests)
+        with contextlib.ExitStack() as stack:
+            rows: list[tuple[int, Session, list[int]]] = []
+            for i, (user, prompt) in enumerate(requests):
+                try:
+                    ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                    if not ids:
+                        raise ValueError("empty prompt")
+                    d = stack.enter_context(self.dirs.locked(user, create=False, exclusive=False))
+                    if d is None:
+                        raise UnknownUserError(f"user {user!r} has no memory: ingest something first")
+                    sess = self._open(user, d, incognito=True)
+                    stack.callback(self._close, sess)
+                    rows.append((i, sess, ids))
+                except (ValueError, RuntimeError) as exc:
+                    out[i] = exc
+            if rows:
+                with self._model_lock:
+                    mems = then_memories(self.model)
+                    cfg = self.store_cfg
+                    state = {k: torch.cat([s.state[k] for _, s, _ in rows]) for k in rows[0][1].state}
+                    try:
+                        for j, mem in mems:
+                            mem.attach_stores([s.stores[j] for _, s, _ in rows], coarse=cfg.coarse_lists > 0,
+                                              nprobe=cfg.nprobe)
+                        res = generate(self.model, [ids for _, _, ids in rows], tokenizer=self.tokenizer,
+                                       max_new_tokens=max_new_tokens, temperature=0.0, state=state, stop=stop,
+                                       use_planner=False)
+                    finally:
+                        for _, mem in mems:
+                            mem.attach_stores(None)
+                for (i, _, _), text, toks in zip(rows, res.texts, res.tokens):
+                    out[i] = text if self.tokenizer is not None else toks
+        return out  # type: ignore[return-value]
 
 
 __all__ = ["MemoryService", "Session", "StoreConfig", "UnknownUserError", "UserDirectories", "UserIdError",
