@@ -39,6 +39,7 @@ from torch import Tensor
 
 from statelab import stats
 from statelab.data.base import Batch
+from statelab.interfaces import Probe, ProbeResult
 from statelab.internals import intervene, select
 
 MODES = ("mean", "zero", "shuffle-positions", "shuffle-rows")
@@ -280,4 +281,34 @@ def ablate(
 
 
 __all__ = ["MODES", "NO_EFFECT", "ON_PATH", "USED", "VERDICT_MODES", "AblationResult", "ModeResult", "ablate",
-           "untrained_like"]
+           "untrained_like", "AblateProbe"]
+
+
+class AblateProbe(Probe):
+    """The ``ablate`` probe: :func:`ablate` on the validation data of the run, as a probe."""
+
+    def __init__(self, params) -> None:
+        self.params = params
+
+    def run(self, model, ctx):
+        p = self.params
+        data = ctx.extra.get("data")
+        seq_len = p.seq_len or model.spec.train.seq_len
+        if data is not None:
+            batches = list(data.val_batches(p.batch_size, seq_len, p.batches))
+        elif ctx.val_tokens is not None:
+            need = p.batch_size * (seq_len + 1)
+            n = min(p.batches, len(ctx.val_tokens) // need)
+            if n < 1:
+                raise ValueError(f"ablate: the validation tokens ({len(ctx.val_tokens)}) do not fill one batch of "
+                                 f"{p.batch_size} x {seq_len + 1}; lower batch_size or seq_len")
+            batches = [ctx.val_tokens[i * need:(i + 1) * need].view(p.batch_size, seq_len + 1) for i in range(n)]
+        else:
+            raise ValueError("ablate needs validation data (run it through `statelab probe` or give ctx.val_tokens)")
+        res = ablate(model, p.internal, batches, modes=p.modes, null_model="untrained" if p.null else None,
+                     seed=ctx.seed)
+        from statelab.io import atomic_write_text
+
+        path = ctx.out_dir / "ablate.md"
+        atomic_write_text(path, res.table() + "\n")
+        return ProbeResult(res.metrics(), verdict=res.verdict, passed=None, artifacts={"table": path})

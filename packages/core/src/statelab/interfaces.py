@@ -1,4 +1,4 @@
-"""The five component interfaces of statelab, with their tensor and state contracts.
+"""The component interfaces of statelab (five model slots and the task slot), with their tensor and state contracts.
 
 Conventions shared by every interface
 -------------------------------------
@@ -50,6 +50,10 @@ __all__ = [
     "StatefulModule",
     "StepContext",
     "GenerationHook",
+    "Metric",
+    "Task",
+    "TaskContext",
+    "TaskResult",
     "gated_inject",
     "prefix_state",
     "unprefix_state",
@@ -350,3 +354,92 @@ class Probe:
 
     def run(self, model: "StatelabModel", ctx: ProbeContext) -> ProbeResult:  # pragma: no cover
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------
+# tasks (the sixth slot): data to train on and metrics on the trained model
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric a task reports: ``name`` (a key of :attr:`TaskResult.metrics`), its
+    direction, and a description for reports."""
+
+    name: str
+    higher_is_better: bool
+    description: str = ""
+
+
+@dataclass
+class TaskContext:
+    """What :meth:`Task.evaluate` gets besides the model and data: the device, a seed for
+    anything random in the evaluation, a directory for artifacts, and ``extra`` (e.g. the
+    :class:`~statelab.train.TrainResult` under ``"train"`` when run by ``statelab bench``)."""
+
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    out_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="statelab-task-")))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskResult:
+    """A task's evaluation of one trained model.
+
+    * ``metrics``: name -> float, one value per model (a suite takes intervals of these over
+      seeds and compares them with its baseline).
+    * ``samples``: name -> per-item values (per example, per batch) behind a metric, for an
+      interval within one model; optional.
+    * ``tables``: name -> rows (dicts), e.g. ``"passkey"`` rows ``{length_tokens,
+      length_chars, depth, accuracy}``; reports draw heatmaps and curves from them.
+    * ``artifacts``: name -> file written under ``TaskContext.out_dir``.
+    """
+
+    metrics: dict[str, float]
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+class Task:
+    """A benchmark task: it makes the data a model trains on and scores the trained model.
+
+    Registered in the ``task`` slot (``Component(slot="task", name=..., params=...,
+    factory=...)``, ``factory(params, ctx)`` with ``ctx`` a :class:`statelab.build.BuildContext`
+    or ``None``). A run trains on a task's data when its spec says ``data: {kind: <task name>,
+    params: {...}}``: :func:`statelab.data.make_data` then calls :meth:`make_data`. A suite
+    (``statelab bench``) applies :meth:`spec_overrides` to each spec, trains it with
+    :func:`statelab.train.train`, and calls :meth:`evaluate` on the trained model.
+
+    * ``metrics``: the :class:`Metric` objects ``evaluate`` returns; ``primary`` names the one
+      a suite reports first, picks grid winners by and compares with the baseline.
+    * ``make_data(spec, seed) -> DataSource``: pure in ``(spec, seed)`` like every data source
+      (batches by step; see :mod:`statelab.data.base`).
+    * ``spec_overrides() -> dict``: dotted spec fields to set so that a spec trains on this
+      task (default: ``data.kind`` = this task's name, ``data.params`` = its params).
+    * ``evaluate(model, data, ctx) -> TaskResult``: never trains, leaves the model's mode as
+      found.
+    """
+
+    kind: str = ""
+    metrics: Sequence[Metric] = ()
+    primary: str = ""
+
+    def __init__(self, params: Any = None) -> None:
+        self.params = params
+
+    def make_data(self, spec: Any, seed: int) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def spec_overrides(self) -> dict[str, Any]:
+        params = self.params.model_dump(mode="json") if hasattr(self.params, "model_dump") else dict(self.params or {})
+        return {"data.kind": self.kind, "data.params": params}
+
+    def evaluate(self, model: "StatelabModel", data: Any, ctx: TaskContext) -> TaskResult:  # pragma: no cover
+        raise NotImplementedError
+
+    def metric(self, name: str) -> Metric:
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        raise KeyError(f"task {self.kind!r} reports no metric {name!r}; it reports {', '.join(m.name for m in self.metrics)}")

@@ -42,8 +42,8 @@ from pydantic import BaseModel
 
 PLUGIN_API_VERSION = 1
 ENTRY_POINT_GROUP = "statelab"
-Slot = Literal["backbone", "memory", "planner", "regularizer", "probe"]
-SLOTS: tuple[str, ...] = ("backbone", "memory", "planner", "regularizer", "probe")
+Slot = Literal["backbone", "memory", "planner", "regularizer", "probe", "task"]
+SLOTS: tuple[str, ...] = ("backbone", "memory", "planner", "regularizer", "probe", "task")
 
 hookspec = pluggy.HookspecMarker("statelab")
 hookimpl = pluggy.HookimplMarker("statelab")
@@ -154,7 +154,9 @@ def _as_list(value: Any, params: BaseModel | None) -> list[str]:
 class Component:
     """One registered component.
 
-    * ``slot``: backbone, memory, planner, regularizer or probe; ``name``: its kind in specs.
+    * ``slot``: backbone, memory, planner, regularizer, probe or task (a benchmark task:
+      :class:`statelab.interfaces.Task`, named by ``data.kind`` and by bench suites);
+      ``name``: its kind in specs.
     * ``params``: a pydantic model (use ``extra="forbid"`` and ``Field(description=...)``).
     * ``factory``: ``"module:function"`` (imported only when built) or a callable, called as
       ``factory(params, ctx)`` with a :class:`statelab.build.BuildContext`.

@@ -85,7 +85,10 @@ class PasskeySpec(_Strict):
 
 
 class DataSpec(_Strict):
-    kind: Literal["text", "mqar", "passkey"] = Field("text", description="text corpus, MQAR, or passkey retrieval")
+    kind: str = Field("text", description="text corpus, MQAR, passkey retrieval, or the name of a registered task "
+                      "(see `statelab plugins`), whose data the run then trains on")
+    params: dict[str, Any] = Field(default_factory=dict, description="task data: the params of the task that "
+                                   "data.kind names (validated by that task)")
     path: str | None = Field(None, description="text: corpus file (UTF-8); null = the bundled Tiny Shakespeare")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="text: the last fraction of the corpus is validation")
     cache_dir: str | None = Field(None, description="where tokenized corpora are cached; null = ~/.cache/statelab")
@@ -404,6 +407,7 @@ def validate_spec(
     regs = [_resolve(registry, "regularizer", rs, f"model.regularizers.{i}", issues, context=ctx)
             for i, rs in enumerate(m.regularizers)]
     probes = [_resolve(registry, "probe", ps, f"probes.{i}", issues, context=ctx) for i, ps in enumerate(spec.probes)]
+    _check_data_task(registry, spec, issues)
 
     if backbone is not None:
         n_layers = getattr(backbone.params, "n_layers", None)
@@ -458,6 +462,29 @@ def validate_spec(
     resolved.probes = [p for p in probes if p]
     resolved.warnings = _run_warnings(resolved)
     return resolved
+
+
+#: data kinds built into statelab.data; any other data.kind names a registered task
+BUILTIN_DATA_KINDS = ("text", "mqar", "passkey")
+
+
+def _check_data_task(registry: Registry, spec: RunSpec, issues: list[SpecIssue]) -> None:
+    d = spec.data
+    if d.kind in BUILTIN_DATA_KINDS:
+        if d.params:
+            issues.append(SpecIssue("data.params", f"data kind {d.kind!r} is built in and takes no data.params (they "
+                                    "are the params of a task kind); remove data.params"))
+        return
+    if ("task", d.kind) not in registry:
+        tasks = registry.names("task")
+        issues.append(SpecIssue("data.kind", f"unknown data kind {d.kind!r}; built in: {', '.join(BUILTIN_DATA_KINDS)}; "
+                                f"installed tasks: {', '.join(tasks) if tasks else '(none)'}"))
+        return
+    comp = registry.get("task", d.kind)
+    try:
+        comp.params.model_validate(d.params, context=validation_context(spec))
+    except ValidationError as err:
+        issues.extend(_pydantic_issues(err, "data.params"))
 
 
 def validation_context(spec: RunSpec) -> dict[str, Any]:

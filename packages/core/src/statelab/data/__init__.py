@@ -12,6 +12,8 @@
   accuracy on the query positions (``Batch.mask``).
 - ``passkey``: passkey-retrieval documents (:mod:`statelab.data.passkey`); loss on the
   answer tokens (``Batch.mask``).
+- any other kind names a registered task (:class:`statelab.interfaces.Task`, slot ``task``):
+  its ``make_data(spec, seed)`` with ``data.params`` as the task's params.
 
 Every ``train_batch`` is a pure function of ``(seed, step, rank, world_size)``.
 """
@@ -65,7 +67,9 @@ def make_data(spec: "RunSpec", *, seed: int | None = None) -> DataSource:
         from statelab.data.passkey import PasskeyData, passkey_tokenizer
 
         return PasskeyData(passkey_tokenizer(spec.tokenizer), spec.data.passkey, seed=seed)
-    raise DataError(f"unknown data kind {kind!r}; use text, mqar or passkey")
+    from statelab.tasks import make_task
+
+    return make_task(kind, spec.data.params).make_data(spec, seed)
 
 
 def corpus_vocab_size(spec: "RunSpec") -> int:
@@ -80,6 +84,8 @@ def corpus_vocab_size(spec: "RunSpec") -> int:
         from statelab.data.passkey import passkey_tokenizer
 
         return passkey_tokenizer(spec.tokenizer).vocab_size
+    if kind != "text":
+        return make_data(spec).vocab_size
     from statelab.data.text import text_tokenizer
 
     return text_tokenizer(spec).vocab_size
