@@ -28,7 +28,7 @@ def _ctx(tokens, tmp_path, seed=0):
     return ProbeContext(val_tokens=tokens[-4000:], tokenizer=None, out_dir=tmp_path, seed=seed)
 
 
-EFFECT = {"loss_batches": 1, "batch_size": 2, "seq_len": 32, "prompt_len": 8, "new_tokens": 24}
+EFFECT = {"seeds": 2, "loss_batches": 1, "batch_size": 4, "seq_len": 32, "prompt_len": 8, "new_tokens": 24}
 
 
 def test_sample_stats_on_known_sequences():
@@ -53,36 +53,68 @@ def test_random_ablation_keeps_the_norm_gate_and_timing_of_the_plan():
     assert (rnd.step, rnd.generation_id) == (5, 9) and torch.equal(rnd.alpha, torch.full((3,), 0.1))
 
 
-def test_planner_effect_reports_the_three_settings(trained, tmp_path):
+def test_planner_effect_reports_every_setting_with_paired_intervals(trained, tmp_path):
     model, _, tokens = trained
     probe = statelab.make_probe("planner-effect", EFFECT, model)
     res = probe.run(model, _ctx(tokens, tmp_path))
     m = res.metrics
-    for name in ("off", "on", "random"):
+    for name in probe.SETTINGS:
         assert 0 < m[f"val_loss_{name}"] < 10
+    for name in ("off", "on", "random"):
         assert 0 < m[f"distinct_1_{name}"] <= 1 and 0 <= m[f"rep_rate_{name}"] <= 1
-    assert m["loss_delta_on"] == pytest.approx(m["val_loss_on"] - m["val_loss_off"])
+    assert m["rows"] == EFFECT["seeds"] * EFFECT["batch_size"]
+    # a paired difference of per-row losses: its mean is the difference of the means, inside its interval
+    assert m["on_minus_off"] == pytest.approx(m["val_loss_on"] - m["val_loss_off"], abs=1e-6)
+    assert m["planned_minus_random"] == pytest.approx(m["val_loss_planned"] - m["val_loss_random"], abs=1e-6)
+    assert m["oracle_minus_off_low"] <= m["oracle_minus_off"] <= m["oracle_minus_off_high"]
     assert m["tokens_per_s_off"] > 0 and m["tokens_per_s_on"] > 0
     assert m["plans_requested"] >= 1
     assert res.verdict in {"helps", "no effect", "hurts", "inactive"}
     assert (res.verdict == "inactive") == (m["loss_mean_alpha_on"] < 0.005)
-    assert m["forced_planned_minus_random"] == pytest.approx(m["val_loss_on_forced"] - m["val_loss_random_forced"])
     assert res.passed is None
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["verdict"] == res.verdict and (tmp_path / "samples.md").read_text().count("## planner") == 3
+    assert saved["verdict"] == res.verdict and saved["verdicts"] == probe.verdicts
+    assert saved["comparisons"]["oracle_minus_off"]["n"] == m["rows"]
+    assert (tmp_path / "samples.md").read_text().count("## planner") == 3
     assert not model.training
+
+
+LOSS_ONLY = {**EFFECT, "samples": False}
+
+
+def test_the_oracle_control_helps_with_an_interval_excluding_zero(trained, tmp_path):
+    """The positive control: moved along the steepest descent of the loss on the true next tokens
+    (with the length of the planned move), the state predicts the text better."""
+    model, _, tokens = trained
+    probe = statelab.make_probe("planner-effect", LOSS_ONLY, model)
+    m = probe.run(model, _ctx(tokens, tmp_path)).metrics
+    assert probe.verdicts["oracle"] == "helps"
+    assert m["oracle_minus_off_high"] < 0 and m["oracle_minus_planned_high"] < 0
+
+
+def test_a_planner_with_a_wrong_value_does_not_help(trained, tmp_path):
+    """Its value head turned upside down, the search prefers the moves it predicts to raise the
+    loss: the planner cannot come out as helping, while the oracle on the same rows still does."""
+    model, _, tokens = trained
+    last = model.planner.value_head.net[-1]
+    last.weight[0].neg_()
+    last.bias[0].neg_()
+    probe = statelab.make_probe("planner-effect", LOSS_ONLY, model)
+    res = probe.run(model, _ctx(tokens, tmp_path))
+    assert probe.verdicts["forced"] in {"hurts", "no effect"} and res.verdict != "helps"
+    assert probe.verdicts["oracle"] == "helps"
 
 
 def test_planner_effect_says_inactive_when_the_gate_lets_nothing_through_but_still_scores_the_plans(trained, tmp_path):
     model, _, tokens = trained
     model.planner.value_skill.fill_(0.0)  # a value head without skill: confidence, and so alpha, are 0
-    res = statelab.make_probe("planner-effect", EFFECT, model).run(model, _ctx(tokens, tmp_path))
+    res = statelab.make_probe("planner-effect", LOSS_ONLY, model).run(model, _ctx(tokens, tmp_path))
     m = res.metrics
     assert res.verdict == "inactive" and m["loss_mean_alpha_on"] == 0.0
     assert m["val_loss_on"] == m["val_loss_off"]  # nothing was injected
     # at the forced alpha the planned and the random targets really move the state, differently
-    assert m["val_loss_on_forced"] != m["val_loss_off"] and m["val_loss_random_forced"] != m["val_loss_off"]
-    assert m["val_loss_on_forced"] != m["val_loss_random_forced"]
+    assert m["val_loss_planned"] != m["val_loss_off"] and m["val_loss_random"] != m["val_loss_off"]
+    assert m["val_loss_planned"] != m["val_loss_random"]
 
 
 def test_planner_effect_says_hurts_for_a_destructive_planner(trained, tmp_path):
@@ -95,7 +127,7 @@ def test_planner_effect_says_hurts_for_a_destructive_planner(trained, tmp_path):
 
     model.planner.plan = wreck
     model.planner.params = model.planner.params.model_copy(update={"plan_every": 1})
-    res = statelab.make_probe("planner-effect", EFFECT, model).run(model, _ctx(tokens, tmp_path))
+    res = statelab.make_probe("planner-effect", LOSS_ONLY, model).run(model, _ctx(tokens, tmp_path))
     assert res.verdict == "hurts"
     assert res.metrics["val_loss_on"] > res.metrics["val_loss_off"] + 0.03
 
@@ -110,6 +142,31 @@ def test_injection_stability_passes_over_1000_consecutive_injections(trained):
     assert m["nonfinite_steps"] == 0 and m["invalid_tokens"] == 0
     assert m["mean_alpha"] >= 0.5  # the gate floor: every injection really moved the state
     assert m["norm_ratio"] <= 10
+    # the quality under forced injection is reported beside the norms
+    assert m["loss_increase_low"] <= m["loss_increase"] <= m["loss_increase_high"]
+    assert m["loss_increase"] == pytest.approx(m["val_loss_injected"] - m["val_loss_none"], abs=1e-6)
+    assert 0 < m["sample_nll_none"] < 10 and 0 < m["sample_nll_injected"] < 10
+
+
+def test_injection_stability_fails_a_norm_stable_injection_that_wrecks_the_text(trained):
+    """Targets of the state's own norm (stable by the norm criterion) that point the other way:
+    the loss under forced injection rises, which ``max_loss_increase`` turns into a failure."""
+    model, _, tokens = trained
+
+    def flip(m, request, **kw):
+        tgt = {k: -request.state[k] for k in m.planner.codec.keys}
+        B = request.logits.shape[0]
+        return PlanResult(tgt, torch.ones(B), torch.ones(B), request.step, request.generation_id)
+
+    model.planner.plan = flip
+    params = {"steps": 40, "min_alpha": 0.5, "loss_rows": 8, "loss_seq_len": 32}
+    ctx = ProbeContext(val_tokens=tokens[-2000:], seed=0)
+    lenient = statelab.make_probe("injection-stability", params, model).run(model, ctx)
+    assert lenient.passed is True and lenient.metrics["norm_ratio"] <= 1.01
+    assert lenient.metrics["loss_increase_low"] > 0.01  # (the toy-rnn leans little on its state)
+    assert lenient.metrics["sample_nll_injected"] > lenient.metrics["sample_nll_none"] + 0.2
+    strict = statelab.make_probe("injection-stability", {**params, "max_loss_increase": 0.01}, model).run(model, ctx)
+    assert strict.passed is False
 
 
 def test_injection_stability_fails_on_non_finite_targets(trained):
@@ -153,7 +210,7 @@ def test_random_direction_ablation_keeps_the_norm_on_4d_states():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(2, 3, 4, 5, generator=g)
     t = s + torch.randn(2, 3, 4, 5, generator=g)
-    planned = lambda model, req: PlanResult({"k": t}, torch.ones(2), torch.ones(2), req.step, req.generation_id)
+    planned = lambda model, req: PlanResult({"k": t}, torch.ones(2), torch.ones(2), req.step, req.generation_id)  # noqa: E731
     r = random_direction_plan(planned, seed=1)(None, PlanRequest({"k": s}, torch.zeros(2, 7), 0, 0))
     moved = torch.linalg.vector_norm(r.target["k"] - s, dim=(1, 2, 3))
     torch.testing.assert_close(moved, torch.linalg.vector_norm(t - s, dim=(1, 2, 3)))

@@ -182,15 +182,17 @@ class PlanningHook:
     """The generation hook of an :class:`~crsm_planner.planner.MCTSPlanner`.
 
     ``plan_fn`` replaces ``planner.plan`` (the random-injection ablation wraps it);
-    ``alpha_fn`` transforms the applied gate (the stability probe forces a floor).
+    ``alpha_fn`` transforms the applied gate (the stability probe forces a floor);
+    ``target_frame`` overrides the params' (``snapshot``: the stale-target control).
     Statistics of the current generation are in :attr:`stats` and are written to the
     generation's stats under ``planner.*``.
     """
 
     def __init__(self, planner, model, *, inline: bool | None = None, plan_fn: PlanFn | None = None,
                  alpha_fn: Callable[[Tensor], Tensor] | None = None, plan_every: int | None = None,
-                 simulations: int | None = None, launcher: Any = None) -> None:
+                 simulations: int | None = None, launcher: Any = None, target_frame: str | None = None) -> None:
         p = planner.params
+        self.target_frame = target_frame or p.target_frame  # the stale-target control passes "snapshot"
         self.planner, self.model = planner, model
         self.inline = (not p.asynchronous) if inline is None else inline
         sims = self.simulations = simulations
@@ -365,7 +367,7 @@ class PlanningHook:
         ev = r.info.pop("_cuda_event", None)
         stream_ev = r.info.pop("_stream_event", None)
         # the snapshot the plan was made from; without one (a foreign plan_fn) the target is absolute
-        snap = r.info.pop("snapshot_flat", None) if self.planner.params.target_frame == "rebase" else None
+        snap = r.info.pop("snapshot_flat", None) if self.target_frame == "rebase" else None
         if stream_ev is not None:  # a launcher's static outputs: complete (polled), kept alive by the graph
             torch.cuda.current_stream().wait_event(stream_ev)
         flat = r.info.pop("target_flat", None)

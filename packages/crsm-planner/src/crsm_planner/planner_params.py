@@ -127,14 +127,19 @@ class MCTSParams(BaseModel):
 class PlannerEffectParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    loss_batches: int = Field(2, ge=1, le=1000, description="validation windows batches for the teacher-forced loss")
+    seeds: int = Field(
+        3, ge=1, le=1000,
+        description="independent draws of validation windows (and of the random control's directions); every "
+                    "comparison is paired by (seed, batch, row)",
+    )
+    loss_batches: int = Field(2, ge=1, le=1000, description="validation window batches per seed for the loss")
     batch_size: int = Field(4, ge=1, le=1024, description="rows per validation batch and samples per setting")
     seq_len: int = Field(64, ge=2, le=100000, description="tokens per validation window")
     prompt_len: int = Field(16, ge=1, le=100000, description="prompt tokens (taken from validation text) for samples")
     new_tokens: int = Field(64, ge=4, le=100000, description="tokens sampled per prompt and setting")
+    samples: bool = Field(True, description="also generate samples off / on / random and time them (False: loss only)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_k: int | None = Field(None, ge=1, description="sampling top-k (null: full distribution)")
-    tolerance: float = Field(0.005, ge=0, description="relative loss change below which the verdict is 'no effect'")
     min_alpha: float = Field(
         0.005, ge=0, le=1,
         description=(
@@ -143,13 +148,20 @@ class PlannerEffectParams(BaseModel):
         ),
     )
     forced_alpha: float = Field(
-        0.1, ge=0, le=1,
+        0.1, gt=0, le=1,
         description=(
-            "also score the planned and the random targets injected at this fixed alpha (gate and confidence "
-            "bypassed): whether the search's directions beat random ones, apart from how much the gate trusts "
-            "them; 0 skips these two runs"
+            "the controls (planned, matched random, stale target, oracle) are injected at this fixed alpha, gate "
+            "and confidence bypassed, so that they differ only in direction"
         ),
     )
+    control_norm: float | None = Field(
+        None, gt=0,
+        description=(
+            "length of every forced move as a fraction of the snapshot's norm (null: each control takes the length "
+            "of the planned move it replaces)"
+        ),
+    )
+    oracle_horizon: int = Field(4, ge=2, le=1024, description="true next tokens the oracle controls look at")
 
 
 class InjectionStabilityParams(BaseModel):
@@ -168,4 +180,14 @@ class InjectionStabilityParams(BaseModel):
     norm_factor: float = Field(
         10.0, gt=1,
         description="pass only if the max state norm stays below norm_factor x that of a run without injection",
+    )
+    loss_rows: int = Field(
+        4, ge=0, le=4096,
+        description="validation windows scored teacher-forced with an injection at every step and without (0: skip)",
+    )
+    loss_seq_len: int = Field(64, ge=2, le=100000, description="tokens per validation window of the loss comparison")
+    max_loss_increase: float | None = Field(
+        None, gt=0,
+        description="also fail when forced injection raises the validation loss by more than this many nats "
+                    "(null: report the loss, judge stability only)",
     )
