@@ -5,6 +5,8 @@ Components
 * memory ``then``: hybrid attention (local window + top-k traces from a trace store),
   merged by a learned gate; publishes ``memory.gate`` and ``memory.recall``.
 * probe ``passkey``: the Landmark-attention passkey protocol in ingest-then-query mode.
+* tasks ``fact-qa``, ``personality``, ``user-log``: train on fact documents, evaluate
+  ingest-then-query with held-out templates (see :mod:`then_memory.tasks`).
 
 Commands
 --------
@@ -78,6 +80,30 @@ class PasskeyParams(BaseModel):
     pass_length: int = Field(10240, ge=1, description="length at which pass_threshold is judged (nearest tested)")
 
 
+class FactQAParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_facts: int = Field(4, ge=1, le=12, description="facts per document: 1 to max_facts")
+    filler: tuple[int, int] = Field((40, 160), description="characters of Tiny Shakespeare around each statement "
+                                    "(min, max)")
+    update_p: float = Field(0.3, ge=0, le=1, description="chance that a document updates one fact (the answer is "
+                            "the new value)")
+    pref_fraction: float = Field(0.2, ge=0, le=1, description="training rows that are preference documents")
+    loss_on: Literal["answers", "all"] = Field("answers", description="answers: loss on the answer lines and the "
+                                               "end-of-answer marker; all: every token")
+    eval_docs: int = Field(100, ge=1, description="documents evaluated (held-out templates)")
+
+
+class PersonalityParams(FactQAParams):
+    gap: int = Field(600, ge=0, description="characters of real text between the preferences and the questions "
+                     "at evaluation")
+
+
+class UserLogParams(FactQAParams):
+    users: int = Field(3, ge=2, le=20, description="users interleaved in one log at evaluation")
+    lines: int = Field(40, ge=0, description="noise lines (chatter, quoted text, with typos) per log")
+    eval_docs: int = Field(30, ge=1, description="logs evaluated (each gives one document per user)")
+
+
 def _then_publishes(params: ThenParams) -> list[str]:
     return ["memory.gate", "memory.recall"]
 
@@ -93,6 +119,18 @@ def statelab_components() -> list[Component]:
         Component(
             "probe", "passkey", PasskeyParams, "then_memory.passkey:build_passkey",
             "passkey retrieval (Landmark protocol) in ingest-then-query mode: accuracy table + heatmap",
+        ),
+        Component(
+            "task", "fact-qa", FactQAParams, "then_memory.tasks:build_fact_qa",
+            "facts ingested, then asked with held-out templates (updates: the newest value); no-memory ablation",
+        ),
+        Component(
+            "task", "personality", PersonalityParams, "then_memory.tasks:build_personality",
+            "preferences stated early, probed after real text (held-out templates)",
+        ),
+        Component(
+            "task", "user-log", UserLogParams, "then_memory.tasks:build_user_log",
+            "noisy interleaved chat logs of several users: each user's facts from their own memory; leak rate",
         ),
     ]
 
