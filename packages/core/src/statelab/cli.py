@@ -29,6 +29,7 @@ CORE_COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("run a probe on a checkpoint", "probe"),
     "generate": ("generate text from a checkpoint", "generate"),
     "compare": ("compare the runs of an mlflow experiment", "compare"),
+    "bench": ("train, score and report a benchmark suite (configs/bench/*.yaml)", "bench"),
     "tokenizer": ("train or inspect tokenizers", "tokenizer"),
     "planner": ("fit a checkpoint's planner (`statelab planner fit CKPT`)", "planner"),
 }
