@@ -78,13 +78,14 @@ def _failing_worker(rank: int, world: int, port: int, out: str, cache: str, resu
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), STATELAB_CACHE_DIR=cache)
     torch.set_num_threads(1)
+    import statelab.run_callbacks as rc
     import statelab.train as tr
 
     if rank == 0:  # rank 0 fails in its post-training work, after every rank finished its steps
         def fail(*args, **kwargs):
             raise RuntimeError("artifacts failed")
 
-        tr._finish_artifacts = fail
+        rc.finish_artifacts = fail
     try:
         tr.train(_spec("stream"), registry=toy_registry(), out_dir=out, progress=False)
         results.put((rank, "returned"))

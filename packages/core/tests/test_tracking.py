@@ -55,6 +55,7 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(store):
     p = run.data.params
     assert p["model.backbone.kind"] == "toy-rnn" and p["model.memories.0.kind"] == "toy-ema"
     assert p["train.steps"] == "10" and int(p["model.parameters"]) > 0
+    assert p["model.memories.0.decay"] == "0.9"  # params hold the resolved spec: every plugin default
     t = run.data.tags
     assert json.loads(t["statelab.distributions"]) == {"statelab-toys": "0"}
     assert t["plugin.statelab-toys"] == "0"
@@ -68,8 +69,10 @@ def test_a_run_logs_params_tags_metrics_and_artifacts(store):
     train_hist = c.get_metric_history(res.mlflow_run_id, "train/loss")
     assert sorted(h.step for h in train_hist) == [5, 10]
     arts = {a.path for a in c.list_artifacts(res.mlflow_run_id)}
-    assert {"spec.yaml", "loss_curve.png", "samples.txt", "best", "metrics.jsonl"} <= arts
-    assert [a.path for a in c.list_artifacts(res.mlflow_run_id, "best")] == ["best/model.safetensors"]
+    assert {"spec.yaml", "loss_curve.png", "samples.txt", "checkpoint", "metrics.jsonl"} <= arts
+    # the complete best checkpoint: a downloaded run loads
+    assert {a.path.split("/")[-1] for a in c.list_artifacts(res.mlflow_run_id, "checkpoint")} >= {
+        "model.safetensors", "tokenizer.json", "manifest.json"}
     # the store is self-contained: artifacts live beside the database
     assert (root / "mlartifacts").is_dir()
     local = c.download_artifacts(res.mlflow_run_id, "spec.yaml", str(root))
@@ -227,15 +230,13 @@ def test_unusable_stores_fail_fast_in_one_line(tmp_path, capsys):
 
 def test_checkpoint_commands_take_an_mlflow_run(store, capsys):
     """eval/generate/probe accept runs:/RUN_ID and a bare run id: the complete checkpoint is downloaded."""
-    from statelab import checkpoint as ckpt
     from statelab.tracking import CHECKPOINT_ARTIFACT
 
     root, uri, results = store
+    set_registry(toy_registry())  # an earlier test may have reset it
     run_id = results["plain"].mlflow_run_id
     c = client(uri)
-    if not any(a.path == CHECKPOINT_ARTIFACT for a in c.list_artifacts(run_id)):  # what the trainer logs
-        best = ckpt.find_checkpoint(results["plain"].run_dir)
-        c.log_artifacts(run_id, str(best), CHECKPOINT_ARTIFACT)
+    assert any(a.path == CHECKPOINT_ARTIFACT for a in c.list_artifacts(run_id))  # the trainer logs it
     assert cli.main(["eval", f"runs:/{run_id}", "--uri", uri, "--json", "--batches", "2"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["val/loss"] == pytest.approx(results["plain"].best_val_loss, rel=1e-5)
@@ -244,7 +245,7 @@ def test_checkpoint_commands_take_an_mlflow_run(store, capsys):
     assert cli.main(["probe", f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}", "--uri", uri, "--probe", "toy-norm",
                      "--param", "batches=1"]) == 0
     assert "logged to mlflow run " + run_id in capsys.readouterr().err
-    other = results["with-ema"].mlflow_run_id
+    other = c.create_run(c.get_run(run_id).info.experiment_id).info.run_id  # a run without a checkpoint
     assert cli.main(["eval", f"runs:/{other}", "--uri", uri]) == 2
     assert "has no complete checkpoint at artifact path 'checkpoint'" in capsys.readouterr().err
     assert cli.main(["eval", "0" * 32, "--uri", uri]) == 2

@@ -114,3 +114,83 @@ class Callback:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (tensors arrive on the CPU)."""
+
+
+HOOKS = ("on_run_start", "on_micro_batch_start", "on_micro_batch_end", "on_optimizer_step", "on_evaluate",
+         "on_checkpoint_save", "on_checkpoint_load", "on_train_end", "on_run_end")
+
+#: separates a callback's name from a key of its state in a checkpoint's tensor file
+SEP = "::"
+
+
+class CallbackList:
+    """The callbacks of one run by state name, sorted by ``order`` (stable); each hook is
+    dispatched only to the callbacks that override it, so an unused hook costs nothing."""
+
+    def __init__(self, named: Mapping[str, Callback]) -> None:
+        for name, cb in named.items():
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callback {name!r} is a {type(cb).__name__}, not a statelab.Callback")
+            if not name or SEP in name:
+                raise ValueError(f"callback name {name!r}: give it a non-empty name without {SEP!r}")
+        self.named = dict(sorted(named.items(), key=lambda kv: kv[1].order))
+        self._hooks = {
+            hook: [getattr(cb, hook) for cb in self.named.values() if getattr(type(cb), hook) is not getattr(Callback, hook)]
+            for hook in HOOKS
+        }
+
+    def has(self, hook: str) -> bool:
+        return bool(self._hooks[hook])
+
+    def call(self, hook: str, *args: Any) -> None:
+        for fn in self._hooks[hook]:
+            fn(*args)
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        return {name: dict(cb.state_dict()) for name, cb in self.named.items()}
+
+    def load_state(self, js: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
+        """Give each callback the state saved under its name (callbacks with none get no call)."""
+        for name, cb in self.named.items():
+            state = join_state(js, tensors, name)
+            if state is not None:
+                cb.load_state_dict(state)
+
+
+def split_state(states: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
+    """``{name: {key: tensor | JSON value}}`` -> JSON part and tensors keyed ``name::key``."""
+    js: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, Tensor] = {}
+    for name, state in states.items():
+        part = js.setdefault(name, {})
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"{name}{SEP}{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                part[key] = value
+    return js, tensors
+
+
+def join_state(js: Mapping[str, Any], tensors: Mapping[str, Tensor], name: str) -> dict[str, Any] | None:
+    """The state saved under ``name`` (the inverse of :func:`split_state`); ``None`` when absent."""
+    if name not in js:
+        return None
+    state = dict(js[name])
+    prefix = f"{name}{SEP}"
+    state.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return state
+
+
+def component_callbacks(model: Any) -> dict[str, Callback]:
+    """Callbacks contributed by the model's modules (``training_callbacks()``), named
+    ``<module path>:<callback name>`` (e.g. ``backbone:crystallization``)."""
+    raw = getattr(model, "module", model)
+    raw = getattr(raw, "_orig_mod", raw)
+    out: dict[str, Callback] = {}
+    for path, module in raw.named_modules():
+        contribute = getattr(module, "training_callbacks", None)
+        if contribute is None:
+            continue
+        for cb in contribute():
+            out[f"{path or 'model'}:{cb.name or type(cb).__name__}"] = cb
+    return out

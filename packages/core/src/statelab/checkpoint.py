@@ -10,6 +10,9 @@ Layout of a checkpoint directory::
                           numpy, optimizer hyper-parameters, grad scaler, best val loss...
     trainer.safetensors   training-state tensors: optimizer moments, torch RNG states, the
                           carried stream state (absent for weights-only checkpoints)
+    components.json       state of the callbacks the model's components contribute (e.g. a
+    components.safetensors  path trie), JSON and tensors; written whenever there is any,
+                          restored by :func:`load` and ``--resume``
     manifest.json         sha256 and size of every file, checked by :func:`load`
 
 A run directory (``runs/<name>``) holds ``checkpoints/step-XXXXXXX`` (the last K),
@@ -37,6 +40,8 @@ MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TRAINER_JSON = "trainer.json"
 TRAINER_TENSORS = "trainer.safetensors"
+COMPONENTS_JSON = "components.json"
+COMPONENTS_TENSORS = "components.safetensors"
 MANIFEST = "manifest.json"
 
 __all__ = [
@@ -170,12 +175,42 @@ def save(
             (tmp / TRAINER_JSON).write_text(json.dumps(trainer_state))
         if trainer_tensors is not None:
             save_file(dict(trainer_tensors), str(tmp / TRAINER_TENSORS))
+        _write_component_state(tmp, raw)
         _write_manifest(tmp)
     return path
 
 
 # --------------------------------------------------------------------------------------
 # reading
+
+
+def _write_component_state(d: Path, model: Any) -> None:
+    from safetensors.torch import save_file
+
+    from statelab.callbacks import component_callbacks, split_state
+
+    states = {name: cb.state_dict() for name, cb in component_callbacks(model).items()}
+    states = {name: st for name, st in states.items() if st}
+    if states:
+        js, tensors = split_state(states)
+        (d / COMPONENTS_JSON).write_text(json.dumps(js))
+        save_file(tensors, str(d / COMPONENTS_TENSORS))
+
+
+def load_component_state(model: Any, ck: "Checkpoint") -> None:
+    """Give the model's component callbacks the state ``ck`` holds for them (none: no call)."""
+    from statelab.callbacks import component_callbacks, join_state
+
+    fj = ck.path / COMPONENTS_JSON
+    if not fj.exists():
+        return
+    js = json.loads(fj.read_text())
+    ft = ck.path / COMPONENTS_TENSORS
+    tensors = _read_safetensors(ft)[0] if ft.exists() else {}
+    for name, cb in component_callbacks(model).items():
+        state = join_state(js, tensors, name)
+        if state is not None:
+            cb.load_state_dict(state)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -312,6 +347,7 @@ def build_from_checkpoint(ck: Checkpoint, *, registry: Any = None) -> Any:
             f"(missing {missing[:5]}, unexpected {unexpected[:5]}); the plugin versions differ from the ones that "
             f"wrote it: {ck.distributions}"
         )
+    load_component_state(model, ck)
     return model
 
 

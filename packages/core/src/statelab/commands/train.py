@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 
 def configure(parser) -> None:
@@ -18,7 +17,7 @@ def configure(parser) -> None:
 def run(args) -> int:
     from statelab.commands.spec import print_warnings
     from statelab.spec import apply_overrides, check_data_fit, load_document, validate_spec
-    from statelab.train import train
+    from statelab.train import exit_status, train
 
     # --set values are read here with YAML 1.2 rules (`name=no` stays text, `steps=1e3` is a number)
     doc = apply_overrides(load_document(args.spec), args.overrides)
@@ -28,14 +27,14 @@ def run(args) -> int:
         print_warnings(resolved)
     res = train(doc, resume=args.resume, out_dir=args.out, progress=False if args.quiet else None)
     if not _is_main():
-        return 0
+        return exit_status(res)
     best = f"{res.best_val_loss:.4f}" if res.best_val_loss is not None else "-"
     bpc = res.metrics.get("best/val_bpc")
     print(f"{res.status} at step {res.step}: best val loss {best}"
           + (f", best bpc {bpc:.4f}" if bpc is not None else "")
           + f", {res.tokens_per_s:,.0f} tok/s; run dir {res.run_dir}"
           + (f"; mlflow run {res.mlflow_run_id}" if res.mlflow_run_id else ""))
-    return 0
+    return exit_status(res)
 
 
 def _is_main() -> bool:
