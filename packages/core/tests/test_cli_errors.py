@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 import yaml
 
 import statelab
@@ -83,6 +82,8 @@ def test_set_errors(reg, tmp_path, capsys):
     user_error(["train", str(path), *out, "--set", "name.first=x"], capsys, "name is 'toy', not a mapping or list")
     user_error(["train", str(path), *out, "--set", "tracking.experiment=a: b: c"], capsys,
                "to pass it as text, quote it inside the shell quotes: --set tracking.experiment='\"a: b: c\"'")
+    user_error(["train", str(path), *out, "--set", "tracking.experiment=2024"], capsys,
+               "(--set tracking.experiment=2024 was read as int; for text quote it: --set tracking.experiment='\"2024\"')")
     assert not (tmp_path / "runs").exists()
 
 
@@ -129,7 +130,7 @@ def test_version_does_not_import_torch():
             "print('torch' in sys.modules)")
     res = _run("-c", code)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == [f"statelab-core", statelab.__version__, "False"]
+    assert res.stdout.split() == ["statelab-core", statelab.__version__, "False"]
 
 
 def test_help_lists_plugin_commands(tmp_path):

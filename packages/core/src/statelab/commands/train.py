@@ -16,12 +16,15 @@ def configure(parser) -> None:
 
 def run(args) -> int:
     from statelab.commands.spec import print_warnings
-    from statelab.spec import apply_overrides, check_data_fit, load_document, validate_spec
+    from statelab.spec import SpecError, apply_overrides, check_data_fit, load_document, validate_spec
     from statelab.train import exit_status, train
 
     # --set values are read here with YAML 1.2 rules (`name=no` stays text, `steps=1e3` is a number)
     doc = apply_overrides(load_document(args.spec), args.overrides)
-    resolved = validate_spec(doc, source=args.spec)
+    try:
+        resolved = validate_spec(doc, source=args.spec)
+    except SpecError as exc:
+        raise quoting_hints(exc, args.overrides) from None
     check_data_fit(resolved.spec)
     if _is_main():
         print_warnings(resolved)
@@ -41,3 +44,23 @@ def _is_main() -> bool:
     import os
 
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def quoting_hints(err, overrides):
+    """``err`` with a quoting hint on each issue at a ``--set`` key whose value YAML read as a
+    number, boolean or null while the field wanted text (``--set name=123``)."""
+    from statelab.spec import SpecError, SpecIssue, parse_value
+
+    raw = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        raw[key] = value
+    issues = []
+    for issue in err.issues:
+        value = raw.get(issue.path)
+        if value is not None and not isinstance(parse_value(value, issue.path), (str, dict, list)):
+            issue = SpecIssue(issue.path, f"{issue.message} (--set {issue.path}={value} was read as "
+                              f"{type(parse_value(value, issue.path)).__name__}; for text quote it: "
+                              f"--set {issue.path}='\"{value}\"')")
+        issues.append(issue)
+    return SpecError(issues, err.source)
