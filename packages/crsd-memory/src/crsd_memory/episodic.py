@@ -19,6 +19,20 @@ than S seen candidates beat it::
 then recall is one masked attention (B, C, N) and the outgoing slots are the top S
 candidates in canonical order. Membership is decided by the same comparisons as the
 reference, so the buffer contents match it exactly; outputs match to fp32 rounding.
+
+Learned eviction (``eviction: straight-through``). Which entries stay is a hard top-S
+choice, so the importance logits get no gradient from it: an entry evicted too early never
+tells the importance head it was needed. The straight-through form keeps the forward pass
+exactly the hard one and takes the gradient from a soft buffer: at chunk step tau, with
+``theta`` the midpoint between the S-th and (S+1)-th highest priorities seen so far (no
+eviction yet: theta = -inf), every seen candidate j is kept with probability
+``p_j = sigmoid((u_j - theta) / eviction_temperature)`` and recall attends over all seen
+candidates with logits ``+ log p_j``; the recall weights are ``a_hard + a_soft -
+stop_gradient(a_soft)``. Raising an evicted entry's importance now lowers the loss when
+that entry would have been recalled, which is what teaches the buffer what to keep. The soft
+buffer spans one chunk's candidates (the incoming slots and the chunk's tokens): an entry
+evicted in an earlier chunk gets no gradient from later queries, so ``chunk_size`` is the
+horizon of the learned eviction.
 """
 
 from __future__ import annotations
@@ -37,10 +51,11 @@ STATE_KEYS = ("keys", "values", "prio", "slot_t", "t")
 
 def episodic_chunked(
     q: Tensor, k: Tensor, v: Tensor, z: Tensor, state: State, *, chunk_size: int, temperature: float,
-    topk: int | None, window: int | None, recency: float,
+    topk: int | None, window: int | None, recency: float, evict_temperature: float | None = None,
 ) -> tuple[Tensor, State]:
     """The chunk-parallel form of :func:`crsd_memory.reference.episodic_sequence` (same arguments
-    and results): ``q, k`` unit vectors and ``v`` (B, T, d), importance ``z`` (B, T)."""
+    and results): ``q, k`` unit vectors and ``v`` (B, T, d), importance ``z`` (B, T).
+    ``evict_temperature``: straight-through gradient for the eviction (same values), or None."""
     keys, values, prio, slot_t, t = (state[key] for key in STATE_KEYS)
     S = keys.shape[1]
     outs = []
@@ -62,15 +77,38 @@ def episodic_chunked(
         rank = beats.float() @ seen  # (B, N, C) exact small integers
         alive = (rank < S) & (seen > 0) & torch.isfinite(u)[:, :, None]  # (B, N, C)
         alive = alive.transpose(1, 2)  # (B, C, N)
+        in_window = torch.ones_like(alive)
         if window is not None:
-            alive = alive & ((tc[:, :, None] - ct[:, None, :]) < window)
+            in_window = (tc[:, :, None] - ct[:, None, :]) < window  # (B, C, N)
+            alive = alive & in_window
         logits = (qc @ ck.transpose(1, 2)) / temperature + F.logsigmoid(cz)[:, None, :]  # (B, C, N)
         a = masked_softmax(logits, alive, topk)  # (B, C, N)
+        if evict_temperature is not None:
+            a = a + _soft_buffer_weights(logits, u, seen, S, in_window, topk, evict_temperature)
         outs.append(a @ cv)  # (B, C, d)
         keys, values, prio, slot_t = sort_slots(ck, cv, cz, ct, recency, S)
         t = t + C
     new = {"keys": keys, "values": values, "prio": prio, "slot_t": slot_t, "t": t}
     return torch.cat(outs, dim=1), new
+
+
+def _soft_buffer_weights(
+    logits: Tensor, u: Tensor, seen: Tensor, S: int, in_window: Tensor, topk: int | None, tau: float
+) -> Tensor:
+    """``a_soft - stop_gradient(a_soft)`` (zero in value): the soft buffer's recall weights.
+
+    ``logits`` (B, C, N); ``u`` (B, N) candidate priorities; ``seen`` (N, C); ``in_window``
+    (B, C, N). Each seen candidate is kept with probability sigmoid((u_j - theta) / tau)."""
+    valid = (seen.T > 0)[None] & torch.isfinite(u)[:, None, :] & in_window  # (B, C, N)
+    u_seen = u[:, None, :].detach().masked_fill(~valid, float("-inf"))  # (B, C, N)
+    if u.shape[1] <= S:  # fewer candidates than slots: nothing is ever evicted
+        return torch.zeros_like(logits)
+    top = u_seen.topk(S + 1, dim=-1).values  # (B, C, S+1)
+    theta = (top[..., S - 1] + top[..., S]) / 2  # (B, C); -inf while at most S are seen
+    margin = (u[:, None, :] - theta[..., None]) / tau  # (B, C, N)
+    log_keep = F.logsigmoid(margin.masked_fill(~valid, 0.0))
+    a_soft = masked_softmax(logits + log_keep, valid, topk)
+    return a_soft - a_soft.detach()
 
 
 class EpisodicRecall(nn.Module):
@@ -93,8 +131,13 @@ class EpisodicRecall(nn.Module):
         recency: float = 0.01,
         detach: bool = False,
         chunk_size: int = 64,
+        eviction: str = "hard",
+        eviction_temperature: float = 1.0,
     ) -> None:
         super().__init__()
+        if eviction not in ("hard", "straight-through"):
+            raise ValueError(f"episodic: eviction must be hard or straight-through (got {eviction!r})")
+        self.evict_temperature = eviction_temperature if eviction == "straight-through" else None
         self.slots, self.d_key = slots, d_key or d_in
         self.temperature, self.topk, self.window, self.recency = temperature, topk, window, recency
         self.detach, self.chunk_size = detach, chunk_size
@@ -132,7 +175,8 @@ class EpisodicRecall(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             q, k, v, z = self._project(x)
             r, new = episodic_chunked(q, k, v, z, s, chunk_size=self.chunk_size, temperature=self.temperature,
-                                      topk=self.topk, window=self.window, recency=self.recency)
+                                      topk=self.topk, window=self.window, recency=self.recency,
+                                      evict_temperature=self.evict_temperature)
         return self.out(r.to(x.dtype)), new
 
     def step(self, x_t: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -158,6 +202,7 @@ def episodic_kwargs(params) -> dict:
     return dict(
         slots=params.slots, d_key=params.d_key, temperature=params.temperature, topk=params.topk,
         window=params.window, recency=params.recency, detach=params.detach, chunk_size=params.chunk_size,
+        eviction=params.eviction, eviction_temperature=params.eviction_temperature,
     )
 
 

@@ -152,10 +152,10 @@ class HebbianRecall(nn.Module):
                 self.decay_proj.bias.copy_(start + torch.log(-torch.expm1(-start)))  # inverse softplus
         self.conv_weight = None
         if key_conv is not None:
-            # (channels, K); starts close to the identity (last tap 1) so keys start as the token's own
-            w = torch.randn(n_heads * d_head, key_conv) * 0.1 / key_conv**0.5
-            w[:, -1] += 1.0
-            self.conv_weight = nn.Parameter(w)
+            # (channels, K), uniform in +-1/sqrt(K) like nn.Conv1d: every key starts as a random mix of
+            # the last K tokens. (A near-identity start, keys = the token's own, learned MQAR far slower.)
+            bound = key_conv**-0.5
+            self.conv_weight = nn.Parameter(torch.empty(n_heads * d_head, key_conv).uniform_(-bound, bound))
 
     @property
     def faithful(self) -> bool:

@@ -76,6 +76,14 @@ class EpisodicParams(BaseModel):
     )
     detach: bool = Field(False, description="no gradient through what is written (keys, values, importance)")
     chunk_size: int = Field(64, ge=1, description="chunk length of the parallel forward")
+    eviction: Literal["hard", "straight-through"] = Field(
+        "hard", description="hard: the top-slots choice passes no gradient (the seed); straight-through: same "
+        "forward, gradient from a soft buffer that keeps each entry with probability sigmoid((u - theta) / "
+        "eviction_temperature), so the importance head learns what to keep"
+    )
+    eviction_temperature: float = Field(
+        1.0, gt=0, description="softness of the straight-through eviction, in priority units"
+    )
 
 
 class DualParams(BaseModel):
