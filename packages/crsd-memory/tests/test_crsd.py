@@ -4,7 +4,7 @@ import torch
 import statelab
 from statelab.testing import check_backbone, state_roundtrip
 
-from crsd_memory.crsd import CRSD, linear_scan
+from crsd_memory.crsd import CRSD, chunked_scan, linear_scan
 from crsd_memory.plugin import CRSDParams
 from crsd_memory.reference import linear_recurrence
 
@@ -30,9 +30,54 @@ def test_parallel_scan_matches_loop(T):
     torch.testing.assert_close(linear_scan(lam, b, h0)[0], linear_recurrence(lam, b, h0)[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(memory=False), dict(spectral=False, memory_layers=[1])])
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_chunked_scan_matches_loop(chunk):
+    a, b, h0 = torch.rand(2, 37, 5), torch.randn(2, 37, 5), torch.randn(2, 5)
+    h, hT = chunked_scan(a, b, h0, chunk)
+    h_ref, hT_ref = linear_recurrence(a, b, h0)
+    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hT, hT_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_size_reaches_the_scans():
+    bb = make(chunk_size=6)
+    assert all(layer.chunk_size == 6 for layer in bb.layers)
+    whole = make(chunk_size=64)
+    whole.load_state_dict(bb.state_dict())
+    x = torch.randn(2, 20, D)
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x)[0], whole(x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(memory=False), dict(spectral=False, memory_layers=[1]),
+                                dict(reservoir=False, chunk_size=7), dict(memory=False, spectral=False, reservoir=False)])
 def test_conformance(kw):
     check_backbone(lambda: make(**kw), D)
+
+
+def test_ablations_remove_their_parameters_and_state():
+    full = make(n_layers=1)
+    names = {n for n, _ in full.named_parameters()} | {n for n, _ in full.named_buffers()}
+    assert any("spec_filter" in n for n in names) and any("res_in" in n for n in names)
+    bare = make(n_layers=1, memory=False, spectral=False, reservoir=False)
+    names = {n for n, _ in bare.named_parameters()} | {n for n, _ in bare.named_buffers()}
+    assert not any(part in n for n in names for part in ("spec_filter", "res_in", "w_rho", "memory", "w_mem"))
+    assert set(bare.init_state(2)) == {"layers.0.h"}
+
+
+def test_spectral_block_is_one_linear_map():
+    """FFT -> filter -> iFFT -> Linear equals LayerNorm then one D x D matrix (the fold): the
+    block is linear in the normalised features."""
+    layer = make(n_layers=1).layers[0]
+    with torch.no_grad():
+        layer.spec_filter.normal_()
+        h = torch.randn(5, D)
+        s = layer.spec_norm(h)
+        eye = torch.eye(D)
+        C = torch.fft.irfft(torch.fft.rfft(eye, dim=-1, norm="ortho") * torch.view_as_complex(layer.spec_filter),
+                            n=D, dim=-1, norm="ortho")  # (D, D): row i is the map of basis vector i
+        folded = s @ (layer.out.weight @ C.T).T + layer.out.bias
+        torch.testing.assert_close(layer._mix(h), folded, atol=1e-5, rtol=1e-5)
 
 
 def test_offline_equals_online_over_many_chunks():

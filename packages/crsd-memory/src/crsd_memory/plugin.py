@@ -98,12 +98,18 @@ class CRSDParams(BaseModel):
     d_reservoir: int = Field(64, ge=1, description="width of the fixed (untrained) leaky reservoir per layer")
     reservoir_tau_min: float = Field(1.0, gt=0, description="shortest reservoir time constant, in tokens")
     reservoir_tau_max: float = Field(256.0, gt=0, description="longest reservoir time constant, in tokens")
-    spectral: bool = Field(True, description="use the spectral sub-block (LayerNorm, FFT, filter, inverse FFT, Linear)")
+    spectral: bool = Field(
+        True, description="use the spectral sub-block (LayerNorm, FFT, filter, inverse FFT, Linear); false = "
+        "its fold, LayerNorm then the Linear (FFT-filter-iFFT is a linear map, so it only reparameterises)"
+    )
     memory: bool = Field(True, description="include the dual memory whose recall gates the state update")
     memory_layers: list[int] | None = Field(None, description="layers that get a dual memory; null = every layer")
     hebbian: HebbianParams = Field(default_factory=HebbianParams, description="the cell's Hebbian memory")
     episodic: EpisodicParams = Field(default_factory=EpisodicParams, description="the cell's episodic buffer")
-    chunk_size: int = Field(64, ge=1, description="chunk length of the parallel linear scans")
+    reservoir: bool = Field(True, description="include the fixed leaky reservoir (false: ablate it)")
+    chunk_size: int = Field(
+        64, ge=1, description="chunk length of the parallel linear scans (hidden state and reservoir)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "CRSDParams":
