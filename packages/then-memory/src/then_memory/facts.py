@@ -119,8 +119,9 @@ def qa_text(qa: QA) -> str:
 
 
 def question_prompt(question: str) -> str:
-    """What the model is given at query time: the question line and the answer's opening."""
-    return f"Q: {question}\nA:"
+    """What the model is given at query time: the question line and the answer's opening
+    ("A: ", so the first generated token is the answer's own)."""
+    return f"Q: {question}\nA: "
 
 
 def answer_of(generated: str) -> str:
