@@ -89,7 +89,9 @@ class DataSpec(_Strict):
                       "(see `statelab plugins`), whose data the run then trains on")
     params: dict[str, Any] = Field(default_factory=dict, description="task data: the params of the task that "
                                    "data.kind names (validated by that task)")
-    path: str | None = Field(None, description="text: corpus file (UTF-8); null = the bundled Tiny Shakespeare")
+    path: str | list[str] | None = Field(
+        None, description="text: a UTF-8 corpus file, a folder (its .txt/.md/.jsonl files), a .jsonl file (one "
+        "{\"text\": ...} document a line) or a list of these; null = the bundled Tiny Shakespeare")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="text: the last fraction of the corpus is validation")
     cache_dir: str | None = Field(None, description="where tokenized corpora are cached; null = ~/.cache/statelab")
     mqar: MQARSpec = Field(default_factory=MQARSpec, description="MQAR generator settings")
