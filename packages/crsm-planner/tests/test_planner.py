@@ -86,8 +86,10 @@ def test_plan_is_deterministic_and_alpha_follows_the_gate_formula(trained):
     b = model.planner.plan(model, req)
     assert all(torch.equal(a.target[k], b.target[k]) for k in a.target)
     assert torch.equal(a.alpha, b.alpha)
-    p = model.planner.params
-    expected = p.alpha_max * torch.sigmoid(model.planner.gate) * a.confidence
+    p, pl = model.planner.params, model.planner
+    z = pl.codec.encode(pl.codec.flatten(req.state))
+    zhat = (z - pl.novelty.z_mean) / pl.novelty.z_var.sqrt()
+    expected = p.alpha_max * torch.sigmoid(pl.gate + zhat @ pl.gate_weight) * a.confidence
     torch.testing.assert_close(a.alpha, expected)
     assert ((0 <= a.confidence) & (a.confidence <= 1)).all()
     assert (a.alpha <= p.alpha_max).all()
@@ -95,6 +97,7 @@ def test_plan_is_deterministic_and_alpha_follows_the_gate_formula(trained):
 
 def test_flat_value_head_gives_alpha_zero(trained):
     model, _, tokens = trained
+    model.planner.critic.fitted.fill_(0.0)  # the search's own choice and confidence
     with torch.no_grad():  # a value head that says the same thing everywhere: nothing to prefer
         model.planner.value_head.net[-1].weight.zero_()
     res = model.planner.plan(model, _request(model, tokens[:64].view(2, 32)))
@@ -105,6 +108,7 @@ def test_flat_value_head_gives_alpha_zero(trained):
 
 def test_uncertain_value_head_gives_alpha_near_zero(trained):
     model, _, tokens = trained
+    model.planner.critic.fitted.fill_(0.0)  # the search's own choice and confidence
     req = _request(model, tokens[:96].view(3, 32))
     sure = model.planner.plan(model, req)
     with torch.no_grad():  # same mean predictions, enormous predicted variance

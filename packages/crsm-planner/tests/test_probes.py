@@ -107,7 +107,7 @@ def test_a_planner_with_a_wrong_value_does_not_help(trained, tmp_path):
 
 def test_planner_effect_says_inactive_when_the_gate_lets_nothing_through_but_still_scores_the_plans(trained, tmp_path):
     model, _, tokens = trained
-    model.planner.value_skill.fill_(0.0)  # a value head without skill: confidence, and so alpha, are 0
+    model.planner.gate.fill_(-200.0)  # a closed gate: alpha is 0
     res = statelab.make_probe("planner-effect", LOSS_ONLY, model).run(model, _ctx(tokens, tmp_path))
     m = res.metrics
     assert res.verdict == "inactive" and m["loss_mean_alpha_on"] == 0.0

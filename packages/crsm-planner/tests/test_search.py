@@ -38,13 +38,19 @@ class RandomLatentModel(nn.Module):
         return 2 * self.pri(z)
 
 
-@pytest.mark.parametrize("seed,sims,depth,top_k,max_nodes", [(0, 20, 3, 3, 64), (1, 40, 4, 2, 31), (2, 25, 2, 4, 200)])
-def test_batched_search_matches_the_reference(seed, sims, depth, top_k, max_nodes):
+def _reward(logp, tok):
+    """Edge rewards of both kinds: a token log-probability term and a per-token task reward."""
+    return 0.3 * logp + (tok % 3 == 0).float()
+
+
+@pytest.mark.parametrize("seed,sims,depth,top_k,max_nodes,reward", [
+    (0, 20, 3, 3, 64, None), (1, 40, 4, 2, 31, None), (2, 25, 2, 4, 200, None), (3, 30, 3, 3, 100, _reward)])
+def test_batched_search_matches_the_reference(seed, sims, depth, top_k, max_nodes, reward):
     m = RandomLatentModel(seed=seed)
     B, L, V = 3, 6, 11
     z0 = torch.randn(B, L)
     logits = torch.randn(B, V)
-    kw = dict(simulations=sims, depth=depth, c_puct=1.3, top_k=top_k, max_nodes=max_nodes)
+    kw = dict(simulations=sims, depth=depth, c_puct=1.3, top_k=top_k, max_nodes=max_nodes, edge_reward=reward)
     with torch.no_grad():
         res = PUCTSearch(m.dynamics, m.value, m.prior, **kw).run(z0, logits)
         for b in range(B):
@@ -54,6 +60,7 @@ def test_batched_search_matches_the_reference(seed, sims, depth, top_k, max_node
             assert res.nodes_used[b].item() == ref["nodes"]
             torch.testing.assert_close(res.root_q[b], torch.tensor(ref["q"]), rtol=1e-4, atol=1e-5)
             assert res.confidence[b].item() == pytest.approx(ref["confidence"], rel=1e-3, abs=1e-5)
+            assert res.root_value[b].item() == pytest.approx(ref["root_value"], rel=1e-4, abs=1e-5)
 
 
 def _chain_problem(L=4, good=2, var=1e-4):
@@ -150,3 +157,18 @@ def test_confidence_grows_as_the_visits_concentrate_on_a_clear_winner():
         conf[sims] = res.confidence.item()
     assert conf[256] > conf[64]
     assert conf[256] > 0.5
+
+
+def test_a_task_reward_on_an_edge_steers_the_search_through_a_flat_value():
+    """Flat value head: only a reward for token 2, reachable two levels down and only through
+    root child 1, separates the root children; the search picks child 1 against its prior."""
+    L = 4
+    eye = torch.eye(L)
+    follow = 5 * torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 1], [0, 0, 1, 1], [1, 0, 0, 1]])  # token -> next priors
+    search = PUCTSearch(lambda z, t: eye[t], lambda z: (torch.zeros(z.shape[0]), torch.full((z.shape[0],), 1e-6)),
+                        lambda z: z @ follow, simulations=40, depth=2, c_puct=1.0, top_k=2, max_nodes=64,
+                        edge_reward=lambda logp, tok: (tok == 2).float())
+    logits = torch.tensor([[1.0, 0.8, -5.0, -5.0]])  # root children: tokens 0 (favoured) and 1
+    res = search.run(torch.zeros(1, L), logits)
+    assert res.root_tokens[0].tolist() == [0, 1]
+    assert res.best_token.item() == 1 and res.root_q[0, 1] > res.root_q[0, 0] == 0

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from statelab.interfaces import Planner, PlanRequest, PlanResult, State, prefix_state, unprefix_state
 
+from crsm_planner.critic import InjectionCritic, Novelty
 from crsm_planner.dynamics import LatentDynamics, StateCodec
 from crsm_planner.planner_params import MCTSParams
 from crsm_planner.search import PUCTSearch
@@ -160,6 +161,12 @@ class MCTSPlanner(Planner):
         self.value_head = ValueHead(p.d_latent, p.d_hidden)
         self.prior_head = PriorHead(p.d_latent, p.d_hidden, d_model)
         self.gate = nn.Parameter(torch.tensor(float(p.gate_init)))
+        # the gate conditioned on the state: logit = gate + gate_weight . (standardised root latent)
+        self.gate_weight = nn.Parameter(torch.zeros(p.d_latent))
+        self.critic = InjectionCritic(p.d_latent, p.d_hidden, p.critic_members)
+        self.novelty = Novelty(p.d_latent)
+        # task rewards per token on the search's edges (set_token_rewards); not part of the fitted planner
+        self.register_buffer("token_reward", torch.zeros(vocab_size), persistent=False)
         self.register_buffer("fitted", torch.zeros(()))  # 1.0 once fit() has run
         # number of value-head training targets of the last fit (see _value_fn); 1 = outcome variance
         self.register_buffer("value_count", torch.ones(()))
@@ -181,8 +188,24 @@ class MCTSPlanner(Planner):
                     self.codec.materialize(dim)
             self.codec.bind(model, state)
 
-    def alpha_from(self, confidence: Tensor) -> Tensor:
-        return self.params.alpha_max * torch.sigmoid(self.gate) * confidence
+    def alpha_from(self, confidence: Tensor, z: Tensor | None = None) -> Tensor:
+        """``a = a_max * sigmoid(gate + w . zhat) * confidence`` with ``zhat`` the root latent
+        ``z (B, L)`` standardised by the fitting states' statistics (no state term without ``z``)."""
+        logit = self.gate
+        if z is not None:
+            zhat = (z - self.novelty.z_mean) / self.novelty.z_var.clamp_min(1e-12).sqrt()  # (B, L)
+            logit = logit + zhat @ self.gate_weight  # (B,)
+        return self.params.alpha_max * torch.sigmoid(logit) * confidence
+
+    def set_token_rewards(self, rewards: dict[int, float] | None) -> None:
+        """Task rewards on the search's edges: ``{token: reward}`` for every edge that emits
+        ``token`` (a lookahead task: + for tokens to reach, - for tokens to avoid); None clears."""
+        self.token_reward.zero_()
+        for tok, r in (rewards or {}).items():
+            self.token_reward[int(tok)] = float(r)
+
+    def _edge_reward(self, logp: Tensor, tokens: Tensor) -> Tensor:
+        return self.params.edge_logprob * logp + self.token_reward[tokens]  # (M, K)
 
     # -- planning ------------------------------------------------------------------
     def _value_fn(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -211,15 +234,31 @@ class MCTSPlanner(Planner):
             top_k=p.top_k,
             max_nodes=p.max_nodes,
             root_noise=p.root_noise,
+            edge_reward=self._edge_reward,
         )
 
     def _plan_core(self, model, s: Tensor, logits: Tensor, noise: Tensor | None, simulations: int | None):
         """Tensors in, tensors out, no host synchronisation: the part a CUDA graph captures."""
         z0 = self.codec.encode(s)  # (B, L)
         res = self.make_search(model, simulations).run(z0, logits, noise=noise)
-        target_flat = s + self.codec.decode_delta(res.best_latent, z0)  # (B, S)
         conf = res.confidence * self.fitted * self.value_skill  # unfitted, or a value head no better than a constant: 0
-        return target_flat, conf, self.alpha_from(conf), res.best_token, res.root_visits, res.nodes_used
+        # the critic ranks the root children's moves by their pessimistic predicted gain (where fitted)
+        K = res.root_latents.shape[1]
+        gain, sd = self.critic.gain(z0.unsqueeze(1).expand(-1, K, -1), res.root_latents - z0.unsqueeze(1))  # (B, K)
+        lcb = gain - self.params.critic_kappa * sd
+        pick = lcb.argmax(dim=1, keepdim=True)  # (B, 1)
+        g, u, lo = gain.gather(1, pick)[:, 0], sd.gather(1, pick)[:, 0], lcb.gather(1, pick)[:, 0]
+        critic_conf = (lo / (g.abs() + u + 1e-8)).clamp(0.0, 1.0) * self.fitted
+        use = self.critic.fitted > 0
+        rows = torch.arange(z0.shape[0], device=z0.device)
+        latent = torch.where(use, res.root_latents[rows, pick[:, 0]], res.best_latent)  # (B, L)
+        token = torch.where(use, res.root_tokens.gather(1, pick)[:, 0], res.best_token)
+        conf = torch.where(use, critic_conf, conf)
+        # an off-distribution state: no trust in anything the planner learned there
+        resid = Novelty.residual(self.codec.normalize(s), self.codec.decode_normalized(z0))  # (B,)
+        conf = conf * self.novelty.trust(z0, resid)
+        target_flat = s + self.codec.decode_delta(latent, z0)  # (B, S)
+        return target_flat, conf, self.alpha_from(conf, z0), token, res.root_visits, res.nodes_used
 
     @torch.no_grad()
     def plan(self, model, request: PlanRequest, *, simulations: int | None = None) -> PlanResult:
@@ -311,6 +350,10 @@ class MCTSPlanner(Planner):
         # checkpoints from before value_count existed: the outcome variance, as they were fitted
         state_dict.setdefault(prefix + "value_count", torch.ones(()))
         state_dict.setdefault(prefix + "value_skill", torch.ones(()))
+        # checkpoints from before the critic, the novelty test and the state-conditioned gate: none of them
+        for k, v in self.state_dict().items():
+            if k.startswith(("critic.", "novelty.", "gate_weight")):
+                state_dict.setdefault(prefix + k, v.clone())
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def shadow_for(self, model, device: torch.device | str) -> "MCTSPlanner":
@@ -455,6 +498,7 @@ class MCTSPlanner(Planner):
         gen = torch.Generator().manual_seed(p.seed if seed is None else seed)
         _GRAPHS.pop(self, None)  # the codec may get new weights
         _LAUNCHERS.pop(self, None)
+        self.critic.fitted.fill_(0.0)  # refitted below on this fit's proposals; until then the search chooses
         try:
             n_roll = max(1, min(p.fit_rollout_batches, steps))
             first = batches().to(dev)
@@ -505,6 +549,15 @@ class MCTSPlanner(Planner):
                     metrics["value/skill"] = self.value_skill.item()
             metrics["fit/loss_first"] = losses[0] if losses else float("nan")
             metrics["fit/loss_last"] = losses[-1] if losses else float("nan")
+            if losses:
+                with torch.no_grad():
+                    sn = self.codec.normalize(roll["s"].flatten(0, 1))  # (N, S) fitting states
+                    z = F.linear(sn, self.codec.enc_weight)
+                    self.novelty.calibrate(z, Novelty.residual(sn, self.codec.decode_normalized(z)))
+                if p.reanalyse_steps:
+                    metrics.update(self._reanalyse(model, roll, gen, lr))
+                if p.critic_steps and p.gate_steps:
+                    metrics.update(self._fit_critic(model, token_batches, gen))
             metrics.update(self._fit_gate(model, token_batches, gen, lr=0.05))
             return metrics
         finally:
@@ -519,8 +572,10 @@ class MCTSPlanner(Planner):
         p = self.params
         lag, k = p.sync_lag, p.value_horizon
         deltas, alphas = [], []
-        self.gate.requires_grad_(True)
-        opt = torch.optim.Adam([self.gate], lr=lr)
+        gate_params = [self.gate, self.gate_weight]
+        for prm in gate_params:
+            prm.requires_grad_(True)
+        opt = torch.optim.Adam(gate_params, lr=lr)
         try:
             for i in range(p.gate_steps):
                 x = token_batches[i % len(token_batches)]
@@ -534,7 +589,8 @@ class MCTSPlanner(Planner):
                     res = self.plan(model, PlanRequest({k_: v.clone() for k_, v in st.items()}, logits[:, -1], t0, -1))
                     _, st2, _ = model(x[:, t0 + 1 : t0 + 1 + lag], st)  # lag tokens later
                 a0 = t0 + lag + 1
-                alpha = self.alpha_from(res.confidence) * p.lag_decay**lag  # (B,) with grad to the gate
+                z0 = self.codec.encode(self.codec.flatten(st))  # (B, L)
+                alpha = self.alpha_from(res.confidence, z0) * p.lag_decay**lag  # (B,) with grad to the gate
                 bb = unprefix_state("backbone", st2)
                 injected = dict(st2)
                 target = res.target
@@ -546,23 +602,141 @@ class MCTSPlanner(Planner):
                 with torch.enable_grad():
                     lg, _, _ = model(x[:, a0 : a0 + k], injected)  # (B, k, V)
                     loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), x[:, a0 + 1 : a0 + k + 1].reshape(-1))
-                    (g,) = torch.autograd.grad(loss, [self.gate], allow_unused=True)
+                    grads = torch.autograd.grad(loss, gate_params, allow_unused=True)
                 with torch.no_grad():
                     lb, _, _ = model(x[:, a0 : a0 + k], st2)
                     base = F.cross_entropy(lb.reshape(-1, lb.shape[-1]).float(), x[:, a0 + 1 : a0 + k + 1].reshape(-1))
                 deltas.append(loss.item() - base.item())
                 alphas.append(alpha.mean().item())
-                if g is not None:
-                    opt.zero_grad(set_to_none=True)
-                    self.gate.grad = g
+                if grads[0] is not None:
+                    for prm, g in zip(gate_params, grads):
+                        prm.grad = g
                     opt.step()
         finally:
-            self.gate.requires_grad_(False)
+            for prm in gate_params:
+                prm.requires_grad_(False)
         out = {"gate/sigmoid": torch.sigmoid(self.gate).item()}
         if deltas:
             out["gate/loss_delta"] = sum(deltas) / len(deltas)
             out["gate/alpha_mean"] = sum(alphas) / len(alphas)
         return out
+
+
+    def _injected_losses(self, model, x: Tensor, a0: int, st2: State, moves: list[Tensor], alpha: float) -> Tensor:
+        """Per-row mean loss over ``x[:, a0 + 1 : a0 + k + 1]`` from ``st2`` moved by each of
+        ``moves`` (each ``(B, S)``, rebased onto ``st2``, capped, injected at ``alpha``), and
+        without a move (last): ``(len(moves) + 1, B)``."""
+        k = self.params.value_horizon
+        cur = self.codec.flatten(st2)  # (B, S)
+        out = []
+        for move in [*moves, None]:
+            state = st2
+            if move is not None:
+                target = self.codec.unflatten(cur + move, st2)
+                if self.params.target_norm == "cap":
+                    target = cap_target_norm(target, st2)
+                new_bb = model.backbone.inject(unprefix_state("backbone", st2), unprefix_state("backbone", target),
+                                               alpha)
+                state = {**st2, **prefix_state("backbone", new_bb)}
+            lg, _, _ = model(x[:, a0 : a0 + k], state)  # (B, k, V)
+            ce = F.cross_entropy(lg.flatten(0, 1).float(), x[:, a0 + 1 : a0 + k + 1].flatten(), reduction="none")
+            out.append(ce.view(x.shape[0], k).mean(1))
+        return torch.stack(out)  # (moves + 1, B)
+
+    @torch.no_grad()
+    def _fit_critic(self, model, token_batches: list[Tensor], gen: torch.Generator) -> dict[str, float]:
+        """Fit the injection critic on realised loss deltas: from the state after token ``t0``
+        search, let ``sync_lag`` tokens pass, inject each root child's move (rebased) at
+        ``alpha_max`` and score the next ``value_horizon`` predictions against no injection.
+        The first 80% of the samples train it; on the rest it reports how well it predicts the
+        deltas and what its choice realises against the search's choice and a random child."""
+        p = self.params
+        lag, k = p.sync_lag, p.value_horizon
+        zs, dzs, deltas, best = [], [], [], []
+        for i in range(p.gate_steps):
+            x = token_batches[i % len(token_batches)]
+            hi = x.shape[1] - lag - k - 2
+            if hi < 1:
+                break
+            t0 = int(torch.randint(0, hi, (1,), generator=gen))
+            logits, st, _ = model(x[:, : t0 + 1])
+            z0 = self.codec.encode(self.codec.flatten(st))  # (B, L)
+            res = self.make_search(model).run(z0, logits[:, -1])
+            _, st2, _ = model(x[:, t0 + 1 : t0 + 1 + lag], st)
+            K = res.root_latents.shape[1]
+            moves = [self.codec.decode_delta(res.root_latents[:, c], z0) for c in range(K)]
+            losses = self._injected_losses(model, x, t0 + lag + 1, st2, moves, p.alpha_max)  # (K + 1, B)
+            zs.append(z0.unsqueeze(1).expand(-1, K, -1))  # (B, K, L)
+            dzs.append(res.root_latents - z0.unsqueeze(1))  # (B, K, L)
+            deltas.append((losses[:K] - losses[K]).T)  # (B, K)
+            best.append((res.root_latents == res.best_latent.unsqueeze(1)).all(-1).float().argmax(1))  # (B,)
+        if len(zs) < 2:
+            return {}
+        n_fit = max(1, int(0.8 * len(zs)))
+        z, dz, d = (torch.cat(v[:n_fit]).flatten(0, 1) for v in (zs, dzs, deltas))
+        for prm in self.critic.parameters():
+            prm.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                train_mse = self.critic.fit(z, dz, d, steps=p.critic_steps, lr=3e-3, generator=gen)
+        finally:
+            for prm in self.critic.parameters():
+                prm.requires_grad_(False)
+        zh, dzh, dh, bh = (torch.cat(v[n_fit:]) for v in (zs, dzs, deltas, best))  # (N, K, ...)
+        gain, sd = self.critic.gain(zh, dzh)  # (N, K)
+        pick = (gain - p.critic_kappa * sd).argmax(1, keepdim=True)
+        pred = -gain.flatten()
+        pc, tc = pred - pred.mean(), dh.flatten() - dh.mean()
+        return {
+            "critic/train_mse": train_mse,
+            "critic/heldout_mse": float((pred - dh.flatten()).pow(2).mean()),
+            "critic/heldout_const_mse": float(dh.var(unbiased=False)),
+            "critic/heldout_corr": float((pc * tc).sum() / (pc.norm() * tc.norm()).clamp_min(1e-12)),
+            "critic/delta_of_critic_choice": float(dh.gather(1, pick).mean()),
+            "critic/delta_of_search_choice": float(dh.gather(1, bh.unsqueeze(1)).mean()),
+            "critic/delta_of_random_child": float(dh.mean()),
+            "critic/samples": float(d.numel()),
+        }
+
+    def _reanalyse(self, model, roll: dict[str, Tensor], gen: torch.Generator, lr: float) -> dict[str, float]:
+        """MuZero's reanalyse, for the prior: search again from fitting states with the fitted
+        model and train the prior head toward the root visit distribution (renormalised over
+        the searched top-k tokens), so that what the search learned to prefer is proposed first
+        next time. Returns the KL of the prior to the visits before and after."""
+        p = self.params
+        B, T, _ = roll["s"].shape
+        params = list(self.prior_head.parameters())
+        opt = torch.optim.Adam(params, lr=lr)
+
+        def sample():
+            t = torch.randint(0, T, (B,), generator=gen).to(roll["s"].device)
+            rows = torch.arange(B, device=t.device)
+            with torch.no_grad():
+                z0 = self.codec.encode(roll["s"][rows, t])  # (B, L)
+                res = self.make_search(model).run(z0, roll["logits"][rows, t])
+            pi = res.root_visits / res.root_visits.sum(1, keepdim=True).clamp_min(1)  # (B, K)
+            return z0, res.root_tokens, pi
+
+        def kl(z0, tok, pi):
+            lp = torch.log_softmax(self.prior_head(z0, model.head).float().gather(1, tok), dim=-1)  # (B, K)
+            return (pi * (torch.log(pi.clamp_min(1e-12)) - lp)).sum(1).mean()
+
+        probe = sample()
+        before = float(kl(*probe).detach())
+        for prm in params:
+            prm.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                for _ in range(p.reanalyse_steps):
+                    loss = kl(*sample())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        finally:
+            for prm in params:
+                prm.requires_grad_(False)
+        with torch.no_grad():
+            return {"reanalyse/prior_visit_kl_before": before, "reanalyse/prior_visit_kl_after": float(kl(*probe))}
 
 
 def cap_target_norm(target: State, current: State, eps: float = 1e-12) -> State:

@@ -36,6 +36,24 @@ class MCTSParams(BaseModel):
         20, ge=0, le=10000,
         description="steps fitting the learnable injection gate on realised loss (0: keep gate_init)",
     )
+    critic_members: int = Field(
+        4, ge=2, le=64,
+        description="ensemble size of the injection critic Q(z, dz) (its spread is the per-state uncertainty)",
+    )
+    critic_steps: int = Field(
+        200, ge=0, le=100000,
+        description="optimiser steps per critic member on the realised loss deltas of the search's root children "
+                    "(0: no critic; the search's own choice and confidence are used)",
+    )
+    critic_kappa: float = Field(
+        1.0, ge=0,
+        description="the critic ranks injections by mean gain - kappa * ensemble sd (a pessimistic bound)",
+    )
+    reanalyse_steps: int = Field(
+        0, ge=0, le=100000,
+        description="MuZero-style reanalyse after distillation: steps training the prior head toward the search's "
+                    "root visit distribution on fitting states (0: off)",
+    )
     # -- search --------------------------------------------------------------------
     simulations: int = Field(32, ge=1, le=100000, description="PUCT simulations per plan")
     depth: int = Field(4, ge=1, le=256, description="maximum search depth in tokens below the root")
@@ -49,9 +67,17 @@ class MCTSParams(BaseModel):
         0.0, ge=0, le=1,
         description="weight of seeded Dirichlet noise on the root priors (0: none)",
     )
+    edge_logprob: float = Field(
+        0.0, ge=0,
+        description="edge reward weight on the token's log-probability under its parent's prior (MuZero's r(s, a); "
+                    "0: no log-probability term); task rewards per token come from planner.set_token_rewards",
+    )
     seed: int = Field(0, description="seed of the search's randomness (root noise, random-target ablation)")
     # -- injection -----------------------------------------------------------------
-    alpha_max: float = Field(0.2, gt=0, le=1, description="a_max in a = a_max * sigmoid(gate) * confidence")
+    alpha_max: float = Field(
+        0.2, gt=0, le=1,
+        description="a_max in a = a_max * sigmoid(gate + w . z) * confidence * trust (see the planner's docs)",
+    )
     gate_init: float = Field(0.0, ge=-20, le=20, description="initial logit of the learnable gate")
     target_norm: Literal["cap", "none"] = Field(
         "cap",

@@ -17,6 +17,11 @@ unvisited) and ``Qn`` is ``Q`` min-max normalised over the values seen in that r
 tree (values are losses of arbitrary scale), expands the leaf it reaches (if the depth
 and the node budget allow) and backs the leaf's value up to the root.
 
+With an ``edge_reward`` (MuZero's r(s, a): a weight times the token's log-probability under
+its parent's prior, or a task's reward for the token), a node's value is the sum of the
+rewards on the edges from the root down to it plus the value head's estimate there, so the
+backed-up ``Q`` of a root child is a return, not only a state value.
+
 The result is the most visited root child (ties broken by value), its latent, and a
 confidence in ``[0, 1]``:
 
@@ -50,6 +55,8 @@ DynamicsFn = Callable[[Tensor, Tensor], Tensor]
 ValueFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 # z (M, L) -> logits (M, V)
 PriorFn = Callable[[Tensor], Tensor]
+# log-probabilities (M, K) of the edges' tokens under their parent's prior, tokens (M, K) -> rewards (M, K)
+EdgeRewardFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -61,6 +68,8 @@ class SearchResult:
     root_tokens: Tensor  # (B, K)
     root_visits: Tensor  # (B, K)
     root_q: Tensor  # (B, K)
+    root_latents: Tensor  # (B, K, L) the root children's latents
+    root_value: Tensor  # (B,) the root's mean backed-up value
     nodes_used: Tensor  # (B,)
     simulations: int
 
@@ -80,12 +89,14 @@ class PUCTSearch:
         top_k: int = 4,
         max_nodes: int = 256,
         root_noise: float = 0.0,
+        edge_reward: EdgeRewardFn | None = None,
     ) -> None:
         if max_nodes < 1 + top_k:
             raise ValueError(f"max_nodes={max_nodes} cannot hold the root and its {top_k} children")
         self.dynamics, self.value, self.prior = dynamics, value, prior
         self.simulations, self.depth, self.c_puct = simulations, depth, c_puct
         self.top_k, self.max_nodes, self.root_noise = top_k, max_nodes, root_noise
+        self.edge_reward = edge_reward
 
     # -- tree storage --------------------------------------------------------------
     def _alloc(self, B: int, L: int, device, dtype) -> None:
@@ -102,6 +113,7 @@ class PUCTSearch:
         self.wsq = torch.zeros(B, N, **f)
         self.v0 = torch.zeros(B, N, **f)
         self.var0 = torch.zeros(B, N, **f)
+        self.ret = torch.zeros(B, N, **f)  # edge rewards summed from the root down to the node
         self.children = torch.full((B, N, K), -1, **i)
         self.n_used = torch.ones(B, **i)
         self.vmin = torch.full((B,), float("inf"), **f)
@@ -123,6 +135,11 @@ class PUCTSearch:
         zc = self.dynamics(zk, top_tok.reshape(B * K))  # (B*K, L)
         v, var = self.value(zc)  # (B*K,)
         v, var = v.view(B, K).float(), var.view(B, K).float()
+        ret = self.ret[rows, nodes].unsqueeze(1).expand(B, K)  # (B, K)
+        if self.edge_reward is not None:
+            logp = logits.float().log_softmax(dim=-1).gather(1, top_tok)  # (B, K) under the full prior
+            ret = ret + self.edge_reward(logp, top_tok).float()
+        v = v + ret  # a node's value: the rewards on the way to it plus the value head's estimate there
         idx = (self.n_used.unsqueeze(1) + torch.arange(K, device=nodes.device)).clamp_max(self.max_nodes - 1)  # (B, K)
         rr = rows.unsqueeze(1).expand(B, K)  # (B, K)
         m = mask.unsqueeze(1)  # (B, 1)
@@ -138,6 +155,7 @@ class PUCTSearch:
         put(self.node_depth, (self.node_depth[rows, nodes] + 1).unsqueeze(1).expand(B, K))
         put(self.v0, v)
         put(self.var0, var)
+        put(self.ret, ret)
         self.children[rows, nodes] = torch.where(m, idx, self.children[rows, nodes])
         self.n_used += K * mask.long()
         self.vmin = torch.where(mask, torch.minimum(self.vmin, v.min(dim=1).values), self.vmin)
@@ -234,6 +252,8 @@ class PUCTSearch:
             root_tokens=self.token.gather(1, ch),
             root_visits=n_c,
             root_q=q_c,
+            root_latents=self.latent[rows.unsqueeze(1), ch],
+            root_value=self.wsum[:, 0] / self.visits[:, 0].clamp_min(1),
             nodes_used=self.n_used.clone(),
             simulations=self.simulations,
         )

@@ -27,13 +27,14 @@ class Node:
     visits: int = 0
     wsum: float = 0.0
     wsq: float = 0.0
+    ret: float = 0.0  # edge rewards from the root down to this node
 
     def q(self) -> float:
         return self.wsum / self.visits if self.visits else self.value
 
 
 def reference_search(dynamics, value, prior, z0: Tensor, root_logits: Tensor, *, simulations: int, depth: int,
-                     c_puct: float, top_k: int, max_nodes: int) -> dict:
+                     c_puct: float, top_k: int, max_nodes: int, edge_reward=None) -> dict:
     """``z0 (L,)``, ``root_logits (V,)`` -> dict(best_token, visits, q, confidence, nodes)."""
     v, var = value(z0[None])
     root = Node(z0, -1, 1.0, 0, float(v[0]), float(var[0]))
@@ -43,10 +44,15 @@ def reference_search(dynamics, value, prior, z0: Tensor, root_logits: Tensor, *,
     def expand(node: Node, logits: Tensor) -> None:
         top_logits, top_tok = logits.float().topk(top_k)
         p = torch.softmax(top_logits, dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         for j in range(top_k):
             z = dynamics(node.latent[None], top_tok[j : j + 1])[0]
             cv, cvar = value(z[None])
-            child = Node(z, int(top_tok[j]), float(p[j]), node.depth + 1, float(cv[0]), float(cvar[0]), parent=node)
+            ret = node.ret
+            if edge_reward is not None:
+                ret += float(edge_reward(logp[top_tok[j]].view(1, 1), top_tok[j].view(1, 1))[0, 0])
+            child = Node(z, int(top_tok[j]), float(p[j]), node.depth + 1, ret + float(cv[0]), float(cvar[0]),
+                         parent=node, ret=ret)
             node.children.append(child)
             seen.append(child.value)
         count[0] += top_k
@@ -92,4 +98,5 @@ def reference_search(dynamics, value, prior, z0: Tensor, root_logits: Tensor, *,
         "q": [c.q() for c in kids],
         "confidence": min(max(concentration * gap / (gap + spread + 1e-8), 0.0), 1.0),
         "nodes": count[0],
+        "root_value": root.wsum / max(root.visits, 1),
     }
