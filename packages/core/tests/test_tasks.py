@@ -114,7 +114,7 @@ def test_data_kind_names_a_task_and_its_params_are_validated(task_registry):
     with pytest.raises(SpecError, match=r"data\.params\.vocab_size"):
         validate_spec(spec)
     spec["data"] = {"kind": "nope"}
-    with pytest.raises(SpecError, match="unknown data kind 'nope'; built in: text, mqar, passkey; installed tasks: copy, induction, lm, mqar, succ"):
+    with pytest.raises(SpecError, match="unknown data kind 'nope'; built in: text, mqar, passkey; installed tasks: copy, induction, lm, mqar, passkey, succ"):
         validate_spec(spec)
     spec["data"] = {"kind": "text", "params": {"x": 1}}
     with pytest.raises(SpecError, match="takes no data.params"):

@@ -97,6 +97,8 @@ def statelab_components() -> list[Component]:
                   "held-out text: bits per byte and character, loss"),
         Component("task", "mqar", MQARParams, "statelab.tasks.mqar:build_mqar",
                   "multi-query associative recall (Zoology protocol), accuracy and state bytes"),
+        Component("task", "passkey", PasskeyParams, "statelab.tasks.passkey:build_passkey",
+                  "passkey retrieval in Landmark or real-text filler, one or several keys, length x depth grid"),
         Component("task", "copy", CopyParams, "statelab.tasks.synthetic:build_copy", "selective copying"),
         Component("task", "induction", InductionParams, "statelab.tasks.synthetic:build_induction",
                   "induction: after 'T v ... T' predict v"),

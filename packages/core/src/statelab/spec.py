@@ -61,11 +61,16 @@ class RegularizerSpec(ComponentSpec):
 
 
 class TokenizerSpec(_Strict):
-    kind: Literal["char", "byte", "bpe", "hf"] = Field(
+    kind: Literal["char", "byte", "bpe", "hf", "word", "sentencepiece"] = Field(
         "char", description="char: vocabulary from the corpus; byte: 256 ids; bpe: tiktoken ranks; "
-        "hf: a HuggingFace tokenizer.json")
-    path: str | None = Field(None, description="bpe: path of a .tiktoken ranks file; hf: path of a tokenizer.json")
+        "hf: a HuggingFace tokenizer.json; word: the corpus' most frequent words plus <unk>; "
+        "sentencepiece: a SentencePiece model trained on the corpus (or loaded from path)")
+    path: str | None = Field(None, description="bpe: path of a .tiktoken ranks file; hf: path of a tokenizer.json; "
+                             "sentencepiece: a trained .model file (null = train on the corpus)")
     name: str | None = Field(None, description="bpe: name of a bundled encoding (see `statelab tokenizer list`)")
+    vocab_size: int | None = Field(None, ge=2, description="word, sentencepiece (trained): vocabulary size to learn "
+                                   "from the corpus")
+    model_type: Literal["unigram", "bpe"] = Field("unigram", description="sentencepiece (trained): the algorithm")
 
 
 class MQARSpec(_Strict):
@@ -470,9 +475,18 @@ def validate_spec(
 BUILTIN_DATA_KINDS = ("text", "mqar", "passkey")
 
 
+def uses_builtin_data(data: DataSpec, registry: Registry | None = None) -> bool:
+    """Whether ``data`` is a built-in data kind rather than a task's data: a built-in kind
+    unless ``data.params`` is given and a task of the same name is registered (the ``passkey``
+    task's needle documents against the built-in Landmark ``passkey`` data)."""
+    if data.kind not in BUILTIN_DATA_KINDS:
+        return False
+    return not data.params or ("task", data.kind) not in (registry or get_registry())
+
+
 def _check_data_task(registry: Registry, spec: RunSpec, issues: list[SpecIssue]) -> None:
     d = spec.data
-    if d.kind in BUILTIN_DATA_KINDS:
+    if uses_builtin_data(d, registry):
         if d.params:
             issues.append(SpecIssue("data.params", f"data kind {d.kind!r} is built in and takes no data.params (they "
                                     "are the params of a task kind); remove data.params"))

@@ -13,7 +13,8 @@
 - ``passkey``: passkey-retrieval documents (:mod:`statelab.data.passkey`); loss on the
   answer tokens (``Batch.mask``).
 - any other kind names a registered task (:class:`statelab.interfaces.Task`, slot ``task``):
-  its ``make_data(spec, seed)`` with ``data.params`` as the task's params.
+  its ``make_data(spec, seed)`` with ``data.params`` as the task's params; so does a built-in
+  kind given ``data.params`` when a task of that name exists (the ``passkey`` task).
 
 Every ``train_batch`` is a pure function of ``(seed, step, rank, world_size)``.
 """
@@ -50,11 +51,15 @@ def __getattr__(name: str):
 
 def make_data(spec: "RunSpec", *, seed: int | None = None) -> DataSource:
     """The data source of a run spec (``seed`` defaults to ``spec.seed``)."""
-    from statelab.spec import parse_spec
+    from statelab.spec import parse_spec, uses_builtin_data
 
     spec = parse_spec(getattr(spec, "spec", spec))  # a RunSpec, a ResolvedSpec or a spec document
     seed = spec.seed if seed is None else seed
     kind = spec.data.kind
+    if not uses_builtin_data(spec.data):
+        from statelab.tasks import make_task
+
+        return make_task(kind, spec.data.params).make_data(spec, seed)
     if kind == "text":
         from statelab.data.text import make_text_data
 
@@ -63,29 +68,25 @@ def make_data(spec: "RunSpec", *, seed: int | None = None) -> DataSource:
         from statelab.data.mqar import MQARData
 
         return MQARData(spec.data.mqar, seed=seed)
-    if kind == "passkey":
-        from statelab.data.passkey import PasskeyData, passkey_tokenizer
+    from statelab.data.passkey import PasskeyData, passkey_tokenizer  # the last built-in kind: passkey
 
-        return PasskeyData(passkey_tokenizer(spec.tokenizer), spec.data.passkey, seed=seed)
-    from statelab.tasks import make_task
-
-    return make_task(kind, spec.data.params).make_data(spec, seed)
+    return PasskeyData(passkey_tokenizer(spec.tokenizer), spec.data.passkey, seed=seed)
 
 
 def corpus_vocab_size(spec: "RunSpec") -> int:
     """The vocabulary size the spec's data will have (reads the corpus, cached, for ``char``)."""
-    from statelab.spec import parse_spec
+    from statelab.spec import parse_spec, uses_builtin_data
 
     spec = parse_spec(getattr(spec, "spec", spec))
     kind = spec.data.kind
+    if not uses_builtin_data(spec.data):
+        return make_data(spec).vocab_size
     if kind == "mqar":
         return spec.data.mqar.vocab_size
     if kind == "passkey":
         from statelab.data.passkey import passkey_tokenizer
 
         return passkey_tokenizer(spec.tokenizer).vocab_size
-    if kind != "text":
-        return make_data(spec).vocab_size
     from statelab.data.text import text_tokenizer
 
     return text_tokenizer(spec).vocab_size

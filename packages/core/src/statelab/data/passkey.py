@@ -255,8 +255,153 @@ class PasskeyData(DataSource):
             yield self._rows(docs, seq_len)
 
 
+
+
+# --------------------------------------------------------------------------------------
+# needle in a haystack, RULER S-NIAH / MK-NIAH style: real-text or Landmark filler, one or
+# several keys; the task `passkey` (statelab.tasks.passkey) trains and scores on these.
+
+#: names of the keys of a multi-key document (the question asks for one of them)
+KEY_NAMES = ("red", "blue", "green", "gold", "gray", "pink", "teal", "plum", "rose", "jade", "sand", "snow", "iron",
+             "salt", "wind", "rain")
+NAMED_NEEDLE = ("The pass key of ", " is ", ". Remember it.")
+NAMED_QUESTION = ("What is the pass key of ", "? The pass key of ", " is")
+ANSWER_END = "."
+#: characters of the named templates, the answer end and the key names
+NIAH_ALPHABET = alphabet(PASSKEY_ALPHABET + "".join(NAMED_NEEDLE + NAMED_QUESTION) + ANSWER_END + "".join(KEY_NAMES))
+
+
+class Haystack:
+    """Filler for needle documents: the repeated Landmark sentence (``tokens=None``), or
+    windows of a tokenized text corpus starting at random offsets (RULER's real-text haystack)."""
+
+    def __init__(self, tokenizer: Tokenizer, tokens: np.ndarray | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+
+    @property
+    def kind(self) -> str:
+        return "landmark" if self.tokens is None else "text"
+
+    def take(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        if self.tokens is None:
+            return _parts(self.tokenizer).filler_tokens(n)
+        if n > len(self.tokens):
+            raise DataError(f"a haystack of {n} tokens does not fit the filler corpus ({len(self.tokens)} tokens); "
+                            "use a longer corpus or shorter documents")
+        start = int(rng.integers(0, len(self.tokens) - n + 1))
+        return np.asarray(self.tokens[start:start + n], dtype=np.int64)
+
+
+@dataclass
+class NeedleDocument:
+    """``ids``: exactly the requested length, ending with the answer (``answer_len`` tokens:
+    `` K.``); ``prompt_chars``: characters of the prompt (everything before the answer)."""
+
+    ids: np.ndarray
+    answer_len: int
+    key: str
+    depth: float
+    prompt_chars: int
+
+
+def needle_document(tokenizer: Tokenizer, length: int, depth: float, n_keys: int, rng: np.random.Generator,
+                    haystack: Haystack, digits: int = 5) -> NeedleDocument:
+    """A document of exactly ``length`` tokens: haystack with ``n_keys`` needles, the question
+    for the first one (placed at ``depth`` of the haystack; the others at uniform random depths),
+    and its answer. One key uses the Landmark sentences (``The pass key is K. Remember it. K is
+    the pass key.``); several keys are named (``The pass key of teal is K. Remember it.``)."""
+    if not 1 <= n_keys <= len(KEY_NAMES):
+        raise DataError(f"a needle document holds 1 to {len(KEY_NAMES)} keys, got {n_keys}")
+    if not 0.0 <= depth <= 1.0:
+        raise DataError(f"passkey depth must be in [0, 1], got {depth}")
+    p = _parts(tokenizer)
+    enc = lambda s: np.asarray(tokenizer.encode(s), dtype=np.int64)  # noqa: E731
+    keys = [random_key(rng, digits) for _ in range(n_keys)]
+    if n_keys == 1:
+        k = enc(keys[0])
+        needles = [np.concatenate([p.pre, k, p.mid, k, p.post])]
+        question = p.question
+    else:
+        names = [KEY_NAMES[i] for i in rng.permutation(len(KEY_NAMES))[:n_keys]]
+        needles = [enc(NAMED_NEEDLE[0] + n + NAMED_NEEDLE[1] + k + NAMED_NEEDLE[2]) for n, k in zip(names, keys)]
+        question = enc(NAMED_QUESTION[0] + names[0] + NAMED_QUESTION[1] + names[0] + NAMED_QUESTION[2])
+    answer = enc(" " + keys[0] + ANSWER_END)
+    fixed = sum(2 * len(p.sep) + len(nd) for nd in needles) + len(p.sep) + len(question) + len(answer)
+    n_filler = length - fixed
+    if n_filler < 0:
+        raise DataError(f"a document with {n_keys} key(s) needs at least {fixed} tokens with this tokenizer; "
+                        f"{length} were asked for (raise the lengths)")
+    cuts = [int(round(depth * n_filler))] + rng.integers(0, n_filler + 1, size=n_keys - 1).tolist()
+    filler = haystack.take(n_filler, rng)
+    pieces, prev = [], 0
+    for i in sorted(range(n_keys), key=lambda j: (cuts[j], j)):
+        pieces += [filler[prev:cuts[i]], p.sep, needles[i], p.sep]
+        prev = cuts[i]
+    pieces += [filler[prev:], p.sep, question]
+    prompt = np.concatenate(pieces)
+    return NeedleDocument(np.concatenate([prompt, answer]), len(answer), keys[0], depth,
+                          len(tokenizer.decode(prompt.tolist())))
+
+
+class NeedleData(DataSource):
+    """Needle documents of ``seq_len + 1`` tokens at random depths; loss on the answer tokens.
+    Training haystacks come from the filler corpus's training split, validation ones from its
+    held-out split (``Haystack`` objects for each)."""
+
+    kind = "passkey-niah"
+
+    def __init__(self, tokenizer: Tokenizer, train_hay: Haystack, val_hay: Haystack, *, n_keys: int, digits: int,
+                 seed: int, depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+        self.train_hay, self.val_hay = train_hay, val_hay
+        self.n_keys, self.digits, self.seed, self.depths = n_keys, digits, seed, list(depths)
+        sample = needle_document(tokenizer, 256 + 40 * n_keys + _parts(tokenizer).fixed, 0.5, n_keys,
+                                 rng_for(seed, VAL), val_hay, digits)
+        text = tokenizer.decode(sample.ids.tolist())
+        self.bytes_per_token = len(text.encode("utf-8")) / len(sample.ids)
+        self.chars_per_token = len(text) / len(sample.ids)
+
+    def document(self, split: int, length: int, depth: float, *keys: int) -> NeedleDocument:
+        hay = self.train_hay if split == TRAIN else self.val_hay
+        return needle_document(self.tokenizer, length, depth, self.n_keys, rng_for(self.seed, split, *keys), hay,
+                               self.digits)
+
+    @staticmethod
+    def rows(docs: Sequence[NeedleDocument]) -> Batch:
+        xy = torch.from_numpy(np.stack([d.ids for d in docs]))  # (B, T + 1)
+        T = xy.shape[1] - 1
+        mask = torch.zeros(len(docs), T, dtype=torch.bool)
+        for i, d in enumerate(docs):
+            mask[i, T - d.answer_len:] = True  # positions whose targets are answer tokens
+        return Batch(xy[:, :-1], xy[:, 1:], mask)
+
+    def train_batch(self, step: int, batch_size: int, seq_len: int, *, mode: str = "random", rank: int = 0,
+                    world_size: int = 1) -> Batch:
+        self._check_mode(mode, ("random",))
+        rows = rank_rows(batch_size, rank, world_size)
+        docs = []
+        for b in range(rows.start, rows.stop):
+            depth = float(rng_for(self.seed, TRAIN, step, b, 1).random())
+            docs.append(self.document(TRAIN, seq_len + 1, depth, step, b))
+        return self.rows(docs)
+
+    def val_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator[Batch]:
+        n = VAL_EXAMPLES if max_batches is None else min(VAL_EXAMPLES, max_batches * batch_size)
+        for lo in range(0, n, batch_size):
+            yield self.rows([self.document(VAL, seq_len + 1, self.depths[i % len(self.depths)], i)
+                             for i in range(lo, min(n, lo + batch_size))])
+
+
 __all__ = [
     "FILLER",
+    "Haystack",
+    "KEY_NAMES",
+    "NIAH_ALPHABET",
+    "NeedleData",
+    "NeedleDocument",
+    "needle_document",
     "PASSKEY_ALPHABET",
     "PasskeyData",
     "PasskeyExample",
