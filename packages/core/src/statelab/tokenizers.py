@@ -13,6 +13,13 @@
   whose tokens are not text.
 - ``hf``: a HuggingFace ``tokenizer.json`` (``{kind: hf, path: tokenizer.json}``), encoded
   by the ``tokenizers`` library; what ``statelab import-hf`` gives imported models.
+- ``word``: the ``vocab_size - 1`` most frequent words of the corpus (a word keeps its leading
+  space; punctuation marks and whitespace runs are words too, so text made of known words
+  decodes back exactly), plus ``<unk>`` (id 0) for everything else.
+- ``sentencepiece``: a SentencePiece unigram or BPE model trained offline on the corpus by
+  the ``sentencepiece`` library (``pip install "statelab-core[sentencepiece]"``), or loaded
+  from a local ``.model`` file (``path``). Trained with identity normalisation, no dummy
+  prefix and byte fallback, so every text round-trips exactly.
 
 Every tokenizer serialises itself completely with :meth:`Tokenizer.to_json` (the BPE ranks
 included), so a checkpoint decodes with that dict alone: :func:`tokenizer_from_json`.
@@ -32,7 +39,7 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -260,6 +267,141 @@ class BPETokenizer(Tokenizer):
         return {"kind": "bpe", "name": self.name, "pattern": self.pattern, "ranks": dump_ranks(self.ranks)}
 
 
+#: Pre-tokenization of the ``word`` tokenizer: a word with its leading space, one punctuation
+#: mark with its leading space, or a run of whitespace. The pieces concatenate back to the text.
+WORD_PATTERN = r" ?\w+| ?[^\w\s]|\s+"
+UNK = "<unk>"
+
+
+class WordTokenizer(Tokenizer):
+    """A closed vocabulary of words; anything else is ``<unk>`` (id 0, decoded as U+FFFD)."""
+
+    kind = "word"
+    unk_id = 0
+
+    def __init__(self, words: Sequence[str]) -> None:
+        import re
+
+        words = list(words)
+        if len(set(words)) != len(words) or UNK in words or any(not w for w in words):
+            raise TokenizerError("a word tokenizer's words must be distinct, non-empty and not '<unk>'")
+        self.words = words
+        self.vocab_size = len(words) + 1
+        self.stoi = {w: i + 1 for i, w in enumerate(words)}
+        self._split = re.compile(WORD_PATTERN).findall
+
+    @classmethod
+    def from_corpus(cls, chunks: "Iterable[str]", vocab_size: int) -> "WordTokenizer":
+        """The ``vocab_size - 1`` most frequent pieces of the corpus (ties: in string order)."""
+        import re
+
+        if vocab_size < 2:
+            raise TokenizerError(f"a word tokenizer needs vocab_size >= 2 (<unk> and one word); got {vocab_size}")
+        split = re.compile(WORD_PATTERN).findall
+        counts: collections.Counter[str] = collections.Counter()
+        for chunk in chunks:
+            counts.update(split(chunk))
+        if not counts:
+            raise TokenizerError("a word tokenizer cannot be made from an empty corpus")
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: vocab_size - 1]
+        return cls([w for w, _ in ranked])
+
+    def encode_array(self, text: str) -> np.ndarray:
+        get = self.stoi.get
+        return np.fromiter((get(p, 0) for p in self._split(text)), dtype=np.int64)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        words, n = self.words, self.vocab_size
+        return "".join(words[i - 1] if 0 < i < n else REPLACEMENT for i in self._ids(ids).tolist())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "word", "words": self.words}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (unigram or BPE), kept whole (serialised) in :meth:`to_json`."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model: bytes) -> None:
+        spm = _sentencepiece()
+        self.model = bytes(model)
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(self.model)
+        except Exception as exc:  # noqa: BLE001 - the library raises RuntimeError/OSError variants
+            raise TokenizerError(f"not a SentencePiece model ({exc})") from None
+        self.vocab_size = self._sp.get_piece_size()
+        self.unk_id = self._sp.unk_id()
+
+    @classmethod
+    def train(cls, chunks: "Iterable[str]", vocab_size: int, model_type: str = "unigram") -> "SentencePieceTokenizer":
+        """Train on the corpus' lines, deterministically (one thread, no sampling of sentences)."""
+        import io
+
+        spm = _sentencepiece()
+        lines = [line for chunk in chunks for line in chunk.splitlines() if line.strip()]
+        if not lines:
+            raise TokenizerError("a sentencepiece tokenizer cannot be trained on an empty corpus")
+        out = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size, model_type=model_type,
+                character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+                split_digits=True, num_threads=1, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+                input_sentence_size=0, max_sentence_length=1 << 16, minloglevel=2,
+            )
+        except RuntimeError as exc:  # e.g. a vocab_size the corpus cannot fill
+            raise TokenizerError(f"sentencepiece training failed: {exc}") from None
+        return cls(out.getvalue())
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), dtype=np.int64)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out, run = [], []
+        for i in self._ids(ids).tolist():  # ids past the vocabulary decode to U+FFFD, like every kind
+            if 0 <= i < self.vocab_size:
+                run.append(i)
+                continue
+            out += [self._sp.decode(run), REPLACEMENT]
+            run = []
+        out.append(self._sp.decode(run))
+        return "".join(out)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "sentencepiece", "model": base64.b64encode(self.model).decode("ascii")}
+
+
+def _sentencepiece():
+    try:
+        import sentencepiece
+    except ImportError:
+        raise TokenizerError(
+            "the sentencepiece tokenizer needs the sentencepiece library: pip install \"statelab-core[sentencepiece]\""
+        ) from None
+    return sentencepiece
+
+
+def load_sentencepiece(path: str | os.PathLike) -> SentencePieceTokenizer:
+    """A :class:`SentencePieceTokenizer` from a local ``.model`` file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TokenizerError(f"SentencePiece model {str(p)!r} does not exist; give a local .model file, or no path "
+                             "to train one on the corpus")
+    return SentencePieceTokenizer(p.read_bytes())
+
+
+def learn_tokenizer(spec: "TokenizerSpec", chunks: "Iterable[str]") -> Tokenizer:
+    """The ``word`` or ``sentencepiece`` tokenizer of ``spec``, learned from the corpus ``chunks``."""
+    if spec.vocab_size is None:
+        raise TokenizerError(f"a {spec.kind} tokenizer learned from the corpus needs tokenizer.vocab_size")
+    if spec.kind == "word":
+        return WordTokenizer.from_corpus(chunks, spec.vocab_size)
+    return SentencePieceTokenizer.train(chunks, spec.vocab_size, spec.model_type)
+
+
 class HFTokenizer(Tokenizer):
     """A HuggingFace ``tokenizer.json`` (any model the ``tokenizers`` library reads), kept whole
     in :meth:`to_json` so a checkpoint decodes without the original file."""
@@ -339,7 +481,11 @@ def tokenizer_from_json(d: dict[str, Any]) -> Tokenizer:
                             pattern=d.get("pattern"))
     if kind == "hf":
         return HFTokenizer(d["tokenizer"])
-    raise TokenizerError(f"unknown tokenizer kind {kind!r} (known: char, byte, bpe, ids, hf)")
+    if kind == "word":
+        return WordTokenizer(d["words"])
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(base64.b64decode(d["model"]))
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} (known: char, byte, bpe, ids, hf, word, sentencepiece)")
 
 
 def bundled_encodings() -> dict[str, Path]:
@@ -402,7 +548,13 @@ def make_tokenizer(spec: "TokenizerSpec", corpus_text: str | None = None) -> Tok
         if not corpus_text:
             raise TokenizerError("a char tokenizer cannot be made from an empty corpus")
         return CharTokenizer.from_corpus(corpus_text)
-    raise TokenizerError(f"unknown tokenizer kind {spec.kind!r} (known: char, byte, bpe, hf)")
+    if spec.kind == "sentencepiece" and spec.path is not None:
+        return load_sentencepiece(spec.path)
+    if spec.kind in ("word", "sentencepiece"):
+        if not corpus_text:
+            raise TokenizerError(f"a {spec.kind} tokenizer learns its vocabulary from the corpus; pass the corpus text")
+        return learn_tokenizer(spec, [corpus_text])
+    raise TokenizerError(f"unknown tokenizer kind {spec.kind!r} (known: char, byte, bpe, hf, word, sentencepiece)")
 
 
 # --------------------------------------------------------------------------------------
@@ -550,12 +702,16 @@ __all__ = [
     "ByteTokenizer",
     "CharTokenizer",
     "IdsTokenizer",
+    "SentencePieceTokenizer",
     "Tokenizer",
     "TokenizerError",
+    "WordTokenizer",
     "alphabet",
     "bundled_encodings",
     "dump_ranks",
+    "learn_tokenizer",
     "load_bpe",
+    "load_sentencepiece",
     "load_ranks",
     "make_tokenizer",
     "parse_ranks",

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from statelab.data.base import MIX, TRAIN, Batch, DataError, DataSource, rank_rows, rng_for
 from statelab.data.batching import gather, gather_windows, random_starts, stream_starts, val_windows
-from statelab.tokenizers import CharTokenizer, Tokenizer, alphabet, make_tokenizer
+from statelab.tokenizers import CharTokenizer, Tokenizer, alphabet, learn_tokenizer, make_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from statelab.spec import PasskeySpec, RunSpec
@@ -238,6 +238,9 @@ def corpus_alphabet(corpus: Corpus, cache_dir: str | os.PathLike | None = None) 
 def text_tokenizer(spec: "RunSpec", corpus: Corpus | None = None) -> Tokenizer:
     """The tokenizer of a text-kind spec (``char``: the corpus alphabet, plus the passkey
     alphabet when passkey documents are mixed in)."""
+    learned = spec.tokenizer.kind == "word" or (spec.tokenizer.kind == "sentencepiece" and not spec.tokenizer.path)
+    if learned:
+        return learn_tokenizer(spec.tokenizer, (corpus or read_corpus(spec.data.path)).chunks())
     if spec.tokenizer.kind != "char":
         return make_tokenizer(spec.tokenizer)
     corpus = corpus or read_corpus(spec.data.path)
