@@ -1,9 +1,14 @@
 """Picking pieces: each package installed alone from its built wheel, in a fresh venv.
 
 This proves the published metadata (each plugin's dependency range on statelab-core)
-resolves, that `statelab plugins` lists exactly what is installed, that a spec needing an
-absent plugin fails with the install hint, and that a third-party plugin works next to a
+resolves, that every module of every package imports with only its declared dependencies
+installed (and every import statement, including those inside functions, names a declared
+dependency), that the core install is light (the mlflow client, not the server stack),
+that `statelab plugins` lists exactly what is installed, that a spec needing an absent
+plugin fails with the install hint, and that a third-party plugin works next to a
 first-party backbone. Wheels are built with `hatch build` (hatchling when hatch is absent).
+Everything installs through the machine's own pip configuration (its index or wheel
+cache); torch is the CPU build of constraints.txt, from there or from PyTorch's CPU index.
 """
 
 from __future__ import annotations
@@ -46,6 +51,46 @@ HINT = {
     "traces-crystallize": ("backbone", "transformer"),
 }
 
+# imports that are optional accelerators, used when importable and declared as extras
+OPTIONAL_IMPORTS = {"mamba_ssm", "triton"}
+# the mlflow server stack that `pip install statelab-core` must not pull in (it is the `ui` extra)
+HEAVY = {"mlflow", "flask", "pandas", "pyarrow", "scikit-learn", "docker", "gunicorn"}
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+IMPORT_EVERYTHING = """
+import ast, importlib, importlib.metadata as md, importlib.util, json, pathlib, pkgutil, re, sys
+dist, name, optional = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+canon = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+declared = {canon(re.split(r"[ ;<>=!~\\[(]", r, maxsplit=1)[0]) for r in md.requires(dist) or []} | {canon(dist)}
+providers = md.packages_distributions()
+pkg = importlib.import_module(name)
+problems = []
+for m in pkgutil.walk_packages(pkg.__path__, name + "."):
+    if m.name.endswith(".__main__"):  # runs the command line when imported
+        continue
+    try:
+        importlib.import_module(m.name)
+    except Exception as exc:
+        problems.append(f"import {m.name}: {type(exc).__name__}: {exc}")
+for f in sorted(pathlib.Path(pkg.__path__[0]).rglob("*.py")):
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            tops = [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            tops = [node.module.split(".")[0]]
+        else:
+            continue
+        for top in tops:
+            if top in sys.stdlib_module_names or top in optional or top == "__future__":
+                continue
+            if importlib.util.find_spec(top) is None:
+                problems.append(f"{f.name}:{node.lineno} imports {top!r}, which no declared dependency installs")
+            elif top in providers and not {canon(d) for d in providers[top]} & declared:
+                problems.append(f"{f.name}:{node.lineno} imports {top!r} (from {providers.get(top)}), which "
+                                f"{dist} does not declare (it is only there through another package)")
+print(json.dumps(sorted(set(problems))))
+"""
+
 pytestmark = pytest.mark.slow
 
 
@@ -79,9 +124,22 @@ class Venv:
         }
         self.env.update(MLFLOW_DISABLE_TELEMETRY="true", STATELAB_CACHE_DIR=str(workdir / "cache"))
 
-    def pip(self, *args: str) -> None:
-        subprocess.run([str(self.bin / "python"), "-m", "pip", "-q", *args], check=True, env=self.env, cwd=self.workdir,
-                       capture_output=True, text=True)
+    def pip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin / "python"), "-m", "pip", "-q", *args], check=check, env=self.env,
+                              cwd=self.workdir, capture_output=True, text=True)
+
+    def installed(self) -> set[str]:
+        out = subprocess.run([str(self.bin / "python"), "-m", "pip", "list", "--format=json"], check=True, env=self.env,
+                             capture_output=True, text=True).stdout
+        return {p["name"].lower() for p in json.loads(out)}
+
+    def undeclared(self, dist: str) -> list[str]:
+        """Problems importing every module of distribution ``dist`` (see IMPORT_EVERYTHING)."""
+        package = "statelab" if dist == "statelab-core" else dist.replace("-", "_")
+        res = subprocess.run([str(self.bin / "python"), "-c", IMPORT_EVERYTHING, dist, package, *OPTIONAL_IMPORTS],
+                             env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
 
     def statelab(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.bin / "statelab"), *args], env=self.env, cwd=self.workdir, capture_output=True,
@@ -92,7 +150,10 @@ class Venv:
 def env(tmp_path_factory, wheels) -> Venv:
     work = tmp_path_factory.mktemp("venv-work")
     v = Venv(work / "venv", work)
-    v.pip("install", "-c", str(ROOT / "constraints.txt"), str(wheels["statelab-core"]))
+    constraints = str(ROOT / "constraints.txt")
+    if v.pip("install", "-c", constraints, "torch", check=False).returncode != 0:  # no local CPU wheel here
+        v.pip("install", "-c", constraints, "--extra-index-url", TORCH_CPU_INDEX, "torch")
+    v.pip("install", "-c", constraints, str(wheels["statelab-core"]))
     return v
 
 
@@ -116,18 +177,23 @@ def _components(v: Venv) -> tuple[set[str], list]:
     return {c["distribution"] for c in data["components"]}, data["failures"]
 
 
-def test_core_alone_has_no_components_and_no_errors(env):
+def test_core_alone_has_only_its_own_components_and_no_errors(env):
     data = json.loads(env.statelab("plugins", "--json").stdout)
-    assert data == {"components": [], "commands": [], "failures": []}
+    assert {c["distribution"] for c in data["components"]} <= {"statelab-core"} and data["failures"] == []
+    assert env.undeclared("statelab-core") == []
+    assert env.installed() & HEAVY == set()  # the light install: mlflow-skinny and the SQLite store only
 
 
 @pytest.mark.parametrize("plugin", list(ALONE))
 def test_each_plugin_alone(env, wheels, plugin):
+    before = env.installed()
     env.pip("install", "-c", str(ROOT / "constraints.txt"), str(wheels[plugin]))
+    added = env.installed() - before  # the plugin and what its declared dependencies pulled in
     try:
+        assert env.undeclared(plugin) == []
         dists, failures = _components(env)
         assert failures == []
-        assert dists == {plugin}
+        assert dists - {"statelab-core"} == {plugin}
         if ALONE[plugin] is not None:
             spec = _spec(env.workdir, f"alone-{plugin}", ALONE[plugin])
             out = env.statelab("train", str(spec))
@@ -141,8 +207,8 @@ def test_each_plugin_alone(env, wheels, plugin):
             res = env.statelab("validate", str(_spec(env.workdir, f"needs-{kind}", model)), check=False)
             assert res.returncode == 2
             assert f"kind {kind!r} is provided by {other}: pip install {other}" in res.stderr
-    finally:
-        env.pip("uninstall", "-y", plugin)
+    finally:  # back to core alone, so the next plugin is checked with its own dependencies only
+        env.pip("uninstall", "-y", *sorted(added))
 
 
 def test_third_party_plugin_with_a_first_party_backbone(env, wheels):
@@ -153,9 +219,14 @@ def test_third_party_plugin_with_a_first_party_backbone(env, wheels):
         assert ("memory", "window-mean", "statelab-window-mean") in rows
         assert ("backbone", "mamba", "crsm-planner") in rows
         spec = _spec(env.workdir, "third-party", {"backbone": {"kind": "mamba", "n_layers": 2},
-                                                  "memories": [{"kind": "window-mean", "after_layer": 0, "window": 4}]})
+                                                  "memories": [{"kind": "window-mean", "after_layer": 0, "window": 4}]},
+                     tracking={"uri": f"sqlite:///{env.workdir / 'mlflow.db'}", "experiment": "wheels"})
         env.statelab("train", str(spec))
         assert (env.workdir / "runs" / "third-party" / "best" / "model.safetensors").is_file()
+        # tracked into a local SQLite store by the light install
+        table = env.statelab("compare", "--experiment", "wheels", "--uri", f"sqlite:///{env.workdir / 'mlflow.db'}",
+                             "-o", str(env.workdir / "cmp.png")).stdout
+        assert "third-party" in table
         # the example's own tests, run against the installed wheel
         env.pip("install", "pytest")
         subprocess.run([str(env.bin / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -34,7 +34,6 @@ nothing after it. Results go to ``--results`` as JSON lines with the fields of
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import nullcontext

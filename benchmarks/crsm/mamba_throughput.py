@@ -244,12 +244,12 @@ def main() -> None:
             extra = {}
             if path.startswith("hf"):
                 m = build_hf(mixer, D, args.layers, device).train()
-                run = lambda inp, m=m: m(inputs_embeds=inp).last_hidden_state
+                run = lambda inp, m=m: m(inputs_embeds=inp).last_hidden_state  # noqa: E731
                 iters = args.hf_iters or args.iters
                 warmup = args.warmup if args.hf_warmup is None else args.hf_warmup
             else:
                 m = build_ours(mixer, D, args.layers, "kernels" if path == "kernels" else "torch", device).train()
-                run = lambda inp, m=m: m(inp)[0]
+                run = lambda inp, m=m: m(inp)[0]  # noqa: E731
                 iters, warmup = args.iters, args.warmup
             if path.endswith("-compile"):
                 cm = torch.compile(m, mode=None if args.compile_mode == "default" else args.compile_mode)

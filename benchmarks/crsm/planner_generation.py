@@ -117,7 +117,6 @@ def main() -> None:
                 pass
         print(f"autotuning cut to one config in {len(restrict_autotune(mods))} kernels", flush=True)
 
-    import statelab
     from statelab.generation import generate
 
     from crsm_planner.planner_testing import mode_switch_tokens, window_batches

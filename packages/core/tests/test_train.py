@@ -234,7 +234,7 @@ def test_lock_refuses_a_live_owner_and_reclaims_a_stale_one(reg, tmp_path, capsy
     # the owner is dead now (killed: it could not release): its lock is stale and is reclaimed
     res = train(spec, registry=reg, out_dir=tmp_path, progress=False)
     assert res.status == "finished"
-    assert f"reclaiming stale lock" in capsys.readouterr().err
+    assert "reclaiming stale lock" in capsys.readouterr().err
     assert not (rd / ".lock").exists()
 
 

@@ -21,7 +21,6 @@ the caller's copy (a planner's snapshot, a resumed stream).
 
 from __future__ import annotations
 
-import io
 from typing import Callable, Iterable
 
 import torch
