@@ -74,6 +74,7 @@ def test_uncertainty_drops_alpha_to_zero_on_off_distribution_states(trained):
 def test_the_plan_injects_the_move_the_critic_ranks_first_and_nothing_it_expects_to_hurt(trained, monkeypatch):
     model, _, tokens = trained
     pl = model.planner
+    pl.critic.fitted.fill_(1.0)
     req = _request(model, tokens[:96].view(3, 32))
     s = pl.codec.flatten(req.state)
     z0 = pl.codec.encode(s)
@@ -94,7 +95,8 @@ def test_the_plan_injects_the_move_the_critic_ranks_first_and_nothing_it_expects
 def test_fit_trains_the_critic_on_realised_deltas_the_state_gate_and_reanalyse():
     model, m, _ = trained_planner_model(reanalyse_steps=20)
     pl = model.planner
-    assert pl.critic.fitted.item() == 1.0 and m["critic/samples"] >= 8 * 4 * 8
+    assert pl.critic.fitted.item() == m["critic/used"] and m["critic/samples"] >= 8 * 4 * 8
+    assert (m["critic/used"] == 1.0) == (m["critic/heldout_skill"] > 0)
     for k in ("critic/heldout_corr", "critic/delta_of_critic_choice", "critic/delta_of_search_choice"):
         assert k in m
     assert pl.gate_weight.abs().sum() > 0  # the gate learned to depend on the state

@@ -215,3 +215,24 @@ def test_value_head_without_heldout_skill_never_injects():
     assert res.alpha.abs().max().item() <= 0.02 * model.planner.params.alpha_max
     _, metrics, _ = trained_planner_model()
     assert metrics["value/skill"] > 0.05
+
+
+def test_backbone_world_model_searches_with_the_true_step(trained):
+    """world_model: backbone: the chosen move is exactly the backbone's own state change on
+    reading the chosen token (no latent model in between), and the generation hook sends the
+    whole state it needs."""
+    model, _, tokens = trained
+    pl = model.planner
+    pl.params = pl.params.model_copy(update={"world_model": "backbone", "simulations": 8})
+    pl.critic.fitted.fill_(0.0)  # the search's own choice
+    req = _request(model, tokens[:64].view(2, 32))
+    res = pl.plan(model, req)
+    with torch.no_grad():
+        _, after, _ = model.step(res.info["best_token"], req.state)
+    for k in pl.codec.keys:
+        torch.testing.assert_close(res.target[k], after[k])
+    pl.params = pl.params.model_copy(update={"asynchronous": False, "plan_every": 3})
+    st = statelab.generate(model, tokens[:40].view(2, 20), max_new_tokens=12, seed=0).stats
+    assert st["planner.applied"] >= 3
+    with pytest.raises(ValueError, match="use device: auto"):
+        MCTSParams(world_model="backbone", device="cpu")

@@ -296,7 +296,11 @@ class PlanningHook:
             self._stats["skipped_busy"] += 1
             return
         codec = self.planner.codec
-        if self.host is not None:
+        if self.planner.params.world_model == "backbone":  # the search steps the backbone: the whole state
+            snap = {k: v.detach().clone() for k, v in state.items()}
+            req = SnapshotRequest(snap, ctx.logits.detach().clone(), ctx.step, ctx.generation_id,
+                                  flat=codec.flatten(snap))
+        elif self.host is not None:
             snap = {k: state[k].detach().to(self.host) for k in codec.keys}
             req = PlanRequest(snap, ctx.logits.detach().to(self.host), ctx.step, ctx.generation_id)
         else:

@@ -22,6 +22,7 @@ can raise the state's norm.
 from __future__ import annotations
 
 import atexit
+import itertools
 import math
 import warnings
 import weakref
@@ -237,28 +238,72 @@ class MCTSPlanner(Planner):
             edge_reward=self._edge_reward,
         )
 
-    def _plan_core(self, model, s: Tensor, logits: Tensor, noise: Tensor | None, simulations: int | None):
-        """Tensors in, tensors out, no host synchronisation: the part a CUDA graph captures."""
+    def _plan_core(self, model, s: Tensor, logits: Tensor, noise: Tensor | None, simulations: int | None,
+                   full: State | None = None):
+        """Tensors in, tensors out, no host synchronisation: the part a CUDA graph captures.
+        With ``full`` (the whole model state, ``world_model: backbone``) the search steps the
+        backbone itself instead of the latent model."""
         z0 = self.codec.encode(s)  # (B, L)
-        res = self.make_search(model, simulations).run(z0, logits, noise=noise)
+        res, child_z, child_moves, best_move = self._candidates(model, s, z0, logits, noise, simulations, full)
         conf = res.confidence * self.fitted * self.value_skill  # unfitted, or a value head no better than a constant: 0
         # the critic ranks the root children's moves by their pessimistic predicted gain (where fitted)
-        K = res.root_latents.shape[1]
-        gain, sd = self.critic.gain(z0.unsqueeze(1).expand(-1, K, -1), res.root_latents - z0.unsqueeze(1))  # (B, K)
+        K = child_z.shape[1]
+        gain, sd = self.critic.gain(z0.unsqueeze(1).expand(-1, K, -1), child_z - z0.unsqueeze(1))  # (B, K)
         lcb = gain - self.params.critic_kappa * sd
         pick = lcb.argmax(dim=1, keepdim=True)  # (B, 1)
         g, u, lo = gain.gather(1, pick)[:, 0], sd.gather(1, pick)[:, 0], lcb.gather(1, pick)[:, 0]
         critic_conf = (lo / (g.abs() + u + 1e-8)).clamp(0.0, 1.0) * self.fitted
         use = self.critic.fitted > 0
         rows = torch.arange(z0.shape[0], device=z0.device)
-        latent = torch.where(use, res.root_latents[rows, pick[:, 0]], res.best_latent)  # (B, L)
+        move = torch.where(use, child_moves[rows, pick[:, 0]], best_move)  # (B, S)
         token = torch.where(use, res.root_tokens.gather(1, pick)[:, 0], res.best_token)
         conf = torch.where(use, critic_conf, conf)
         # an off-distribution state: no trust in anything the planner learned there
         resid = Novelty.residual(self.codec.normalize(s), self.codec.decode_normalized(z0))  # (B,)
         conf = conf * self.novelty.trust(z0, resid)
-        target_flat = s + self.codec.decode_delta(latent, z0)  # (B, S)
+        target_flat = s + move  # (B, S)
         return target_flat, conf, self.alpha_from(conf, z0), token, res.root_visits, res.nodes_used
+
+    def _candidates(self, model, s: Tensor, z0: Tensor, logits: Tensor, noise: Tensor | None,
+                    simulations: int | None, full: State | None):
+        """Search, then the root children as candidate injections: the search result, their
+        latents ``(B, K, L)``, their moves ``(B, K, S)`` and the search's chosen move ``(B, S)``."""
+        if full is None:
+            res = self.make_search(model, simulations).run(z0, logits, noise=noise)
+            child_moves = self.codec.decode_delta(res.root_latents, z0.unsqueeze(1))  # (B, K, S)
+            return res, res.root_latents, child_moves, self.codec.decode_delta(res.best_latent, z0)
+        res, child_s, best_s = self._backbone_search(model, full, logits, noise, simulations)
+        return res, self.codec.encode(child_s), child_s - s.unsqueeze(1), best_s - s  # true state changes
+
+    def _backbone_search(self, model, full: State, logits: Tensor, noise: Tensor | None, simulations: int | None):
+        """PUCT with the backbone's own O(1) step as the world model. A node's "latent" is the
+        whole model state flattened, followed by the LM's next-token logits there (so priors
+        are the LM's own, not distilled); the value head reads the injectable part through the
+        codec. Returns the search result and the injectable states ``(B, K, S)`` of the root
+        children and ``(B, S)`` of the chosen one."""
+        keys = list(full)
+        B = logits.shape[0]
+        sizes = [int(math.prod(full[k].shape[1:])) for k in keys]
+        F_ = sum(sizes)
+        offsets = dict(zip(keys, itertools.accumulate([0, *sizes[:-1]])))
+        inj = torch.cat([torch.arange(offsets[k], offsets[k] + sizes[keys.index(k)]) for k in self.codec.keys])
+        inj = inj.to(logits.device)
+
+        def unflat(x: Tensor) -> State:
+            return {k: x[:, offsets[k] : offsets[k] + n].reshape(x.shape[0], *full[k].shape[1:]).to(full[k].dtype)
+                    for k, n in zip(keys, sizes)}
+
+        def dynamics(x: Tensor, tok: Tensor) -> Tensor:
+            lg, st, _ = model.step(tok, unflat(x[:, :F_]))
+            return torch.cat([*(st[k].reshape(x.shape[0], -1).float() for k in keys), lg.float()], dim=1)
+
+        search = self.make_search(model, simulations)
+        search.dynamics = dynamics
+        search.value = lambda x: self._value_fn(self.codec.encode(x[:, inj]))
+        search.prior = lambda x: x[:, F_:]
+        x0 = torch.cat([*(full[k].reshape(B, -1).float() for k in keys), logits.float()], dim=1)  # (B, F + V)
+        res = search.run(x0, logits, noise=noise)
+        return res, res.root_latents[..., inj], res.best_latent[:, inj]
 
     @torch.no_grad()
     def plan(self, model, request: PlanRequest, *, simulations: int | None = None) -> PlanResult:
@@ -280,7 +325,7 @@ class MCTSPlanner(Planner):
         if graph is not None:
             outs = graph.run(s, request.logits, noise)
         else:
-            outs = self._plan_core(model, s, request.logits, noise, simulations)
+            outs = self._plan_core(model, s, request.logits, noise, simulations, self._full_state(model, request))
         target_flat, conf, alpha, best_token, visits, nodes = outs
         return PlanResult(
             target=self.codec.unflatten(target_flat, request.state),
@@ -293,6 +338,16 @@ class MCTSPlanner(Planner):
                   "target_flat": target_flat,  # the target's entries are views of it (the hook's fused apply)
                   "snapshot_flat": s},  # what the target is relative to (the hook rebases the move onto the state)
         )
+
+    def _full_state(self, model, request: PlanRequest) -> State | None:
+        """The whole model state of a request, for ``world_model: backbone`` (None otherwise)."""
+        if self.params.world_model != "backbone":
+            return None
+        missing = [k for k in model.init_state(1, request.logits.device) if k not in request.state]
+        if missing:
+            raise ValueError(f"world_model: backbone searches with the backbone's own step and needs the whole model "
+                             f"state in the plan request; it lacks {missing[:4]} (the generation hook sends it)")
+        return request.state
 
     def root_noise(self, B: int, step: int, device) -> Tensor:
         """The seeded Dirichlet noise on the root priors of the plan requested at ``step``."""
@@ -310,7 +365,7 @@ class MCTSPlanner(Planner):
         worker then barely holds the interpreter lock). Call from the generating thread
         before planning starts; returns whether a graph is in place. A capture that fails
         falls back to eager planning with a warning."""
-        if not (self.params.cuda_graphs and logits.is_cuda):
+        if not (self.params.cuda_graphs and logits.is_cuda) or self.params.world_model == "backbone":
             return False
         self.ensure_ready(model, state)
         with torch.no_grad():
@@ -470,6 +525,10 @@ class MCTSPlanner(Planner):
                 "dyn/k_step_mse": dyn_state[-1].item(),
                 "dyn/k_step_copy_mse": copyk.item(),
                 "dyn/k_step_ratio": (dyn_state[-1] / copyk.clamp_min(1e-12)).item(),
+                # the share of the state's change over 1 and k tokens that the world model predicts
+                "dyn/one_step_explained_variance": (1 - dyn_state[0] / copy1.clamp_min(1e-12)).item(),
+                "dyn/k_step_explained_variance": (1 - dyn_state[-1] / copyk.clamp_min(1e-12)).item(),
+                "dyn/recon_explained_variance": (1 - rec / sn.var(dim=(0, 1), unbiased=False).mean()).item(),
                 "dyn/k": float(m),
                 "dyn/latent_one_step_mse": dyn_latent[0].item(),
                 "dyn/latent_one_step_copy_mse": lat_copy1.item(),
@@ -649,7 +708,8 @@ class MCTSPlanner(Planner):
         search, let ``sync_lag`` tokens pass, inject each root child's move (rebased) at
         ``alpha_max`` and score the next ``value_horizon`` predictions against no injection.
         The first 80% of the samples train it; on the rest it reports how well it predicts the
-        deltas and what its choice realises against the search's choice and a random child."""
+        deltas and what its choice realises against the search's choice and a random child. A
+        critic no better than a constant on those held-out deltas is not used."""
         p = self.params
         lag, k = p.sync_lag, p.value_horizon
         zs, dzs, deltas, best = [], [], [], []
@@ -660,16 +720,18 @@ class MCTSPlanner(Planner):
                 break
             t0 = int(torch.randint(0, hi, (1,), generator=gen))
             logits, st, _ = model(x[:, : t0 + 1])
-            z0 = self.codec.encode(self.codec.flatten(st))  # (B, L)
-            res = self.make_search(model).run(z0, logits[:, -1])
+            s = self.codec.flatten(st)
+            z0 = self.codec.encode(s)  # (B, L)
+            full = st if p.world_model == "backbone" else None
+            res, child_z, child_moves, _ = self._candidates(model, s, z0, logits[:, -1], None, None, full)
             _, st2, _ = model(x[:, t0 + 1 : t0 + 1 + lag], st)
-            K = res.root_latents.shape[1]
-            moves = [self.codec.decode_delta(res.root_latents[:, c], z0) for c in range(K)]
+            K = child_z.shape[1]
+            moves = [child_moves[:, c] for c in range(K)]
             losses = self._injected_losses(model, x, t0 + lag + 1, st2, moves, p.alpha_max)  # (K + 1, B)
             zs.append(z0.unsqueeze(1).expand(-1, K, -1))  # (B, K, L)
-            dzs.append(res.root_latents - z0.unsqueeze(1))  # (B, K, L)
+            dzs.append(child_z - z0.unsqueeze(1))  # (B, K, L)
             deltas.append((losses[:K] - losses[K]).T)  # (B, K)
-            best.append((res.root_latents == res.best_latent.unsqueeze(1)).all(-1).float().argmax(1))  # (B,)
+            best.append((res.root_tokens == res.best_token.unsqueeze(1)).float().argmax(1))  # (B,) the search's choice
         if len(zs) < 2:
             return {}
         n_fit = max(1, int(0.8 * len(zs)))
@@ -687,10 +749,16 @@ class MCTSPlanner(Planner):
         pick = (gain - p.critic_kappa * sd).argmax(1, keepdim=True)
         pred = -gain.flatten()
         pc, tc = pred - pred.mean(), dh.flatten() - dh.mean()
+        mse, const = float((pred - dh.flatten()).pow(2).mean()), float(dh.var(unbiased=False))
+        skill = 1.0 - mse / max(const, 1e-12)
+        if skill <= 0:  # no better than a constant on held-out injections: the search keeps the choice
+            self.critic.fitted.fill_(0.0)
         return {
+            "critic/used": float(self.critic.fitted.item()),
+            "critic/heldout_skill": skill,
             "critic/train_mse": train_mse,
-            "critic/heldout_mse": float((pred - dh.flatten()).pow(2).mean()),
-            "critic/heldout_const_mse": float(dh.var(unbiased=False)),
+            "critic/heldout_mse": mse,
+            "critic/heldout_const_mse": const,
             "critic/heldout_corr": float((pc * tc).sum() / (pc.norm() * tc.norm()).clamp_min(1e-12)),
             "critic/delta_of_critic_choice": float(dh.gather(1, pick).mean()),
             "critic/delta_of_search_choice": float(dh.gather(1, bh.unsqueeze(1)).mean()),

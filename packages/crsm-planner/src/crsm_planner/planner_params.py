@@ -55,6 +55,14 @@ class MCTSParams(BaseModel):
                     "root visit distribution on fitting states (0: off)",
     )
     # -- search --------------------------------------------------------------------
+    world_model: Literal["latent", "backbone"] = Field(
+        "latent",
+        description=(
+            "what the search steps: latent = the learned latent dynamics (cheap, approximate); backbone = the "
+            "backbone's own O(1) step on the whole state, with the LM's own priors (exact; one model step per "
+            "expanded child, no CUDA graph, planning on the model's device)"
+        ),
+    )
     simulations: int = Field(32, ge=1, le=100000, description="PUCT simulations per plan")
     depth: int = Field(4, ge=1, le=256, description="maximum search depth in tokens below the root")
     c_puct: float = Field(1.5, gt=0, description="exploration constant of PUCT")
@@ -143,6 +151,9 @@ class MCTSParams(BaseModel):
         if self.max_nodes < 1 + self.top_k:
             raise ValueError(f"max_nodes={self.max_nodes} cannot hold the root and its {self.top_k} children; "
                              f"set max_nodes >= {1 + self.top_k}")
+        if self.world_model == "backbone" and self.device == "cpu":
+            raise ValueError("world_model: backbone steps the model itself, on its own device; "
+                             "use device: auto with it")
         if self.sync_lag > max(self.max_lag, 1) and not self.asynchronous:
             raise ValueError(
                 f"sync_lag={self.sync_lag} exceeds max_lag={self.max_lag}: every inline result would be dropped"
