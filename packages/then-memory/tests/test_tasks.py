@@ -20,6 +20,10 @@ def test_fact_rows_end_with_a_document_and_count_only_answers():
         assert counted == "".join(answers)  # the answers' bodies and their end markers, nothing else
     every = FactDocsData(tok, FactQAParams(loss_on="all"), seed=0).train_batch(3, 4, 256)
     assert bool(every.mask.all())
+    vals = FactDocsData(tok, FactQAParams(loss_on="values"), seed=0).train_batch(3, 4, 256)
+    counted = "".join(tok.decode([int(t)]) for t, m in zip(vals.y[0], vals.mask[0]) if m)
+    text = tok.decode(vals.x[0].tolist() + [int(vals.y[0, -1])])
+    assert counted == "".join(line.rsplit(" ", 1)[1] + "\n" for line in text.split("\n") if line.startswith("A: "))
 
 
 def test_tasks_are_registered_and_refuse_other_tokenizers():

@@ -88,8 +88,9 @@ class FactQAParams(BaseModel):
     update_p: float = Field(0.3, ge=0, le=1, description="chance that a document updates one fact (the answer is "
                             "the new value)")
     pref_fraction: float = Field(0.2, ge=0, le=1, description="training rows that are preference documents")
-    loss_on: Literal["answers", "all"] = Field("answers", description="answers: loss on the answer lines and the "
-                                               "end-of-answer marker; all: every token")
+    loss_on: Literal["answers", "values", "all"] = Field(
+        "answers", description="answers: loss on the answer lines and the end-of-answer marker; values: on the "
+        "answer's value and what ends it ('.' and the marker); all: every token")
     eval_docs: int = Field(100, ge=1, description="documents evaluated (held-out templates)")
 
 

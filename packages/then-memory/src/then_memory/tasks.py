@@ -61,8 +61,8 @@ class FactDocsData(DataSource):
             ids = (pad * (room // max(1, len(pad)) + 1))[: room - len(ids)] + ids
         answer = np.zeros(room, dtype=bool)
         text = self.tokenizer.decode(ids)
-        if self.p.loss_on == "answers" and len(text.encode()) == len(ids):  # byte-level: characters = tokens
-            for m in _answer_spans(text):
+        if self.p.loss_on != "all" and len(text.encode()) == len(ids):  # byte-level: characters = tokens
+            for m in _answer_spans(text, values_only=self.p.loss_on == "values"):
                 answer[m[0] : m[1]] = True
         else:
             answer[:] = True
@@ -85,10 +85,13 @@ class FactDocsData(DataSource):
             yield self._rows([rng_for(self.seed, VAL, i) for i in range(lo, min(n, lo + batch_size))], seq_len)
 
 
-def _answer_spans(text: str) -> list[tuple[int, int]]:
-    """[start, end) character spans of every answer line's body and its end marker."""
+def _answer_spans(text: str, values_only: bool = False) -> list[tuple[int, int]]:
+    """[start, end) character spans of every answer line's body and its end marker, or with
+    ``values_only`` of the value at the end of the answer and what follows it (".\n")."""
     import re
 
+    if values_only:
+        return [(m.start(1), m.end(0)) for m in re.finditer(r"(?m)^A: .* (\w+\.\n)", text)]
     return [(m.start(1), m.end(0)) for m in re.finditer(r"(?m)^A: (.*\n)", text)]
 
 
