@@ -117,12 +117,12 @@ def _run(*args, env=None):
 
 
 def test_debug_environment_variable_shows_the_traceback(tmp_path):
-    missing = str(tmp_path / "nope")
-    plain = _run("-m", "statelab", "eval", missing)
+    missing = str(tmp_path / "nope.yaml")
+    plain = _run("-m", "statelab", "validate", missing)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr and "does not exist" in plain.stderr
-    assert len(plain.stderr.strip().splitlines()) == 1
-    debug = _run("-m", "statelab", "eval", missing, env={"STATELAB_DEBUG": "1"})
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+    assert len(plain.stderr.strip().splitlines()) == 2  # "statelab validate: invalid spec:" and the issue
+    debug = _run("-m", "statelab", "validate", missing, env={"STATELAB_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "SpecError" in debug.stderr
 
 
 def test_version_does_not_import_torch():

@@ -65,7 +65,8 @@ def test_import_hf_writes_a_normal_run(kind, tmp_path, capsys, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[0], hf(ids, use_cache=False).logits, atol=1e-4, rtol=1e-4)
     assert model.tokenizer.decode(model.tokenizer.encode("hear me speak")) == "hear me speak"
-
+    if kind == "mamba1":
+        return  # the commands below do not depend on the mixer; run them once
     assert cli.main(["generate", str(run), "--prompt", "All:", "--max-new-tokens", "4", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("All:")
     assert cli.main(["eval", str(run), "--json", "--batches", "1", "--batch-size", "2", "--seq-len", "16"]) == 0
