@@ -27,7 +27,7 @@ import json
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
@@ -184,17 +184,29 @@ def run_suite(path: str | Path, *, out: str | Path = "bench", size: str | None =
         if workers <= 1 or len(todo) <= 1:
             for i, c in enumerate(todo, 1):
                 _log(f"[{i}/{len(todo)}] {c.id} ({c.grid_label})")
-                run_cell(c.to_json(), str(out_dir), threads=suite.threads, progress=progress, parent_run_id=parent,
-                         uri=uri)
+                try:
+                    run_cell(c.to_json(), str(out_dir), threads=suite.threads, progress=progress,
+                             parent_run_id=parent, uri=uri)
+                except Exception:
+                    _log(f"cell {c.id} failed; fix the cause and run the suite again (finished cells are kept)")
+                    raise
         else:
             import multiprocessing as mp
 
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(run_cell, c.to_json(), str(out_dir), threads=suite.threads, parent_run_id=parent,
-                                       uri=uri) for c in todo]
-                for i, f in enumerate(futures, 1):
-                    r = f.result()
-                    _log(f"[{i}/{len(todo)}] {r['cell']['id']} done")
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+            try:
+                futures = {pool.submit(run_cell, c.to_json(), str(out_dir), threads=suite.threads,
+                                       parent_run_id=parent, uri=uri): c for c in todo}
+                for i, f in enumerate(as_completed(futures), 1):
+                    try:
+                        f.result()
+                    except Exception:
+                        _log(f"cell {futures[f].id} failed; fix the cause and run the suite again (finished cells are "
+                             "kept)")
+                        raise
+                    _log(f"[{i}/{len(todo)}] {futures[f].id} done")
+            finally:  # on a failure or ^C, cells not yet started are dropped; running ones finish
+                pool.shutdown(wait=True, cancel_futures=True)
     except BaseException:
         status = "KILLED"
         raise
