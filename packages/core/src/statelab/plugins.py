@@ -60,6 +60,7 @@ FIRST_PARTY: dict[tuple[str, str], str] = {
     ("memory", "dual"): "crsd-memory",
     ("backbone", "crsd"): "crsd-memory",
     ("probe", "memory-use"): "crsd-memory",
+    ("backbone", "s4d"): "crsd-memory",
     ("backbone", "kssm"): "kssm-oscillators",
     ("regularizer", "bistability"): "kssm-oscillators",
     ("probe", "causality"): "kssm-oscillators",

@@ -7,6 +7,7 @@ Components
 * memory ``dual``      both of the above, merged by a learned gate (crsd_memory.dual)
 * backbone ``crsd``    the CRSD cell stacked into layers (crsd_memory.crsd)
 * probe ``memory-use`` loss change when ``memory.recall`` is forced to zero (crsd_memory.probe)
+* backbones ``s4d``, ``s5``, ``linoss``, ``retnet``, ``samba``: the SSM families (crsd_memory.ssm; params there)
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from statelab.plugins import Component, hookimpl
+
+from crsd_memory.ssm.params import components as ssm_components
 
 STATELAB_PLUGIN_API = 1
 
@@ -162,4 +165,5 @@ def statelab_components() -> list[Component]:
         Component("probe", "memory-use", MemoryUseParams, "crsd_memory.probe:build",
                   "validation loss change when the memory recall is forced to zero (used / unused)",
                   requires=lambda p: [p.internal]),
+        *ssm_components(),
     ]
