@@ -49,3 +49,19 @@ def test_rzones_counts_match_a_forced_R(spec, registry, tmp_path):
         res = probe.run(model, ProbeContext(out_dir=tmp_path))
     assert res.metrics["u_min"] == res.metrics["u_max"] == 2.5
     assert res.metrics["zone_3_mystery"] == 1.0 and res.metrics["zones_visited"] == 1.0 and res.passed
+
+
+def test_random_phases_give_at_null(spec, registry, tmp_path):
+    """Phases replaced by uniform random ones: R visits zones, and the probe says it is the incoherent level."""
+    bb = {"kind": "kssm", "n_layers": 1, "n_oscillators": 64, "group_levels": [1, 4], "n_harmonics": 1}
+    model = statelab.build(spec(backbone=bb), registry=registry)
+    probe = statelab.make_probe("r-zones", {"n_windows": 8, "seq_len": 64, "gen_tokens": 4, "prompt_tokens": 4,
+                                            "min_zones": 2}, model, registry=registry)
+    g = torch.Generator().manual_seed(0)
+    with statelab.intervene({"kssm.theta": lambda t: (torch.rand(t.shape, generator=g) * 2 - 1) * torch.pi}):
+        res = probe.run(model, ProbeContext(out_dir=tmp_path, seed=2))
+    m = res.metrics
+    assert res.verdict == "at null" and res.passed is False and m["at_null.backbone.layers.0"] == 1.0
+    assert m["zones_visited"] >= 2 and m["null_zones_visited"] >= 2  # random phases visit zones too
+    assert m["R_mean"] == pytest.approx(m["null_R_mean.backbone.layers.0"], rel=0.1)
+    assert m["zone_1_intimacy"] == pytest.approx(m["null_zone_1_intimacy"], abs=0.05)

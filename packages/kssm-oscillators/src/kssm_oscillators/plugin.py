@@ -110,6 +110,31 @@ class RZonesParams(BaseModel):
     min_zones: int = Field(3, ge=1, le=7, description="pass when R visits at least this many zones (v3's target: 3)")
 
 
+class VerdictsParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    internal: str = Field("kssm.R", description="the named internal to judge (bare, e.g. 'kssm.R', or '<site>:<name>')")
+    element: list[int] | None = Field(
+        [0, 0], description="index into the internal's trailing dims (kssm.R/psi: [group, harmonic]; [0, 0] = whole "
+        "population, harmonic 1); null = the whole internal",
+    )
+    batches: int = Field(8, ge=2, description="validation batches (the paired units of every interval)")
+    batch_size: int = Field(8, ge=2, description="windows per batch")
+    seq_len: int = Field(64, ge=2, description="tokens per window")
+    quantiles: list[float] = Field(
+        [0.1, 0.9], min_length=1, description="on-the-path test: the element is forced to these quantiles of its own "
+        "distribution on the same data (in-distribution values)",
+    )
+    modes: list[Literal["mean", "shuffle-positions", "shuffle-rows"]] = Field(
+        ["mean", "shuffle-positions", "shuffle-rows"], min_length=1, description="functional test: the ablations",
+    )
+    null: bool = Field(True, description="functional test against an untrained model of the same spec (false: no null, "
+                                         "so never 'functional')")
+    min_kl: float = Field(1e-6, ge=0, description="on the path when the KL interval's lower end exceeds this (nats; float32 noise is ~1e-9)")
+    min_delta_loss: float = Field(0.005, ge=0, description="functional needs a mean loss increase above this (nats)")
+    null_margin: float = Field(0.25, gt=0, description="varies test: 'at null' when R's mean and sd lie within this "
+                                                       "fraction of the random-phase null's")
+
+
 @hookimpl
 def statelab_components() -> list[Component]:
     return [
@@ -129,6 +154,13 @@ def statelab_components() -> list[Component]:
             "variance, intervention (paired permutation test, KL) and entropy-correlation tests of any internal; "
             "verdict causal / epiphenomenal / constant; passed when all three pass",
             requires=lambda p: [p.internal.rsplit(":", 1)[-1]] if p is not None else [],
+        ),
+        Component(
+            "probe", "verdicts", VerdictsParams, "kssm_oscillators.verdicts:build",
+            "three separate verdicts on one element of an internal: on the path (KL of in-distribution forcing, "
+            "interval over batches), functional (mean/shuffle ablation against an untrained model of the same spec), "
+            "varies (against random phases for kssm.R, else the untrained model)",
+            requires=lambda p: [p.internal.rsplit(":", 1)[-1]] if p is not None else ["kssm.R"],
         ),
         Component(
             "probe", "r-zones", RZonesParams, "kssm_oscillators.rzones:build",

@@ -13,8 +13,12 @@ min, max, 5% / 50% / 95% quantiles over the same windows. A text is then generat
 validation prompt (``statelab.generate``) and R is read along it by one forward pass over
 prompt + continuation (``forward`` equals ``step`` by the state contract): the plot
 ``r_trajectory.png`` shows R per layer against the token index with the zones shaded.
-Verdict ``multi-zone`` when at least ``min_zones`` zones are visited (the v3 target was 3),
-else ``locked``.
+Every site's R is also compared with the finite-N random-phase null of its group
+(:mod:`kssm_oscillators.rnull`: same number of values, R of uniform random phases), and the
+null's zone fractions are reported beside the model's (``null_zone_*``): 64 random phases
+visit several zones too. Verdict ``at null`` when every site's R is at the incoherent level
+(whatever zones it visits); otherwise ``multi-zone`` when at least ``min_zones`` zones are
+visited (the v3 target was 3), else ``locked``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from statelab.interfaces import Probe, ProbeContext, ProbeResult
 from statelab.internals import select
 
 from kssm_oscillators.plugin import TONE_NAMES, TONE_ZONES
+from kssm_oscillators.rnull import compare_to_null, group_size, sample_null_r
 from kssm_oscillators.probing import atomic_path, eval_mode, model_device, pick, windows, write_text
 
 
@@ -91,8 +96,23 @@ class RZonesProbe(Probe):
             q = torch.quantile(u[:: max(1, len(u) // 100_000)], torch.tensor([0.05, 0.5, 0.95]))
             metrics.update(u_min=u.min().item(), u_max=u.max().item(), u_p05=q[0].item(), u_median=q[1].item(),
                            u_p95=q[2].item())
+        null_verdicts = []
+        null_values = []
         for site, v in per_site.items():
-            metrics[f"R_mean.{site.rsplit(':', 1)[0] or 'model'}"] = v.mean().item()
+            name = site.rsplit(':', 1)[0] or 'model'
+            metrics[f"R_mean.{name}"] = v.mean().item()
+            layer = model.get_submodule(site.rsplit(":", 1)[0]) if ":" in site else None
+            if layer is not None and hasattr(layer, "group_levels"):
+                n = group_size(layer, p.element // layer.K)
+                cmp = compare_to_null(v, n, seed=ctx.seed)
+                metrics[f"null_R_mean.{name}"] = cmp["null_R_mean"]
+                metrics[f"at_null.{name}"] = float(cmp["verdict"] == "at null")
+                null_verdicts.append(cmp["verdict"])
+                null_values.append(sample_null_r(n, tuple(v.shape), torch.Generator().manual_seed(ctx.seed)).reshape(-1))
+        if null_values:
+            nc = torch.bincount(zone_index(torch.cat(null_values)), minlength=7).double()
+            metrics.update({f"null_zone_{i}_{name}": (nc[i] / nc.sum()).item() for i, name in enumerate(TONE_NAMES)})
+            metrics["null_zones_visited"] = float((nc > 0).sum())
 
         # R along a generated text
         with eval_mode(model), torch.no_grad():
@@ -112,8 +132,10 @@ class RZonesProbe(Probe):
                    "metrics": metrics, "text": text,
                    "trajectory": {k: v[0].tolist() for k, v in trajectory.items()}}
             artifacts["r_zones"] = write_text(ctx.out_dir / "r_zones.json", json.dumps(doc, indent=1))
-        verdict = "multi-zone" if visited >= p.min_zones else "locked"
-        return ProbeResult(metrics, verdict=verdict, passed=visited >= p.min_zones, artifacts=artifacts)
+        at_null = bool(null_verdicts) and all(v == "at null" for v in null_verdicts)
+        verdict = "at null" if at_null else "multi-zone" if visited >= p.min_zones else "locked"
+        passed = visited >= p.min_zones and not at_null
+        return ProbeResult(metrics, verdict=verdict, passed=passed, artifacts=artifacts)
 
     def _plot(self, trajectory: dict[str, Tensor], prompt_len: int, path):
         import matplotlib
