@@ -113,3 +113,23 @@ def test_ablate_errors():
         ab.ablate(model, "nope", _batches(1), null_model=None)
     with pytest.raises(ValueError, match="unknown ablation mode"):
         ab.ablate(model, "fixture.carry", _batches(1), modes=["scramble"])
+
+
+def test_the_ablate_probe_runs_on_validation_tokens(tmp_path):
+    from statelab.interfaces import ProbeContext
+
+    model = _trained_model()
+    probe = statelab.make_probe("ablate", {"internal": "fixture.carry", "batches": 3, "batch_size": 4, "seq_len": 8,
+                                           "modes": ["mean"]}, model, registry=_registry_with_core())
+    tokens = torch.arange(200) % V  # every next token is the current one + 1: what the carrier predicts
+    res = probe.run(model, ProbeContext(val_tokens=tokens, out_dir=tmp_path))
+    assert res.metrics["mean.delta_loss"] > 0.5 and res.verdict == ab.USED
+    assert "| mean |" in res.artifacts["table"].read_text()
+
+
+def _registry_with_core() -> Registry:
+    import statelab.builtin as core
+
+    reg = _registry()
+    reg.register_plugin(core, distribution="statelab-core", version="0")
+    return reg

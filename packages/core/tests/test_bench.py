@@ -73,7 +73,7 @@ def test_bad_suites_get_one_clear_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resumed_suite_reruns_only_unfinished_cells_and_reports(suite_file, tmp_path, monkeypatch):
+def test_a_resumed_suite_reruns_only_unfinished_cells_and_reports(suite_file, tmp_path, monkeypatch, capsys):
     import statelab.train as train_mod
 
     real = train_mod.train
@@ -129,3 +129,12 @@ def test_a_resumed_suite_reruns_only_unfinished_cells_and_reports(suite_file, tm
     assert d["verdict"] in md and "[" in md.split("| rnn |")[1].split("\n")[0]
     assert (sdir / "report" / "induction-accuracy.png").stat().st_size > 1000
     assert (sdir / "report" / "induction-accuracy-vs-train.lr.png").exists()
+
+    # `statelab compare --suite` prints the same tables
+    from statelab.cli import main
+
+    capsys.readouterr()
+    assert main(["compare", "--suite", str(sdir)]) == 0
+    assert "| rnn | train.lr=" in capsys.readouterr().out
+    assert main(["compare", "--suite", str(tmp_path)]) == 2
+    assert "not a suite output directory" in capsys.readouterr().err

@@ -311,6 +311,17 @@ def _plots(summary: dict[str, Any], results: list[dict[str, Any]], out: Path) ->
     return made
 
 
+def suite_tables(out: str | Path) -> str:
+    """The report's tables of a suite output directory, from its finished cells (``statelab compare --suite``)."""
+    from statelab.bench.suite import SuiteError
+
+    out = Path(out)
+    if not (out / "suite.json").exists():
+        raise SuiteError(f"{str(out)!r} is not a suite output directory (no suite.json); give <out>/<suite name> "
+                         "of a `statelab bench` run")
+    return markdown(summarize(out))
+
+
 def write_report(out: str | Path, *, log: bool = True) -> Path:
     """Write ``<out>/report/`` (report.md, plots, summary.json) and log it to the suite's mlflow run."""
     out = Path(out)
@@ -338,4 +349,4 @@ def write_report(out: str | Path, *, log: bool = True) -> Path:
     return rdir / "report.md"
 
 
-__all__ = ["markdown", "summarize", "write_report"]
+__all__ = ["markdown", "suite_tables", "summarize", "write_report"]

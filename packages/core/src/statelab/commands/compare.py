@@ -1,4 +1,4 @@
-"""``statelab compare --experiment NAME [--uri URI] [--output plot.png]``."""
+"""``statelab compare --experiment NAME [--uri URI] [--output plot.png]`` or ``statelab compare --suite DIR``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ def configure(parser) -> None:
                         help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--output", "-o", default=None,
                         help="overlay plot of validation curves (default: compare-<experiment>.png)")
+    parser.add_argument("--suite", default=None, metavar="DIR",
+                        help="compare the specs of a `statelab bench` suite instead: its output directory "
+                        "(<out>/<suite name>); prints its report's tables with intervals and baseline differences")
 
 
 def run(args) -> int:
     from statelab.compare import collect, format_table, plot_curves
+
+    if args.suite:
+        from statelab.bench.report import suite_tables
+
+        print(suite_tables(args.suite))
+        return 0
 
     rows = collect(args.experiment, args.uri)
     if not rows:
