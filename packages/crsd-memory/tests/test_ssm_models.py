@@ -8,6 +8,7 @@ from statelab.testing import check_model
 
 BACKBONES = {
     "s4d": {"kind": "s4d", "n_layers": 2, "d_state": 4},
+    "retnet": {"kind": "retnet", "n_layers": 2, "n_heads": 2, "chunk_size": 4},
 }
 
 
@@ -26,3 +27,5 @@ def test_bad_params_give_clear_errors(registry):
         validate_spec(spec({"kind": "s4d", "dt_min": 0.5, "dt_max": 0.1}), registry)
     with pytest.raises(SpecError, match=r"model.backbone.d_stat: unknown field"):
         validate_spec(spec({"kind": "s4d", "d_stat": 3}), registry)
+    with pytest.raises(SpecError, match=r"n_heads \(3\) must divide d_model \(16\)"):
+        validate_spec(spec({"kind": "retnet", "n_heads": 3}), registry)

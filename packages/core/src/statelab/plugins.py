@@ -61,6 +61,7 @@ FIRST_PARTY: dict[tuple[str, str], str] = {
     ("backbone", "crsd"): "crsd-memory",
     ("probe", "memory-use"): "crsd-memory",
     ("backbone", "s4d"): "crsd-memory",
+    ("backbone", "retnet"): "crsd-memory",
     ("backbone", "kssm"): "kssm-oscillators",
     ("regularizer", "bistability"): "kssm-oscillators",
     ("probe", "causality"): "kssm-oscillators",

@@ -121,4 +121,7 @@ def components() -> list[Component]:
         Component("backbone", "s4d", S4DParams, "crsd_memory.ssm.s4d:build",
                   "S4D: diagonal SSM, ZOH discretisation, FFT-convolution training path (Gu et al. 2022)",
                   capabilities=_STEERABLE),
+        Component("backbone", "retnet", RetNetParams, "crsd_memory.ssm.retnet:build",
+                  "RetNet: multi-scale retention (parallel, chunkwise, recurrent forms) + FFN (Sun et al. 2023)",
+                  capabilities=_STEERABLE),
     ]

@@ -87,7 +87,7 @@ def retention_naive(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, theta: Tenso
 
     S, outs = S0, []
     for t in range(q.shape[1]):
-        S = gamma[:, None, None] * rotate(S, -theta[:, None], dim=-2) + k[:, t, :, :, None] * v[:, t, :, None, :]
+        S = gamma[:, None, None] * rotate(S, -theta, dim=-2) + k[:, t, :, :, None] * v[:, t, :, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
     return torch.stack(outs, 1), S
 
