@@ -25,7 +25,7 @@ SUITE = {
     "grid": {"train.lr": [0.01, 0.03]},
     "set": {"train.steps": 30, "train.batch_size": 16, "train.warmup_steps": 2, "train.eval_interval": 30,
             "train.checkpoint_interval": 30, "train.sample_tokens": 0, "train.log_interval": 30},
-    "sizes": {"cpu": {"train.device": "cpu"}, "gpu": {"train.steps": 1000}},
+    "sizes": {"cpu": {"set": {"train.device": "cpu"}}, "gpu": {"set": {"train.steps": 1000}, "seeds": [0, 1, 2]}},
 }
 BASE_SPEC = {"name": "x", "model": {"d_model": 16, "backbone": {"kind": "toy-mlp"}},
              "train": {"eval_batches": 2}, "tracking": {"enabled": False}}
@@ -55,7 +55,8 @@ def test_cells_are_the_product_of_specs_tasks_grid_and_seeds(suite_file):
     assert c.spec["train"]["seq_len"] == 8 and c.spec["train"]["device"] == "cpu"  # task override, first size
     assert c.spec["seed"] == 0 and c.spec["name"] == c.id and c.spec["tracking"]["run_name"] == c.id
     assert len({x.id for x in cells}) == len(cells)
-    assert expand(suite, root, "gpu")[0].spec["train"]["steps"] == 1000
+    gpu = expand(suite, root, "gpu")
+    assert len(gpu) == 2 * 2 * 3 and gpu[0].spec["train"]["steps"] == 1000
     with pytest.raises(SuiteError, match="unknown size 'tpu'"):
         expand(suite, root, "tpu")
 

@@ -167,6 +167,8 @@ def run_suite(path: str | Path, *, out: str | Path = "bench", size: str | None =
     cells = expand(suite, root, size)
     if only is not None:
         cells = [c for c in cells if only(c)]
+    workers = parallel or suite.sized(size)[0].parallel
+    threads = suite.sized(size)[0].threads
     out_dir = Path(out) / suite.name
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "suite.json"
@@ -178,14 +180,13 @@ def run_suite(path: str | Path, *, out: str | Path = "bench", size: str | None =
     atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
     todo = [c for c in cells if not (cell_dir(out_dir, c.id) / RESULT).exists()]
     _log(f"{suite.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run")
-    workers = parallel or suite.parallel
     status = "FINISHED"
     try:
         if workers <= 1 or len(todo) <= 1:
             for i, c in enumerate(todo, 1):
                 _log(f"[{i}/{len(todo)}] {c.id} ({c.grid_label})")
                 try:
-                    run_cell(c.to_json(), str(out_dir), threads=suite.threads, progress=progress,
+                    run_cell(c.to_json(), str(out_dir), threads=threads, progress=progress,
                              parent_run_id=parent, uri=uri)
                 except Exception:
                     _log(f"cell {c.id} failed; fix the cause and run the suite again (finished cells are kept)")
@@ -195,7 +196,7 @@ def run_suite(path: str | Path, *, out: str | Path = "bench", size: str | None =
 
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
             try:
-                futures = {pool.submit(run_cell, c.to_json(), str(out_dir), threads=suite.threads,
+                futures = {pool.submit(run_cell, c.to_json(), str(out_dir), threads=threads,
                                        parent_run_id=parent, uri=uri): c for c in todo}
                 for i, f in enumerate(as_completed(futures), 1):
                     try:

@@ -14,11 +14,14 @@ A suite::
     grid:                                 # cartesian product over any spec fields (dotted)
       train.lr: [1e-3, 3e-3]
     set: {train.steps: 200}               # applied to every cell
-    sizes:                                # `--size NAME` applies one of these on top (default: the first)
-      cpu: {train.steps: 200, train.device: cpu}
-      gpu: {train.steps: 20000}
+    sizes:                                # `--size NAME` picks one (default: the first)
+      cpu: {set: {train.steps: 200, train.device: cpu}}
+      gpu: {set: {train.steps: 20000}, seeds: [0, 1, 2], grid: {train.lr: [1e-4, 3e-4, 1e-3, 3e-3]}}
     parallel: 1                           # cells trained at once (processes)
     tracking: {uri: null, experiment: bench}
+
+A size replaces the suite's ``tasks``, ``seeds``, ``grid``, ``parallel`` and ``threads`` where
+it gives them, and its ``set`` applies after the suite's and the task's.
 
 A **cell** is one (spec, task, grid point, seed). Its spec is built in this order, each
 step overriding the previous: the named spec, the spec's ``set``, the suite's ``set``, the
@@ -68,6 +71,22 @@ class TrackingEntry(_Strict):
     experiment: str = Field("statelab-bench", description="mlflow experiment")
 
 
+class Size(_Strict):
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted spec fields for every cell of this size")
+    tasks: list[TaskEntry] | None = Field(None, description="replaces the suite's tasks")
+    seeds: list[int] | None = Field(None, description="replaces the suite's seeds")
+    grid: dict[str, list[Any]] | None = Field(None, description="replaces the suite's grid")
+    parallel: int | None = Field(None, ge=1, description="replaces the suite's parallel")
+    threads: int | None = Field(None, ge=1, description="replaces the suite's threads")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, doc: Any) -> Any:
+        if isinstance(doc, dict) and doc.get("tasks") is not None:
+            doc = {**doc, "tasks": [{"kind": t} if isinstance(t, str) else t for t in doc["tasks"]]}
+        return doc
+
+
 class Suite(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="suite name (a directory name)")
     description: str = Field("", description="what the suite compares, for the report")
@@ -80,7 +99,7 @@ class Suite(_Strict):
                         description="best: per (spec, task) report the grid point with the best mean primary metric "
                         "over seeds (Zoology); each: report every grid point")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted spec fields for every cell")
-    sizes: dict[str, dict[str, Any]] = Field(default_factory=dict, description="size name -> dotted overrides")
+    sizes: dict[str, Size] = Field(default_factory=dict, description="size name -> what it changes (see above)")
     parallel: int = Field(1, ge=1, description="cells trained at once, one process each")
     threads: int = Field(1, ge=1, description="torch CPU threads per cell process")
     tracking: TrackingEntry = Field(default_factory=TrackingEntry, description="mlflow")
@@ -94,6 +113,17 @@ class Suite(_Strict):
             doc["specs"] = {k: ({"spec": v} if isinstance(v, str) or (isinstance(v, dict) and "spec" not in v) else v)
                             for k, v in (doc.get("specs") or {}).items()}
         return doc
+
+    def sized(self, size: str | None) -> tuple["Suite", dict[str, Any]]:
+        """The suite as run at ``size`` (default: the first size, if any) and that size's ``set``."""
+        if size is not None and size not in self.sizes:
+            raise SuiteError(f"unknown size {size!r}; this suite has {', '.join(self.sizes) or 'no sizes'}")
+        size = size if size is not None else next(iter(self.sizes), None)
+        if size is None:
+            return self, {}
+        sz = self.sizes[size].model_dump()
+        changes = {k: sz[k] for k in ("tasks", "seeds", "grid", "parallel", "threads") if sz[k] is not None}
+        return Suite.model_validate({**self.model_dump(), **changes}), sz["set"]
 
     @model_validator(mode="after")
     def _check(self) -> "Suite":
@@ -186,10 +216,7 @@ def expand(suite: Suite, root: Path, size: str | None = None, registry: Any = No
     """Every cell of the suite, in a stable order (spec, task, grid point, seed)."""
     from statelab.tasks import make_task
 
-    if size is not None and size not in suite.sizes:
-        raise SuiteError(f"unknown size {size!r}; this suite has {', '.join(suite.sizes) or 'no sizes'}")
-    size = size if size is not None else next(iter(suite.sizes), None)
-    size_set = suite.sizes.get(size, {}) if size else {}
+    suite, size_set = suite.sized(size)
     keys = list(suite.grid)
     points = [dict(zip(keys, combo)) for combo in itertools.product(*(suite.grid[k] for k in keys))] or [{}]
     cells = []
