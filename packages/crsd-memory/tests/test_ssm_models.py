@@ -9,6 +9,7 @@ from statelab.testing import check_model
 BACKBONES = {
     "s4d": {"kind": "s4d", "n_layers": 2, "d_state": 4},
     "retnet": {"kind": "retnet", "n_layers": 2, "n_heads": 2, "chunk_size": 4},
+    "s5": {"kind": "s5", "n_layers": 2, "d_state": 8, "chunk_size": 4},
 }
 
 

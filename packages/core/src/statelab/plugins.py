@@ -62,6 +62,7 @@ FIRST_PARTY: dict[tuple[str, str], str] = {
     ("probe", "memory-use"): "crsd-memory",
     ("backbone", "s4d"): "crsd-memory",
     ("backbone", "retnet"): "crsd-memory",
+    ("backbone", "s5"): "crsd-memory",
     ("backbone", "kssm"): "kssm-oscillators",
     ("regularizer", "bistability"): "kssm-oscillators",
     ("probe", "causality"): "kssm-oscillators",

@@ -28,7 +28,8 @@ class S4DParams(BaseModel):
 class S5Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n_layers: int = Field(4, ge=1, description="number of S5 blocks")
-    d_state: int = Field(64, ge=2, description="complex state size P shared by all channels (MIMO); even")
+    d_state: int = Field(64, ge=2, description="state size P shared by all channels (MIMO), even: the P/2 "
+                         "HiPPO-N eigenvalues with non-negative imaginary part are kept (conjugate symmetry)")
     dt_min: float = Field(1e-3, gt=0, description="smallest initial step (log-uniform per state in [dt_min, dt_max])")
     dt_max: float = Field(0.1, gt=0, description="largest initial step")
     chunk_size: int = Field(64, ge=1, description="chunk length of the parallel scan (speed only, not the result)")
@@ -123,5 +124,8 @@ def components() -> list[Component]:
                   capabilities=_STEERABLE),
         Component("backbone", "retnet", RetNetParams, "crsd_memory.ssm.retnet:build",
                   "RetNet: multi-scale retention (parallel, chunkwise, recurrent forms) + FFN (Sun et al. 2023)",
+                  capabilities=_STEERABLE),
+        Component("backbone", "s5", S5Params, "crsd_memory.ssm.s5:build",
+                  "S5: MIMO diagonal SSM, HiPPO-N init, ZOH, parallel associative scan (Smith et al. 2023)",
                   capabilities=_STEERABLE),
     ]
