@@ -10,6 +10,7 @@ BACKBONES = {
     "s4d": {"kind": "s4d", "n_layers": 2, "d_state": 4},
     "retnet": {"kind": "retnet", "n_layers": 2, "n_heads": 2, "chunk_size": 4},
     "s5": {"kind": "s5", "n_layers": 2, "d_state": 8, "chunk_size": 4},
+    "linoss": {"kind": "linoss", "n_layers": 2, "d_state": 6, "variant": "imex", "chunk_size": 4},
 }
 
 

@@ -63,6 +63,7 @@ FIRST_PARTY: dict[tuple[str, str], str] = {
     ("backbone", "s4d"): "crsd-memory",
     ("backbone", "retnet"): "crsd-memory",
     ("backbone", "s5"): "crsd-memory",
+    ("backbone", "linoss"): "crsd-memory",
     ("backbone", "kssm"): "kssm-oscillators",
     ("regularizer", "bistability"): "kssm-oscillators",
     ("probe", "causality"): "kssm-oscillators",

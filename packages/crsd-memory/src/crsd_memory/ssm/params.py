@@ -128,4 +128,7 @@ def components() -> list[Component]:
         Component("backbone", "s5", S5Params, "crsd_memory.ssm.s5:build",
                   "S5: MIMO diagonal SSM, HiPPO-N init, ZOH, parallel associative scan (Smith et al. 2023)",
                   capabilities=_STEERABLE),
+        Component("backbone", "linoss", LinOSSParams, "crsd_memory.ssm.linoss:build",
+                  "LinOSS: forced harmonic oscillators, implicit (IM) or IMEX step, parallel scan (Rusch & Rus 2025)",
+                  capabilities=_STEERABLE),
     ]
