@@ -19,7 +19,10 @@ One layer, for each token ``x_t`` (B, D):
    with N = 128: the whole population, 4 groups, 16 groups, pairs):
    ``R e^{i psi} = mean_group e^{i k theta}``.
 4. Output ``y_t = readout([R, R cos psi, R sin psi])``: the next layer and the head see
-   nothing else. There is no residual connection around the oscillators.
+   nothing else. There is no residual connection around the oscillators. With
+   ``readout: order`` only ``R`` of the groups at ``readout_levels`` (default: the whole
+   population, all harmonics) is read: ``y_t = readout(R[levels])``, so no per-group phase
+   reaches the output and synchronisation is the only channel.
 
 Named internals (per layer, qualified by site in an assembled model):
 ``kssm.u`` (B, T), ``kssm.delta`` (B, T), ``kssm.theta`` (B, T, N) the phases the readout
@@ -127,7 +130,10 @@ class KuramotoLayer(Layer):
         coupling_init: float = 0.5,
         freq_spread: float = 1.0,
         readout_mult: int = 2,
+        readout: str = "full",
+        readout_levels: tuple[int, ...] = (1,),
         clamp_u: bool = True,
+        clamp_gradient: str = "straight-through",
         u_min: float = 0.1,
         u_max: float = 10.0,
         den_eps: float = 1e-3,
@@ -154,7 +160,18 @@ class KuramotoLayer(Layer):
         if integrator not in ("euler", "split"):
             raise ValueError(f"integrator {integrator!r}: choose euler or split")
         self.integrator = integrator
-        self.bistable = dict(clamp=clamp_u, u_min=u_min, u_max=u_max, den_eps=den_eps, param_scale=param_scale)
+        self.bistable = dict(clamp=clamp_u, u_min=u_min, u_max=u_max, den_eps=den_eps, param_scale=param_scale,
+                             clamp_gradient=clamp_gradient)
+        if readout not in ("full", "order"):
+            raise ValueError(f"readout {readout!r}: choose 'full' or 'order'")
+        if readout == "order" and any(g not in self.group_levels for g in readout_levels):
+            raise ValueError(f"readout_levels {list(readout_levels)} must be among group_levels {self.group_levels}")
+        self.readout = readout
+        starts = [sum(self.group_levels[:i]) for i in range(len(self.group_levels))]
+        # entries of the G axis read by readout 'order': every group of each chosen level
+        self.register_buffer("read_groups", torch.tensor(
+            [s + j for s, g in zip(starts, self.group_levels) if g in readout_levels for j in range(g)], dtype=torch.long),
+            persistent=False)
         N = n_oscillators
         self.norm = nn.LayerNorm(d_model)
         self.drive = nn.Linear(d_model, 3 * N + 10)  # [a | F_re | F_im | a..j]
@@ -171,7 +188,7 @@ class KuramotoLayer(Layer):
             nn.Parameter(torch.linspace(math.log(forcing_gain[0]), math.log(forcing_gain[1]), N))
             if forcing_gain is not None else None
         )
-        n_feat = 3 * self.G * n_harmonics
+        n_feat = 3 * self.G * n_harmonics if readout == "full" else len(self.read_groups) * n_harmonics
         hidden = readout_mult * d_model
         self.readout_lin = nn.Linear(n_feat, d_model)
         self.readout_mlp = (
@@ -234,7 +251,10 @@ class KuramotoLayer(Layer):
         R, cos_psi, sin_psi = order_parameters(read, self.K, self.group_levels)  # (B, T, G, K)
         R = publish(aux, "kssm.R", R)
         psi = publish(aux, "kssm.psi", torch.atan2(sin_psi, cos_psi))
-        feat = torch.cat([R, R * torch.cos(psi), R * torch.sin(psi)], -1).view(B, T, -1)  # (B, T, 3GK)
+        if self.readout == "full":
+            feat = torch.cat([R, R * torch.cos(psi), R * torch.sin(psi)], -1).view(B, T, -1)  # (B, T, 3GK)
+        else:
+            feat = R.index_select(2, self.read_groups).reshape(B, T, -1)  # (B, T, G_read K): magnitudes only
         y = self.readout_lin(feat)
         if self.readout_mlp is not None:
             y = y + self.readout_mlp(feat)

@@ -31,7 +31,19 @@ class KSSMParams(BaseModel):
     coupling_init: float = Field(0.5, description="initial Kuramoto coupling K of every oscillator")
     freq_spread: float = Field(1.0, ge=0, description="natural frequencies start evenly spaced in [-spread, spread] rad per unit time")
     readout_mult: int = Field(2, ge=0, description="hidden width of the readout MLP in units of d_model (0: linear readout only)")
+    readout: Literal["full", "order"] = Field(
+        "full", description="what reaches the output: 'full' = R, R cos psi, R sin psi of every group (phases of small "
+        "groups included); 'order' = only the magnitudes R of the groups at readout_levels (a real R bottleneck)",
+    )
+    readout_levels: list[int] = Field(
+        [1], min_length=1, description="readout 'order': the group levels whose R reaches the output (1 = the whole "
+        "population); each must be one of group_levels",
+    )
     clamp_u: bool = Field(True, description="hard-clamp u to [u_min, u_max] (v3); false is the ablation")
+    clamp_gradient: Literal["straight-through", "hard"] = Field(
+        "straight-through", description="gradient of the clamp: 'straight-through' passes the raw u's gradient, so the "
+        "barrier can move u off a bound; 'hard' is the prototype's (zero gradient at the bounds: u can stick at u_min)",
+    )
     u_min: float = Field(0.1, gt=0, description="lower clamp of u")
     u_max: float = Field(10.0, gt=0, description="upper clamp of u")
     den_eps: float = Field(1e-3, gt=0, description="|denominator of u| is kept at least this large (sign kept)")
@@ -63,6 +75,10 @@ class KSSMParams(BaseModel):
                 f"group_levels {self.group_levels}: {bad} do not divide n_oscillators={self.n_oscillators} and the "
                 f"largest level {max(self.group_levels)}; use divisors such as [1, 4, 16] with n_oscillators a multiple of 16"
             )
+        missing = [g for g in self.readout_levels if g not in self.group_levels]
+        if self.readout == "order" and missing:
+            raise ValueError(f"readout_levels {missing} are not among group_levels {self.group_levels}; "
+                             "pick levels from group_levels (1 = the whole population)")
         if self.forcing_gain is not None and not 0 < self.forcing_gain[0] <= self.forcing_gain[1]:
             raise ValueError(f"forcing_gain {self.forcing_gain} must be [lo, hi] with 0 < lo <= hi, e.g. [0.05, 1.0]")
         if self.u_min >= self.u_max:
