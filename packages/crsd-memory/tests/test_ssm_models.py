@@ -11,6 +11,8 @@ BACKBONES = {
     "retnet": {"kind": "retnet", "n_layers": 2, "n_heads": 2, "chunk_size": 4},
     "s5": {"kind": "s5", "n_layers": 2, "d_state": 8, "chunk_size": 4},
     "linoss": {"kind": "linoss", "n_layers": 2, "d_state": 6, "variant": "imex", "chunk_size": 4},
+    "samba": {"kind": "samba", "n_layers": 2, "window": 4, "n_heads": 2, "mamba": {"mixer": "mamba2", "headdim": 8,
+                                                                                    "d_state": 4, "chunk_size": 4}},
 }
 
 

@@ -64,6 +64,7 @@ FIRST_PARTY: dict[tuple[str, str], str] = {
     ("backbone", "retnet"): "crsd-memory",
     ("backbone", "s5"): "crsd-memory",
     ("backbone", "linoss"): "crsd-memory",
+    ("backbone", "samba"): "crsd-memory",
     ("backbone", "kssm"): "kssm-oscillators",
     ("regularizer", "bistability"): "kssm-oscillators",
     ("probe", "causality"): "kssm-oscillators",

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from statelab.plugins import Component
+from statelab.plugins import Component, get_registry
+
+MAMBA_MISSING = ("backbone samba builds its Mamba layers with the `mamba` backbone of crsm-planner, which is not "
+                 "installed: pip install crsm-planner")
 
 
 class S4DParams(BaseModel):
@@ -93,7 +96,7 @@ class SambaParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n_layers: int = Field(4, ge=2, description="layers, alternating Mamba (even) and sliding-window attention "
                           "(odd), each followed by a SwiGLU MLP")
-    window: int = Field(64, ge=1, description="sliding attention window in tokens (the query itself included)")
+    window: int = Field(64, ge=2, description="sliding attention window in tokens (the query itself included)")
     n_heads: int = Field(4, ge=1, description="attention heads of the window layers")
     mlp_mult: int = Field(2, ge=1, description="SwiGLU MLP hidden width = mlp_mult * d_model")
     mamba: dict[str, Any] = Field(
@@ -110,6 +113,14 @@ class SambaParams(BaseModel):
             raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({d}) into even head widths")
         if "n_layers" in self.mamba:
             raise ValueError("samba.mamba.n_layers: set samba's n_layers instead (even layers are Mamba)")
+        registry = get_registry()
+        if ("backbone", "mamba") not in registry:
+            raise ValueError(MAMBA_MISSING)
+        try:
+            registry.get("backbone", "mamba").params.model_validate({**self.mamba, "n_layers": 1}, context=info.context)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"samba.mamba (the mamba backbone's params): {problems}") from None
         return self
 
 
@@ -131,4 +142,7 @@ def components() -> list[Component]:
         Component("backbone", "linoss", LinOSSParams, "crsd_memory.ssm.linoss:build",
                   "LinOSS: forced harmonic oscillators, implicit (IM) or IMEX step, parallel scan (Rusch & Rus 2025)",
                   capabilities=_STEERABLE),
+        Component("backbone", "samba", SambaParams, "crsd_memory.ssm.samba:build",
+                  "Samba-style hybrid: Mamba layers (the registered `mamba` backbone's) interleaved with sliding-window "
+                  "attention, each followed by a SwiGLU MLP (Ren et al. 2024)", capabilities=_STEERABLE),
     ]

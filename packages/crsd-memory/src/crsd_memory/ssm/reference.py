@@ -92,12 +92,17 @@ def retention_naive(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, theta: Tenso
     return torch.stack(outs, 1), S
 
 
-def window_attention_naive(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
-    """Causal attention of each query over the last ``window`` keys (itself included), one
-    query at a time. ``q, k, v (B, T, H, dh)``; keys and queries already rotated."""
+def window_attention_naive(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, window: int) -> Tensor:
+    """Causal attention of each query over the last ``window`` positions (itself included),
+    one query at a time. ``k, v (B, S, H, dh)`` hold ``S - T`` cached positions then the ``T``
+    new ones, ``q (B, T, H, dh)`` the new ones; ``valid (B, S)`` marks cache slots holding a
+    token. Queries and keys already rotated."""
+    T, S = q.shape[1], k.shape[1]
     outs = []
-    for t in range(q.shape[1]):
-        lo = max(0, t - window + 1)
-        s = torch.einsum("bhd,bshd->bhs", q[:, t], k[:, lo : t + 1]) / q.shape[-1] ** 0.5
-        outs.append(torch.einsum("bhs,bshd->bhd", s.softmax(-1), v[:, lo : t + 1]))
+    for t in range(T):
+        p = S - T + t  # the query's position among the keys
+        lo = max(0, p - window + 1)
+        s = torch.einsum("bhd,bshd->bhs", q[:, t], k[:, lo : p + 1]) / q.shape[-1] ** 0.5
+        s = s.masked_fill(~valid[:, None, lo : p + 1].bool(), float("-inf"))
+        outs.append(torch.einsum("bhs,bshd->bhd", s.softmax(-1), v[:, lo : p + 1]))
     return torch.stack(outs, 1)
