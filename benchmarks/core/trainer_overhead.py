@@ -83,7 +83,6 @@ def run_bare(args, reg) -> float:
     """The loop a researcher would write by hand around the same model and data."""
     import statelab
     from statelab.data import make_data
-    from statelab.optim import make_optimizer
     from statelab.spec import parse_spec
 
     spec = parse_spec(make_spec(args))
@@ -91,7 +90,13 @@ def run_bare(args, reg) -> float:
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     data = make_data(spec)
     model = statelab.build(spec, vocab_size=data.vocab_size, registry=reg).to(device)
-    opt = make_optimizer(model, cfg, device)
+    # AdamW as the trainer sets it up: decay on matrices only, not on embeddings, norms or biases
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
+    groups = [{"params": [p for p in params if p.ndim >= 2 and id(p) not in emb], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2 or id(p) in emb], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            **({"fused": True} if device.type == "cuda" else {}))
     fwd = torch.compile(model) if cfg.compile else model
     amp = device.type == "cuda"
     model.train()

@@ -34,6 +34,7 @@ nothing after it. Results go to ``--results`` as JSON lines with the fields of
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -52,8 +53,32 @@ import mqar_sweep as sweep  # noqa: E402  (the grid's models and the table)
 import statelab  # noqa: E402
 from statelab.data import make_data  # noqa: E402
 from statelab.data.base import TRAIN, VAL  # noqa: E402
-from statelab.optim import lr_at, param_groups  # noqa: E402
 from statelab.spec import parse_spec  # noqa: E402
+
+
+# -- the trainer's optimizer rules, restated (statelab's trainer is the reference; the equality of
+# one run with train() is tested in packages/crsd-memory/tests/test_mqar_fast.py) ----------------
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices only; never on norms, biases, scalars or embeddings
+    (a head tied to the embedding included); tied parameters once."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            (no_decay if p.ndim < 2 or id(p) in embedding_ids else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to ``cfg.lr``, then a cosine to ``cfg.min_lr`` over ``decay_steps`` (default: steps)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, (cfg.decay_steps or cfg.steps) - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 # -- data ---------------------------------------------------------------------------------
