@@ -1,8 +1,10 @@
 import math
+from types import SimpleNamespace
 
 import torch
 
 import statelab
+from statelab.callbacks import CallbackList, MicroBatch, component_callbacks
 from traces_crystallize import reference
 from traces_crystallize.crystallize import crystallize_round, ffn_flops, update_motifs
 from traces_crystallize.paths import NodeStats, PathTrie, crystallization_score
@@ -142,18 +144,27 @@ def test_motifs_form_in_training_and_save_flops():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     base = torch.tensor([1, 5, 2, 7, 3, 9, 4, 11])
     model.train()
+    hooks = CallbackList(component_callbacks(model))  # what the trainer calls around a loop like this one
+    loop = SimpleNamespace(model=model, step=0)
     for step in range(40):
         x = torch.stack([base.roll(int(r)) for r in torch.randint(0, 8, (8,))]).repeat(1, 3)  # (8, 24)
+        mb = MicroBatch(0, x, x, None)
+        hooks.call("on_micro_batch_start", loop, mb)
         logits, _, aux = model(x)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
         reg, metrics = model.regularization(aux)
         (loss + reg).backward()
+        hooks.call("on_micro_batch_end", loop, mb)
         opt.step()
+        loop.step += 1
+        hooks.call("on_optimizer_step", loop, loop.step)
         opt.zero_grad()
     bb = model.backbone
     assert int(bb.train_step) == 40 and len(bb.trie) > 0
     assert bb.motifs.n_active > 0, model.regularizers[0].last_round
-    assert metrics["reg/0.crystallization.motifs"] == bb.motifs.n_active
+    # the round ran after the 40th optimizer step, so the step's own forward still saw none
+    assert model.regularizers[0].last_round["motifs"] == bb.motifs.n_active
+    assert metrics["reg/0.crystallization.motifs"] == 0 and metrics["reg/0.crystallization.trie_nodes"] > 0
     x = torch.stack([base.roll(i) for i in range(8)]).repeat(1, 3)
     on, off = ffn_flops(model, x, True), ffn_flops(model, x, False)
     assert on["ffn_flops"] < off["ffn_flops"]

@@ -111,7 +111,8 @@ def test_checkpoint_roundtrip_keeps_traces_motifs_and_frozen_experts(tmp_path):
     model = statelab.build(spec({"ffn": "moe", "n_experts": 4, "top_k": 2, "crystallization": cr, "traces": tr}))
     x = torch.randint(0, 20, (4, 16))
     model.train()
-    model(x)  # a capture (step 1)
+    model.backbone.begin_step(1, model.embed(x))  # a capture (step 1)
+    model(x)
     crystallize_round(model, x, step=1)
     bb = model.backbone
     assert bb.motifs.n_active == 2 and bb.layers[0].attn.traces.n_live > 0

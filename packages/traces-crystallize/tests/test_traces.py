@@ -1,5 +1,6 @@
 import copy
 import math
+from types import SimpleNamespace
 
 import torch
 
@@ -146,19 +147,20 @@ def test_cheap_salience_ranks_offsets_like_the_exact_gradient():
         assert top_cheap[:3] == list(planted[h])  # then offset 0: the first queries see only themselves
 
 
-def test_capture_runs_on_schedule_in_training_only():
+def test_capture_runs_on_schedule_and_never_from_a_forward():
     p = TransformerParams(n_layers=2, n_heads=2, max_seq_len=32,
                           traces={"enabled": True, "warmup_steps": 3, "update_interval": 2, "threshold": 0.0})
     bb = TransformerBackbone(p, D)
     x = torch.randn(2, 10, D)
-    bb.eval()
-    for _ in range(5):
-        bb(x)
+    for mode in (bb.eval, bb.train):  # forwards alone update nothing, in either mode
+        mode()
+        for _ in range(5):
+            bb(x)
     assert int(bb.train_step) == 0 and bb.layers[0].attn.traces.n_live == 0
-    bb.train()
     captured = []
     for step in range(1, 8):
         before = bb.layers[0].attn.traces.val.clone()
+        bb.begin_step(step, x)
         bb(x)
         captured.append(not torch.equal(before, bb.layers[0].attn.traces.val))
     assert captured == [False, False, True, False, True, False, True]  # steps 3, 5, 7
@@ -180,18 +182,19 @@ def test_capture_pass_reads_only_capture_rows():
         xi = x.clone()
         if change is not None:
             xi[change] = torch.randn(10, D)
-        bb(xi)
+        bb.begin_step(1, xi)
         mems.append(torch.cat([b.attn.traces.val for b in bb.layers]))
     assert mems[0].abs().sum() > 0
     torch.testing.assert_close(mems[1], mems[0])
     assert not torch.allclose(mems[2], mems[0])
 
 
-def test_traces_only_training_forward_is_one_graph_and_still_captures():
-    """With crystallization off, the step counter and the capture run in an opaque op: Dynamo
-    sees no graph break (a break inside the core's layer loop would split every layer into
-    its own compiled frame), and the capture still happens on schedule."""
+def test_traces_only_training_forward_is_one_graph_and_the_callback_captures():
+    """With crystallization off, the training forward has no graph break (a break inside the
+    core's layer loop would split every layer into its own compiled frame): the step counter
+    and the capture run in the backbone's callback, before the forward."""
     import statelab
+    from statelab.callbacks import MicroBatch, component_callbacks
 
     spec = {"name": "t", "tokenizer": {"kind": "byte"},
             "model": {"d_model": D, "backbone": {"kind": "transformer", "n_layers": 2, "n_heads": 2, "max_seq_len": 16,
@@ -202,10 +205,13 @@ def test_traces_only_training_forward_is_one_graph_and_still_captures():
     x = torch.randint(0, 256, (2, 12))
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
-    assert int(model.backbone.train_step) == 1 and model.backbone.layers[0].attn.traces.n_live > 0
-    twin = copy.deepcopy(model)  # a copy ticks (and captures) on its own
-    twin(x)
-    assert int(twin.backbone.train_step) == 2 and int(model.backbone.train_step) == 1
+    assert int(model.backbone.train_step) == 0 and model.backbone.layers[0].attn.traces.n_live == 0
+    twin = copy.deepcopy(model)  # a copy's callback drives the copy
+    (name, cb), = component_callbacks(twin).items()
+    assert name == "backbone:schedule"
+    cb.on_micro_batch_start(SimpleNamespace(step=0, model=twin), MicroBatch(0, x, x, None))
+    assert int(twin.backbone.train_step) == 1 and twin.backbone.layers[0].attn.traces.n_live > 0
+    assert int(model.backbone.train_step) == 0 and model.backbone.layers[0].attn.traces.n_live == 0
 
 
 def test_diagonal_sums_match_the_scatter_by_offset():

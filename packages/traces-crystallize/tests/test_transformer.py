@@ -162,7 +162,7 @@ def test_moe_and_traces_train_under_bf16_autocast():
     bb = make(ffn="moe", n_experts=4, traces={**TR, "update_interval": 1, "threshold": 0.0, "learn_alpha": True})()
     x = torch.randn(2, 8, D)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bb(x)  # capture: traces now hold entries
+        bb.begin_step(1, x)  # capture: traces now hold entries
         y, _, _ = bb(x)  # biased path, MoE experts in bf16
     y.float().pow(2).mean().backward()
     assert bb.layers[0].attn.traces.n_live > 0

@@ -114,6 +114,32 @@ class PathTrie:
         self.nodes = dict(keep)
         return removed
 
+    def state_dict(self) -> dict[str, Tensor | int]:
+        """The nodes as tensors (``starts (K,)``, ``segments (K, max_len)`` padded with -1,
+        ``stats (K, 4)`` float64: count, utility sum and samples, entropy sum; ``first_step (K,)``),
+        plus ``tokens_logged``: what a checkpoint keeps (safetensors, no pickle)."""
+        keys = list(self.nodes)
+        segs = torch.full((len(keys), self.max_len), -1, dtype=torch.long)
+        for i, (_, seg) in enumerate(keys):
+            segs[i, : len(seg)] = torch.tensor(seg, dtype=torch.long)
+        st = [self.nodes[k] for k in keys]
+        return {
+            "starts": torch.tensor([s for s, _ in keys], dtype=torch.long),
+            "segments": segs,
+            "stats": torch.tensor([[n.count, n.util_sum, n.util_n, n.ent_sum] for n in st],
+                                  dtype=torch.float64).reshape(len(keys), 4),
+            "first_step": torch.tensor([n.first_step for n in st], dtype=torch.long),
+            "tokens_logged": int(self.tokens_logged),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nodes = {}
+        for s, seg, (c, us, un, es), first in zip(state["starts"].tolist(), state["segments"].tolist(),
+                                                  state["stats"].tolist(), state["first_step"].tolist()):
+            key = (s, tuple(e for e in seg if e >= 0))
+            self.nodes[key] = NodeStats(count=c, util_sum=us, util_n=un, ent_sum=es, first_step=first)
+        self.tokens_logged = int(state["tokens_logged"])
+
     def nbytes(self) -> int:
         """Python memory held by the trie's nodes (keys, tuples, stats objects)."""
         total = sys.getsizeof(self.nodes)

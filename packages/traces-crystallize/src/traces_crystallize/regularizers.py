@@ -8,22 +8,27 @@
   bias strength of heads whose traces attention does not use. It has a gradient only with
   ``traces.learn_alpha: true``; with the default fixed alpha schedule it is a constant (a metric).
 * ``crystallization``: the mean router entropy divided by ``log E`` (stable routing lets
-  paths crystallize). It also *drives* crystallization: it keeps the last training batch's
-  tokens (a forward pre-hook on the model's embedding) and every ``prune_interval`` steps
-  runs :func:`traces_crystallize.crystallize.crystallize_round` on them.
+  paths crystallize). It also *drives* crystallization through its training callback: it
+  keeps the tokens of each optimizer step's first micro-batch and, after every
+  ``prune_interval``-th optimizer step, runs
+  :func:`traces_crystallize.crystallize.crystallize_round` on them.
 * ``ewc``: ``sum over crystallized experts of mean(F* (w - w*)^2)`` with ``w*`` the weights
-  when the expert crystallized and ``F*`` the diagonal Fisher (an EMA of squared gradients,
-  normalised to mean 1) at that moment. With ``crystallization.freeze`` the experts are
-  frozen exactly and the penalty stays ~0; without it, it is what protects them.
+  when the expert crystallized and ``F*`` the diagonal Fisher (an EMA, one update per
+  optimizer step, of the squared accumulated gradient, normalised to mean 1) at that moment.
+  With ``crystallization.freeze`` the experts are frozen exactly and the penalty stays ~0;
+  without it, it is what protects them. The Fisher and the anchors are its callback's state,
+  so they survive checkpoints and ``--resume``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from statelab.callbacks import Callback, MicroBatch
 from statelab.interfaces import Aux, Regularizer
 from statelab.internals import select
 
@@ -82,21 +87,11 @@ class Crystallization(Regularizer):
 
     def __init__(self) -> None:
         super().__init__()
-        self._tokens: Tensor | None = None
-        self._hooked: int | None = None
-        self._last_round = -1
         self.last_round: dict[str, float] = {}
+        self._callback = CrystallizationRounds(self)
 
-    def _hook(self, model: nn.Module) -> None:
-        if self._hooked == id(model) or not hasattr(model, "embed"):
-            return
-
-        def keep(module, args):
-            if module.training and args and isinstance(args[0], Tensor) and args[0].dim() == 2:
-                self._tokens = args[0].detach()
-
-        model.embed.register_forward_pre_hook(keep)
-        self._hooked = id(model)
+    def training_callbacks(self) -> list[Callback]:
+        return [self._callback]
 
     def forward(self, aux: Aux, model: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
         probs = select(aux, "router.probs")
@@ -110,17 +105,40 @@ class Crystallization(Regularizer):
         metrics: dict[str, float] = {}
         bb = getattr(model, "backbone", None) if model is not None else None
         if bb is not None and getattr(bb, "motifs", None) is not None:
-            self._hook(model)
-            step = bb._ctx.step
-            interval = bb.params.crystallization.prune_interval
-            if model.training and step > 0 and step % interval == 0 and step != self._last_round and self._tokens is not None:
-                from traces_crystallize.crystallize import crystallize_round
-
-                self._last_round = step
-                self.last_round = crystallize_round(model, self._tokens, step)
             metrics["motifs"] = float(bb.motifs.n_active)
             metrics["trie_nodes"] = float(len(bb.trie))
         return loss, metrics
+
+
+class CrystallizationRounds(Callback):
+    """Keeps each optimizer step's first micro-batch and runs a crystallization round on it
+    after every ``prune_interval``-th optimizer step (a no-grad pass; the gradients of the
+    step were already applied)."""
+
+    name = "crystallization"
+
+    def __init__(self, reg: Crystallization) -> None:
+        self._reg = [reg]
+        self._tokens: Tensor | None = None
+
+    def on_micro_batch_start(self, trainer: Any, mb: MicroBatch) -> None:
+        if mb.index == 0:
+            self._tokens = mb.x.detach()
+
+    def on_optimizer_step(self, trainer: Any, step: int) -> None:
+        bb = getattr(trainer.model, "backbone", None)
+        if bb is None or getattr(bb, "motifs", None) is None or self._tokens is None:
+            return
+        if step % bb.params.crystallization.prune_interval == 0:
+            from traces_crystallize.crystallize import crystallize_round
+
+            self._reg[0].last_round = crystallize_round(trainer.model, self._tokens, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_round": self._reg[0].last_round}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._reg[0].last_round = dict(state.get("last_round", {}))
 
 
 class EWC(Regularizer):
@@ -129,30 +147,32 @@ class EWC(Regularizer):
     def __init__(self, fisher_decay: float = 0.99) -> None:
         super().__init__()
         self.fisher_decay = fisher_decay
-        self._fisher: dict[tuple[int, str], Tensor] = {}  # (layer, "w1"/"w2") -> EMA of grad^2 (not saved)
+        self._fisher: dict[tuple[int, str], Tensor] = {}  # (layer, "w1"/"w2") -> EMA of grad^2
         self._anchor: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # (layer, e) -> w1*, w2*, F1*, F2*
-        self._hooked: int | None = None
+        self._callback = EWCState(self)
 
-    def _hook(self, model: nn.Module) -> None:
-        if self._hooked == id(model):
-            return
+    def training_callbacks(self) -> list[Callback]:
+        return [self._callback]
+
+    def update_fisher(self, model: nn.Module) -> None:
+        """One EMA step of the diagonal Fisher from the experts' current gradients."""
         for i, block in enumerate(model.backbone.layers):
-            if getattr(block, "moe", False):
-                for name in ("w1", "w2"):
-                    param = getattr(block.ffn, name)
-
-                    def ema(g: Tensor, key=(i, name)) -> None:
-                        f = self._fisher.get(key)
-                        g2 = g.detach().float().pow(2)
-                        self._fisher[key] = g2 if f is None else f.mul_(self.fisher_decay).add_(g2, alpha=1 - self.fisher_decay)
-
-                    param.register_hook(ema)
-        self._hooked = id(model)
+            if not getattr(block, "moe", False):
+                continue
+            for name in ("w1", "w2"):
+                g = getattr(block.ffn, name).grad
+                if g is None:
+                    continue
+                g2 = g.detach().float().pow(2)
+                f = self._fisher.get((i, name))
+                if f is None:
+                    self._fisher[(i, name)] = g2
+                else:
+                    self._fisher[(i, name)] = f.to(g2.device).mul_(self.fisher_decay).add_(g2, alpha=1 - self.fisher_decay)
 
     def forward(self, aux: Aux, model: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
         if model is None or not hasattr(model, "backbone"):
             raise ValueError("ewc: needs the model (a transformer backbone with ffn: moe)")
-        self._hook(model)
         terms = []
         live = set()
         for i, block in enumerate(model.backbone.layers):
@@ -167,6 +187,8 @@ class EWC(Regularizer):
                     f1 = f1[e] / f1[e].mean().clamp(min=1e-20) if f1 is not None else torch.ones_like(moe.w1[e])
                     f2 = f2[e] / f2[e].mean().clamp(min=1e-20) if f2 is not None else torch.ones_like(moe.w2[e])
                     self._anchor[(i, e)] = (moe.w1.detach()[e].clone(), moe.w2.detach()[e].clone(), f1, f2)
+                if self._anchor[(i, e)][0].device != moe.w1.device:  # restored from a checkpoint (CPU)
+                    self._anchor[(i, e)] = tuple(a.to(moe.w1.device) for a in self._anchor[(i, e)])
                 w1s, w2s, f1, f2 = self._anchor[(i, e)]
                 terms.append((f1 * (moe.w1[e] - w1s).pow(2)).mean() + (f2 * (moe.w2[e] - w2s).pow(2)).mean())
         for k in list(self._anchor):
@@ -176,6 +198,37 @@ class EWC(Regularizer):
             ref = next(model.parameters())
             return ref.sum() * 0.0, {"protected": 0.0}
         return torch.stack(terms).sum(), {"protected": float(len(terms))}
+
+
+class EWCState(Callback):
+    """Updates the Fisher once per optimizer step (the accumulated gradient, so
+    ``grad_accum`` does not change it) and saves the Fisher and the anchors."""
+
+    name = "ewc"
+
+    def __init__(self, reg: EWC) -> None:
+        self._reg = [reg]
+
+    def on_optimizer_step(self, trainer: Any, step: int) -> None:
+        self._reg[0].update_fisher(trainer.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        reg = self._reg[0]
+        out: dict[str, Any] = {f"fisher.{i}.{name}": f for (i, name), f in reg._fisher.items()}
+        for (i, e), tensors in reg._anchor.items():
+            out.update({f"anchor.{i}.{e}.{n}": t for n, t in zip(("w1", "w2", "f1", "f2"), tensors)})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        reg = self._reg[0]
+        reg._fisher = {(int(k.split(".")[1]), k.split(".")[2]): v.clone() for k, v in state.items()
+                       if k.startswith("fisher.")}
+        anchors: dict[tuple[int, int], dict[str, Tensor]] = {}
+        for k, v in state.items():
+            if k.startswith("anchor."):
+                _, i, e, n = k.split(".")
+                anchors.setdefault((int(i), int(e)), {})[n] = v.clone()
+        reg._anchor = {key: (d["w1"], d["w2"], d["f1"], d["f2"]) for key, d in anchors.items()}
 
 
 def load_balance(params, ctx) -> LoadBalance:

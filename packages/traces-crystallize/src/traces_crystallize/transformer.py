@@ -21,21 +21,24 @@ Attention paths (per layer, per call):
   1.6x slower than the cuDNN path on an H100 with its best tiles). ``alpha`` (warmup ramp included) is a
   tensor computed from the ``train_step`` buffer, so its schedule never recompiles.
 
-How the periodic updates run (the trainer only calls the model's forward and the
-regularizers): the backbone keeps a step counter (buffer ``train_step``), incremented by layer 0
-at every forward in training mode when traces or crystallization are enabled. On a
-capture step layer 0 first runs a forward-only pass (``no_grad``) over the batch's first
-``traces.capture_rows`` rows in which each attention computes its explicit attention weights
-and updates its trace memory; the step's own forward then runs as usual. Every ``crystallization.log_interval`` steps the
-MoE layers log the tokens' routing paths into the trie. Utility measurement and
-crystallization need the loss, so the ``crystallization`` regularizer drives them (see
-:mod:`traces_crystallize.crystallize`). Eval-mode forwards never update anything.
+How the periodic updates run: on training-time hooks, never from inside the forward. The
+backbone contributes a callback (:class:`traces_crystallize.schedule.BackboneSchedule`) that
+the trainer calls before the first micro-batch of every optimizer step; it calls
+:meth:`TransformerBackbone.begin_step` with the optimizer step's number, which sets the step
+counter (buffer ``train_step``: the alpha warm-up and the capture schedule count optimizer
+steps, whatever ``train.grad_accum``), and on a capture step runs a forward-only pass
+(``no_grad``) over the batch's first ``traces.capture_rows`` rows in which each attention
+computes its explicit attention weights and updates its trace memory; the step's own
+forward then runs as usual. Every ``crystallization.log_interval`` steps the MoE layers log
+the first micro-batch's routing paths into the trie. Utility measurement and
+crystallization need the loss, so the ``crystallization`` regularizer's callback drives them
+after the optimizer step (see :mod:`traces_crystallize.crystallize`). A loop of its own
+calls ``begin_step`` itself; forwards alone never update anything.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -193,23 +196,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-_TICKING: "weakref.WeakValueDictionary[int, TransformerBackbone]" = weakref.WeakValueDictionary()
-
-
-@torch.library.custom_op("traces_crystallize::tick", mutates_args=("step",))
-def _tick(step: Tensor, x: Tensor, key: int) -> None:
-    """``RunContext.tick`` of backbone ``key`` as an opaque op: with traces on and crystallization
-    off, torch.compile keeps the whole model one graph (a graph break inside the core's layer
-    loop would make Dynamo compile every layer as a separate frame) and never guards on the
-    Python step counter."""
-    _TICKING[key]._ctx.tick(step, x)
-
-
-@_tick.register_fake
-def _(step: Tensor, x: Tensor, key: int) -> None:
-    return None
-
-
 class RunContext:
     """Per-forward bookkeeping shared by the layers of one backbone (not a module)."""
 
@@ -230,28 +216,15 @@ class RunContext:
         return self._backbone[0]
 
     @torch.compiler.disable
-    def begin(self, training: bool, x: Tensor) -> None:
-        """Per-forward start with crystallization on (a graph break under torch.compile)."""
-        bb = self.backbone
+    def begin(self, training: bool) -> None:
+        """Per-forward start with crystallization on (a graph break under torch.compile):
+        clear the motif matches and logged paths; in training, restore frozen experts exactly."""
         self.match, self.paths, self.entropy, self.served = None, [], [], None
-        self.capture = self.log_now = False
-        if not (training and bb.ticking):
-            return
-        self.tick(bb.train_step, x)
-        for moe in bb.moe_layers():
-            if moe.n_frozen:
-                moe.restore_frozen()
-        cr = bb.params.crystallization
-        self.log_now = cr.enabled and self.step % cr.log_interval == 0
-
-    def tick(self, step: Tensor, x: Tensor) -> None:
-        """Count one training forward (``step`` is the ``train_step`` buffer) and, on a capture
-        step, run the forward-only capture pass on the layer-0 input ``x``."""
-        bb = self.backbone
-        step.add_(1)
-        self.step += 1
-        if any(b.attn.traces is not None and b.attn.traces.is_capture_step(self.step) for b in bb.layers):
-            bb.capture_traces(x)
+        self.capture = False
+        if training:
+            for moe in self.backbone.moe_layers():
+                if moe.n_frozen:
+                    moe.restore_frozen()
 
     @torch.compiler.disable
     def log_paths(self) -> None:
@@ -392,11 +365,8 @@ class Block(Layer):
             return self._forward(x, state, None, False)
         ctx = self._ctx
         bb = ctx.backbone
-        if self.index == 0 and bb.bookkeeping:  # the plain model never leaves the compiled graph here
-            if bb.params.crystallization.enabled:
-                ctx.begin(self.training, x)
-            elif self.training:  # traces only: an opaque op, no graph break
-                torch.ops.traces_crystallize.tick(bb.train_step, x, id(bb))
+        if self.index == 0 and bb.params.crystallization.enabled:  # traces alone never leave the compiled graph
+            ctx.begin(self.training)
         step = bb.train_step if bb.ticking else None
         if ctx.capture or ctx.log_now or ctx.record:
             return self._forward_eager(x, state, step, ctx.capture)  # rare bookkeeping steps run outside torch.compile
@@ -452,8 +422,7 @@ class TransformerBackbone(Backbone):
         self._ctx = RunContext(self)
         self.layers = nn.ModuleList([Block(p, d_model, i, self._ctx) for i in range(p.n_layers)])
         self.final_norm = nn.LayerNorm(d_model, bias=p.bias)
-        self.ticking = p.traces.enabled or p.crystallization.enabled
-        self.bookkeeping = self.ticking  # layer 0 resets the per-forward context (motif matches, logged paths)
+        self.ticking = p.traces.enabled or p.crystallization.enabled  # has a per-step schedule (begin_step)
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
         cr = p.crystallization
         if cr.enabled and p.ffn != "moe":
@@ -463,12 +432,33 @@ class TransformerBackbone(Backbone):
         self.motifs: MotifTable | None = MotifTable(p.n_layers, p.n_experts, cr.max_motifs) if cr.enabled else None
         self.trie: PathTrie | None = PathTrie(p.n_layers, cr.max_motif_len, cr.max_nodes) if cr.enabled else None
         self._init_weights(p)
-        _TICKING[id(self)] = self
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module._ctx, "step", int(module.train_step)))
+        from traces_crystallize.schedule import BackboneSchedule
 
-    def __setstate__(self, state: dict) -> None:  # copy.deepcopy / unpickling: register the copy for the tick op
-        super().__setstate__(state)
-        _TICKING[id(self)] = self
+        self._schedule = BackboneSchedule(self)
+
+    def training_callbacks(self) -> list:
+        """The callback that runs the step schedule and saves the path trie (statelab.callbacks)."""
+        return [self._schedule] if self.ticking else []
+
+    def is_capture_step(self, step: int) -> bool:
+        return any(t is not None and t.is_capture_step(step) for t in self.trace_stores())
+
+    @torch.no_grad()
+    def begin_step(self, step: int, x: Tensor | None = None) -> None:
+        """Start optimizer step ``step`` (1, 2, ...): set the step counter; on a capture step
+        (:meth:`is_capture_step`) run the capture pass on the layer-0 input ``x (B, T, D)``;
+        log routing paths in the forwards until :meth:`end_logging` on a log step."""
+        self.train_step.fill_(step)
+        self._ctx.step = step
+        if x is not None and self.is_capture_step(step):
+            self.capture_traces(x)
+        cr = self.params.crystallization
+        self._ctx.log_now = cr.enabled and step % cr.log_interval == 0
+
+    def end_logging(self) -> None:
+        """Stop logging routing paths (after the first micro-batch of a log step)."""
+        self._ctx.log_now = False
 
     def _init_weights(self, p: TransformerParams) -> None:
         for name, mod in self.named_modules():
@@ -482,8 +472,8 @@ class TransformerBackbone(Backbone):
     def capture_traces(self, x: Tensor) -> None:
         """The forward-only capture pass: run the layers on the first ``capture_rows`` rows of
         the layer-0 input ``x (B, T, D)``, each attention computing its explicit weights and
-        updating its trace memory. Called by layer 0 on a capture step, before the ordinary
-        forward (which then runs unchanged, compiled or not)."""
+        updating its trace memory. Called by :meth:`begin_step` on a capture step, before the
+        ordinary forward (which then runs unchanged, compiled or not)."""
         ctx = self._ctx
         h = x[: self.params.traces.capture_rows].detach()  # (rows, T, D)
         saved = ctx.log_now, ctx.record
