@@ -228,3 +228,33 @@ class InjectionStabilityParams(BaseModel):
         description="also fail when forced injection raises the validation loss by more than this many nats "
                     "(null: report the loss, judge stability only)",
     )
+
+
+class LookaheadParams(BaseModel):
+    """The ``lookahead`` task: random walks on a random graph; reach (or avoid) a goal within a horizon."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(32, ge=4, le=65536, description="nodes of the graph (= token ids)")
+    degree: int = Field(3, ge=2, le=64, description="successors per node")
+    graph_seed: int = Field(0, description="seed of the graphs (the same for training and evaluation)")
+    modes: int = Field(2, ge=2, le=16, description="hidden modes, each with its own graph over the same nodes")
+    switch: float = Field(0.05, ge=0, le=1, description="probability per step that a walk changes mode")
+    seq_len: int = Field(64, ge=4, le=100000, description="tokens per training walk")
+    num_train: int = Field(20000, ge=1, description="training walks")
+    mode: Literal["reach", "avoid"] = Field("reach", description="succeed by emitting the goal, or by never emitting it")
+    distance: int = Field(3, ge=1, le=64, description="graph distance from the prompt's last token to the goal")
+    horizon: int = Field(6, ge=1, le=1024, description="tokens sampled per episode")
+    prompt_len: int = Field(8, ge=1, le=100000, description="walk tokens given as the prompt")
+    episodes: int = Field(64, ge=2, le=100000, description="episodes per evaluation")
+    batch_size: int = Field(16, ge=1, le=4096, description="episodes generated together (sharing a goal)")
+    reward: float = Field(1.0, ge=0, description="task reward on the goal's edges in the planner's search")
+    forced_alpha: float = Field(0.5, gt=0, le=1, description="alpha of the forced, random and oracle settings")
+    move_norm: float = Field(
+        1.0, gt=0, description="length of a forced / random / oracle move as a fraction of the state's norm")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LookaheadParams":
+        if self.degree >= self.vocab_size:
+            raise ValueError(f"degree={self.degree} must be below vocab_size={self.vocab_size}")
+        return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 from statelab.plugins import Command, Component, hookimpl
 
 from crsm_planner.mamba_params import MambaParams
-from crsm_planner.planner_params import InjectionStabilityParams, MCTSParams, PlannerEffectParams
+from crsm_planner.planner_params import InjectionStabilityParams, LookaheadParams, MCTSParams, PlannerEffectParams
 
 STATELAB_PLUGIN_API = 1
 
@@ -27,6 +27,8 @@ def statelab_components() -> list[Component]:
                   "validation loss and samples with the planner off, on, and with random injections"),
         Component("probe", "injection-stability", InjectionStabilityParams, "crsm_planner.probes:build_injection_stability",
                   "1000+ consecutive injections: bounded norms, no NaN, valid tokens"),
+        Component("task", "lookahead", LookaheadParams, "crsm_planner.lookahead:build_lookahead",
+                  "reach or avoid a goal token within N steps on a random graph; off / planned / random / oracle"),
     ]
 
 
