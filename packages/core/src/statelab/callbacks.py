@@ -19,13 +19,14 @@ Override only the hooks you need; every hook receives the trainer, which exposes
 
 Hook order in one run::
 
-    on_run_start
-    on_checkpoint_load                      (only with --resume, after the trainer's own state)
+    on_run_start                            model built and on its device (weights restored on --resume)
+    on_checkpoint_load                      (only with --resume, after the callbacks' state was loaded)
     repeat train.steps times:
         repeat train.grad_accum times:
             on_micro_batch_start(mb)        mb.x, mb.y, mb.mask: this micro-batch (b, T)
             on_micro_batch_end(mb)          + mb.loss (detached), mb.aux
-        on_optimizer_step(step)             after optimizer.step(); step = optimizer steps done
+        on_optimizer_step(step)             after optimizer.step(); step = optimizer steps done; the
+                                            step's (accumulated, clipped) gradients are still set
         on_evaluate(step, metrics)          when the trainer evaluated (rank 0)
         on_checkpoint_save(path)            when a checkpoint was written (rank 0)
     on_train_end                            after the loop and its final checkpoint: post-training
@@ -38,9 +39,12 @@ to its JSON file (no pickle); ``load_state_dict`` receives the same mapping back
 the CPU. A callback's state is stored under its ``name``, which must be unique in a run.
 
 Components contribute callbacks by defining ``training_callbacks(self) -> list[Callback]``
-on any ``nn.Module`` inside the model; their state is saved with every checkpoint, the
-weights-only ``best/`` included, and restored when a checkpoint is loaded (``statelab.load``,
-``--resume``, ``statelab probe``). A third-party distribution registers named callbacks
+on any ``nn.Module`` inside the model (return the same objects on every call; keep the
+callback a separate object, since ``nn.Module`` has its own ``state_dict``). They are named
+``<module path>:<name>`` (``backbone:schedule``, ``regularizers.1:ewc``); their state is saved
+with every checkpoint, the weights-only ``best/`` included, and restored when a checkpoint is
+loaded (``statelab.load``, ``--resume``, ``statelab probe``). Under DDP every rank runs every
+callback; the trainer's own evaluation and saving happen on rank 0 (``trainer.is_main``). A third-party distribution registers named callbacks
 with the ``statelab_callbacks`` pluggy hook (:class:`statelab.plugins.CallbackEntry`); a run
 uses the ones its spec lists in ``train.callbacks``.
 """
@@ -52,7 +56,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-__all__ = ["Callback", "MicroBatch"]
+__all__ = ["Callback", "CallbackList", "MicroBatch", "component_callbacks"]
 
 
 @dataclass
@@ -82,7 +86,7 @@ class Callback:
     order: int = 50
 
     def on_run_start(self, trainer: Any) -> None:
-        """The run is set up (model built and on its device, resume state not yet restored)."""
+        """The run is set up: model built and on its device (weights restored on --resume)."""
 
     def on_micro_batch_start(self, trainer: Any, mb: MicroBatch) -> None:
         """Before the forward pass of one micro-batch (the model is in training mode)."""
@@ -91,7 +95,8 @@ class Callback:
         """After the backward pass of one micro-batch; ``mb.loss`` and ``mb.aux`` are set."""
 
     def on_optimizer_step(self, trainer: Any, step: int) -> None:
-        """After ``optimizer.step()``; ``step`` is the number of optimizer steps done (1, 2, ...)."""
+        """After ``optimizer.step()``; ``step`` is the number of optimizer steps done (1, 2, ...).
+        The step's gradients are still set (they are zeroed after every callback ran)."""
 
     def on_evaluate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
         """After an evaluation at ``step`` (rank 0); ``metrics`` holds the ``val/*`` values."""
