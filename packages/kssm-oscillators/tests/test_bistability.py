@@ -109,3 +109,14 @@ def test_regularizer_in_a_model_and_its_gradient_reaches_the_ten_parameters(regi
     total.backward()
     w = model.backbone.layers[0].drive.weight
     assert w.grad[-10:].abs().sum() > 0  # the rows producing [a..j]
+
+
+def test_regularizer_logs_population_R_and_its_random_phase_level(registry, spec):
+    from kssm_oscillators.rnull import expected_r
+
+    model = statelab.build(spec(regularizers=[{"kind": "bistability", "weight": 0.1}]), registry=registry)
+    _, _, aux = model(torch.randint(0, 24, (2, 8), generator=torch.Generator().manual_seed(0)))
+    _, m = model.regularization(aux)
+    pop = torch.stack([v[..., 0, 0].mean() for k, v in aux.items() if k.endswith("kssm.R")]).mean()
+    assert m["reg/0.bistability.R_global_mean"].item() == pytest.approx(pop.item())
+    assert m["reg/0.bistability.R_global_null"].item() == pytest.approx(expected_r(16))  # the tiny spec's N

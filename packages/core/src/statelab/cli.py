@@ -32,6 +32,7 @@ CORE_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("train, score and report a benchmark suite (configs/bench/*.yaml)", "bench"),
     "tokenizer": ("train or inspect tokenizers", "tokenizer"),
     "planner": ("fit a checkpoint's planner (`statelab planner fit CKPT`)", "planner"),
+    "monitor": ("live view of a run's health from its metrics file, with alerts", "monitor"),
 }
 
 DEBUG_ENV = "STATELAB_DEBUG"

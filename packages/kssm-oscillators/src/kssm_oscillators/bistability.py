@@ -46,6 +46,8 @@ from torch import Tensor
 from statelab.interfaces import Aux, Regularizer
 from statelab.internals import select
 
+from kssm_oscillators.rnull import expected_r
+
 #: names of the ten parameters, in the order a linear map produces them
 PARAM_NAMES = ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j")
 
@@ -120,7 +122,9 @@ class BistabilityRegularizer(Regularizer):
     ``delta_weight * mean(-log(|Delta| + eps))`` keeping ``Delta`` away from zero.
 
     Metrics (detached scalars): u's mean, std, min, max and the fraction of positions at a
-    clamp bound; ``|Delta|`` mean; and, when the model publishes ``kssm.R``, R's mean and std.
+    clamp bound; ``|Delta|`` mean; and, when the model publishes ``kssm.R``, R's mean and std
+    over every entry, the whole population's R of harmonic 1 (``R_global_mean``) and its
+    random-phase level (``R_global_null``): what ``statelab monitor``'s kssm preset watches.
     """
 
     def __init__(self, eps: float = 1e-4, delta_weight: float = 0.0, u_bounds: tuple[float, float] = (0.1, 10.0)) -> None:
@@ -159,6 +163,14 @@ class BistabilityRegularizer(Regularizer):
             flat_r = torch.cat([r.detach().float().reshape(-1) for r in rs])
             metrics["R_mean"] = flat_r.mean()
             metrics["R_std"] = flat_r.std(unbiased=False)
+            # entry [0, 0]: the whole population's R of harmonic 1 (group_levels start with 1),
+            # beside its random-phase level sqrt(pi) / (2 sqrt(N)) (N from the published phases)
+            full = [r for r in rs if r.dim() == 4]  # (B, T, G, K)
+            if full:
+                metrics["R_global_mean"] = torch.stack([r.detach()[..., 0, 0].float().mean() for r in full]).mean()
+            thetas = list(select(aux, "kssm.theta").values())
+            if full and thetas:
+                metrics["R_global_null"] = torch.tensor(expected_r(thetas[0].shape[-1]))
         return loss, metrics
 
 

@@ -274,6 +274,12 @@ class KSSM(Backbone):
         self.layers = nn.ModuleList([KuramotoLayer(d_model, seed=i, **layer_kw) for i in range(n_layers)])
         self.final_norm = nn.LayerNorm(d_model)
 
+    def training_callbacks(self) -> list:
+        """Everything the trainer logs goes to ``metrics.jsonl`` too, for ``statelab monitor``."""
+        from statelab.monitor import MetricsFile
+
+        return [MetricsFile()]
+
 
 def build(params, ctx) -> KSSM:
     kw = params.model_dump()
