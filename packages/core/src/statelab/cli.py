@@ -31,6 +31,7 @@ CORE_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare the runs of an mlflow experiment", "compare"),
     "bench": ("train, score and report a benchmark suite (configs/bench/*.yaml)", "bench"),
     "tokenizer": ("train or inspect tokenizers", "tokenizer"),
+    "data": ("inspect the data a spec trains on (`statelab data inspect SPEC`)", "data"),
     "planner": ("fit a checkpoint's planner (`statelab planner fit CKPT`)", "planner"),
     "monitor": ("live view of a run's health from its metrics file, with alerts", "monitor"),
 }

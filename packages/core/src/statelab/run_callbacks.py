@@ -29,9 +29,10 @@ from statelab.io import atomic_write_text
 
 
 def default_callbacks() -> list[Callback]:
+    from statelab.data.inspect import DataCheck
     from statelab.post_training import PlannerFit, Probes
 
-    return [Tracking(), Evaluation(), Sampling(), Checkpointing(), PlannerFit(), Probes()]
+    return [Tracking(), DataCheck(), Evaluation(), Sampling(), Checkpointing(), PlannerFit(), Probes()]
 
 
 class Tracking(Callback):
