@@ -11,6 +11,9 @@ Resume: a cell with a ``result.json`` is skipped; any other cell directory is wh
 run left behind and is removed and trained again from step 0 (a cell is short; a partial
 cell's training state would tie the result to how it was interrupted).
 
+Processes: with ``parallel: 1`` cells run one after another in this process; otherwise, and
+with ``isolate: true``, in spawned worker processes (``isolate``: a fresh one per cell).
+
 Tracking: the suite is one mlflow run (the parent, created once and reused on resume); every
 cell's training run becomes its child (tag ``mlflow.parentRunId``) and receives the task's
 metrics as ``task/<name>`` at the cell's last step.
@@ -95,6 +98,10 @@ def _train_and_score(cell: Cell, cdir: Path, task, progress: bool) -> dict[str, 
         "samples": scored.samples,
         "tables": scored.tables,
         "train_metrics": {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))},
+        "tokens_per_s": float(res.tokens_per_s),
+        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "val_history": [{"step": v.get("step"), "elapsed_s": v.get("val/elapsed_s"), "val_loss": v.get("val/loss")}
+                        for v in (res.history or {}).get("val", [])],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu ({torch.get_num_threads()} threads)",
     }
@@ -167,8 +174,8 @@ def run_suite(path: str | Path, *, out: str | Path = "bench", size: str | None =
     cells = expand(suite, root, size)
     if only is not None:
         cells = [c for c in cells if only(c)]
-    workers = parallel or suite.sized(size)[0].parallel
-    threads = suite.sized(size)[0].threads
+    sized = suite.sized(size)[0]
+    workers, threads, isolate = parallel or sized.parallel, sized.threads, sized.isolate
     out_dir = Path(out) / suite.name
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "suite.json"
@@ -182,7 +189,7 @@ def run_suite(path: str | Path, *, out: str | Path = "bench", size: str | None =
     _log(f"{suite.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run")
     status = "FINISHED"
     try:
-        if workers <= 1 or len(todo) <= 1:
+        if not isolate and (workers <= 1 or len(todo) <= 1):
             for i, c in enumerate(todo, 1):
                 _log(f"[{i}/{len(todo)}] {c.id} ({c.grid_label})")
                 try:
@@ -194,7 +201,12 @@ def run_suite(path: str | Path, *, out: str | Path = "bench", size: str | None =
         else:
             import multiprocessing as mp
 
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+            if isolate and sys.version_info < (3, 11):
+                from statelab.bench.suite import SuiteError
+
+                raise SuiteError("isolate: true needs Python 3.11 or later (a fresh worker process per cell)")
+            fresh = {"max_tasks_per_child": 1} if isolate else {}  # one process per cell
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), **fresh)
             try:
                 futures = {pool.submit(run_cell, c.to_json(), str(out_dir), threads=threads,
                                        parent_run_id=parent, uri=uri): c for c in todo}

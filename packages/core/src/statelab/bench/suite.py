@@ -102,6 +102,8 @@ class Suite(_Strict):
     sizes: dict[str, Size] = Field(default_factory=dict, description="size name -> what it changes (see above)")
     parallel: int = Field(1, ge=1, description="cells trained at once, one process each")
     threads: int = Field(1, ge=1, description="torch CPU threads per cell process")
+    isolate: bool = Field(False, description="train every cell in a fresh process, so that train.time_budget_s "
+                          "(counted from process start) covers that cell alone, imports included")
     tracking: TrackingEntry = Field(default_factory=TrackingEntry, description="mlflow")
 
     @model_validator(mode="before")
