@@ -3,8 +3,10 @@
 Both run the same model (built from the same spec), the same batches (``data.train_batch``),
 the same AdamW parameter groups, the same autocast/compile settings and gradient clipping.
 The trainer adds what it does in production: the LR schedule, loss bookkeeping on the
-device, the periodic log sync, signal/budget checks and the regularizer call. Evaluation,
-sampling and checkpoints are pushed past the end of the run so only the loop is compared.
+device, the periodic log sync, signal/budget checks, the regularizer call and the dispatch
+of its callbacks (tracking, evaluation, sampling, checkpointing, planner fit, probes) at
+every optimizer step. Evaluation, sampling and checkpoints are pushed past the end of the
+run so only the loop is compared.
 The first ``--log-interval`` steps (warm-up, compilation) are excluded from both.
 
     python benchmarks/core/trainer_overhead.py --device cpu

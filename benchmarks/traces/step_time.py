@@ -62,7 +62,7 @@ def populate(model, x) -> None:
     set_interval(model, 1)
     model.train()
     with torch.no_grad():
-        model(x)
+        model.backbone.begin_step(int(model.backbone.train_step) + 1, model.embed(x))
     set_interval(model, 1_000_000)
 
 
@@ -90,6 +90,11 @@ class Runner:
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            bb = model.backbone
+            if bb.ticking:  # what the trainer's callback does before a step: the counter, a capture when due
+                step = int(bb.train_step) + 1
+                due = bb.is_capture_step(step)
+                bb.begin_step(step, model.embed(x[: bb.params.traces.capture_rows, :-1]) if due else None)
             logits = self.fwd(x[:, :-1])[0]
             loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
         loss.backward()

@@ -139,7 +139,8 @@ class TrainSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the model")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds since process start")
+    time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds since process start: training "
+                                         "(with a checkpoint), the planner fit and the probes alike")
     eval_interval: int = Field(200, ge=1, description="evaluate every N steps (and at the end)")
     eval_batches: int | None = Field(20, ge=1, description="validation batches per evaluation; null = the whole split")
     log_interval: int = Field(10, ge=1, description="log training metrics every N steps")
