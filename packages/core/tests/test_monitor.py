@@ -49,7 +49,7 @@ def test_healthy_run_has_no_alert_and_shows_everything(tmp_path):
     (run / "last" / "model.safetensors").write_bytes(b"x")
     assert kinds(run) == []
     text = render(load_run(run), KSSM)
-    assert "running; lock holder PID" in text and "last checkpoint: last/" in text
+    assert "running; lock holder PID" in text and "last checkpoint: last/" in text  # newest by mtime
     assert "train loss 2.0000 (best 2.0000 at 20)" in text and "val loss 2.2000 at 20 (best 2.2000 at 20)" in text
     assert "grad norm 0.8" in text and "tok/s 12,000" in text
     assert "u: 2 (5% at a clamp)" in text and "R (population): 0.4 vs null 0.078 (5.13x)" in text

@@ -185,10 +185,13 @@ def load_run(path: str | os.PathLike, now: float | None = None) -> RunView:
             alive = _pid_alive(int(lock["pid"])) if lock.get("host") in (None, socket.gethostname()) else None
         else:
             lock = None
-    cks = []
-    for d in run_dir.iterdir():
-        if d.is_dir() and (d / "model.safetensors").exists():
-            cks.append(((d / "model.safetensors").stat().st_mtime, d))
+    cks, seen = [], set()
+    sub = run_dir / "checkpoints"
+    for d in [*run_dir.iterdir(), *(sub.iterdir() if sub.is_dir() else [])]:
+        real = d.resolve()
+        if real not in seen and d.is_dir() and (d / "model.safetensors").exists():
+            seen.add(real)
+            cks.append(((d / "model.safetensors").stat().st_mtime, real))
     return RunView(run_dir, [merged[s] for s in sorted(merged)], mtime, lock, alive, sorted(cks),
                    time.time() if now is None else now)
 
@@ -247,7 +250,10 @@ def alerts(view: RunView, cfg: MonitorConfig) -> list[Alert]:
 
 
 def sparkline(values: Sequence[float], width: int = 40) -> str:
-    vals = [v for v in values if math.isfinite(v)][-width:]
+    """The whole series in ``width`` characters (means of equal buckets: the trend, not the noise)."""
+    finite = [v for v in values if math.isfinite(v)]
+    n = len(finite)
+    vals = [sum(b) / len(b) for b in (finite[i * n // width:(i + 1) * n // width] for i in range(min(width, n))) if b]
     if not vals:
         return ""
     lo, hi = min(vals), max(vals)
@@ -275,7 +281,9 @@ def render(view: RunView, cfg: MonitorConfig, found: list[Alert] | None = None) 
         lines.append(f"  metrics: {len(view.rows)} steps logged, last write {_ago(view.now - view.mtime)} ago")
     if view.checkpoints:
         t, d = view.checkpoints[-1]
-        lines.append(f"  last checkpoint: {d.name}/ ({_ago(view.now - t)} ago)")
+        root = view.run_dir.resolve()
+        name = d.relative_to(root) if d.is_relative_to(root) else d
+        lines.append(f"  last checkpoint: {name}/ ({_ago(view.now - t)} ago)")
     loss = view.series(cfg.loss_key)
     if loss:
         b = _best(loss)
