@@ -169,11 +169,13 @@ def test_trainings_are_logged_to_a_live_server(server, registry, tiny, data_cach
 
         top = server.get("/api/2.0/mlflow/artifacts/list", run_id=run_id).get("files", [])
         names = {f["path"]: f for f in top}
-        assert {"spec.yaml", "loss_curve.png", "best"} <= set(names), sorted(names)
-        best = server.get("/api/2.0/mlflow/artifacts/list", run_id=run_id, path="best").get("files", [])
-        weights = {f["path"]: f for f in best}
-        local_weights = res.run_dir / "best" / "model.safetensors"
-        assert int(weights["best/model.safetensors"]["file_size"]) == local_weights.stat().st_size
+        assert {"spec.yaml", "loss_curve.png", "checkpoint"} <= set(names), sorted(names)
+        # the complete best checkpoint (what `statelab eval runs:/RUN_ID` downloads)
+        best = server.get("/api/2.0/mlflow/artifacts/list", run_id=run_id, path="checkpoint").get("files", [])
+        logged = {f["path"]: f for f in best}
+        for fname in ("model.safetensors", "manifest.json", "tokenizer.json"):
+            local = res.run_dir / "best" / fname
+            assert int(logged[f"checkpoint/{fname}"]["file_size"]) == local.stat().st_size
 
         png = server.raw("/get-artifact", path="loss_curve.png", run_uuid=run_id)
         assert png.startswith(PNG_MAGIC)
@@ -202,9 +204,11 @@ def test_compare_two_backbones(registry, tiny, data_cache, tmp_path, one_thread)
         results[name] = train(_small_doc(tiny, name, bb, tracking, data_cache), out_dir=tmp_path / "runs",
                               progress=False)
     out, plot = _compare(uri, "compare-test", tmp_path)
-    lines = out.splitlines()
+    table, differing = out.split("\n\nfields that differ", 1)
+    lines = table.splitlines()
     assert lines[0].split()[:2] == ["run", "model"] and "best val loss" in lines[0]
-    rows = {ln.split()[0]: ln for ln in lines[2:] if ln.strip() and not ln.startswith("validation curves")}
+    rows = {ln.split()[0]: ln for ln in lines[2:]}
+    assert "model.backbone.kind" in differing
     assert set(rows) == {"m2", "ks"}
     for name, backbone in (("m2", "mamba"), ("ks", "kssm")):
         cells = rows[name].split()
