@@ -38,11 +38,11 @@ best=$(python3 - "$out" <<'PY'
 import json, sys, pathlib
 rows = []
 for f in sorted(pathlib.Path(sys.argv[1]).glob("q-*.json")):
-    for r in json.loads(f.read_text()):
-        b = min(r["evals"], key=lambda e: e["val_loss"])
-        rows.append((r["best_val_loss"], f.stem[2:]))
-        print(f"{f.stem:22s} params {r['params']:,} best {r['best_val_loss']:.4f} at step {b['step']}  curve "
-              + " ".join(f"{e['val_loss']:.3f}" for e in r["evals"]), file=sys.stderr)
+    for r in json.loads(f.read_text()):  # bench cell results (benchmarks/race/race.py --json)
+        b = min(r["val_history"], key=lambda e: e["val_loss"])
+        rows.append((b["val_loss"], f.stem[2:]))
+        print(f"{f.stem:22s} params {r['n_params']:,} best {b['val_loss']:.4f} at step {b['step']}  curve "
+              + " ".join(f"{e['val_loss']:.3f}" for e in r["val_history"]), file=sys.stderr)
 print(min(rows)[1])
 PY
 )
