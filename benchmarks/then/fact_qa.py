@@ -1,6 +1,7 @@
 """Fact QA of a trained `then` model: held-out templates, updates, real-text haystacks, ablation.
 
-    python benchmarks/then/fact_qa.py RUN [--docs 200] [--lengths 1024 4096] [--keys 1 3] [--out FILE.json]
+    python benchmarks/then/fact_qa.py RUN [--docs 200] [--lengths 1024 4096] [--keys 1 3] [--haystack-docs 50]
+        [--out FILE.json]
 
 Tasks (documents from then_memory.facts with seed 1; the training text used seed 0 and the
 training templates only):
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=200, help="documents per task")
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096], help="haystack lengths (tokens)")
     ap.add_argument("--keys", type=int, nargs="*", default=[1, 3], help="facts per haystack document")
+    ap.add_argument("--haystack-docs", type=int, default=50, help="documents per haystack cell")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -50,7 +52,7 @@ def main() -> None:
     }
     for L in args.lengths:
         for k in args.keys:
-            tasks[f"haystack@{L}/{k}k"] = [long_fact_document(rng, L, n_keys=k) for _ in range(max(20, args.docs // 4))]
+            tasks[f"haystack@{L}/{k}k"] = [long_fact_document(rng, L, n_keys=k) for _ in range(args.haystack_docs)]
     rows = {}
     for name, docs in tasks.items():
         for ablate in (False, True):
