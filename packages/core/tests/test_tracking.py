@@ -250,3 +250,11 @@ def test_checkpoint_commands_take_an_mlflow_run(store, capsys):
     assert "has no complete checkpoint at artifact path 'checkpoint'" in capsys.readouterr().err
     assert cli.main(["eval", "0" * 32, "--uri", uri]) == 2
     assert f"mlflow run {'0' * 32} is not in {uri}" in capsys.readouterr().err
+
+
+def test_a_run_reference_without_its_store_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["eval", "runs:/" + "a" * 32]) == 2
+    assert "the store sqlite:///mlflow.db does not exist; pass the store that holds the run" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -354,6 +354,10 @@ def download_checkpoint(ref: str, uri: str | None = None, cache_dir: str | os.Pa
             return dst
         except CheckpointError:
             pass  # a partial or stale copy: download again
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():  # reading must not create an empty store
+        raise TrackingError(f"mlflow run {run_id}: the store {uri} does not exist; pass the store that holds the run "
+                            "with --uri (or MLFLOW_TRACKING_URI)")
     c = client(uri)
     try:
         c.get_run(run_id)
