@@ -257,4 +257,6 @@ def test_a_run_reference_without_its_store_creates_nothing(tmp_path, monkeypatch
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert cli.main(["eval", "runs:/" + "a" * 32]) == 2
     assert "the store sqlite:///mlflow.db does not exist; pass the store that holds the run" in capsys.readouterr().err
+    assert cli.main(["compare", "--experiment", "x"]) == 2
+    assert "there is no mlflow store at sqlite:///mlflow.db" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

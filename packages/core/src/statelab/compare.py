@@ -60,8 +60,12 @@ def _summary(params: dict[str, str], tags: dict[str, str]) -> str:
 def collect(experiment: str, uri: str | None = None, *, curves: bool = True) -> list[RunRow]:
     """Read the runs of ``experiment`` (newest first)."""
     from statelab.errors import UserError
-    from statelab.tracking import client, resolve_uri
+    from statelab.tracking import _sqlite_path, client, resolve_uri
 
+    db = _sqlite_path(resolve_uri(uri))
+    if db is not None and not db.exists():  # reading must not create an empty store
+        raise UserError(f"there is no mlflow store at {resolve_uri(uri)}; pass the one that holds the runs with --uri "
+                        "(or MLFLOW_TRACKING_URI)")
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
