@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from statelab.build import BuildContext
-from statelab.plugins import Registry, set_registry
+from statelab.plugins import set_registry
 from statelab.spec import SpecError, validate_spec
 from statelab.testing import check_backbone
 
