@@ -81,7 +81,12 @@ class Recorder(Callback):
 def test_hooks_run_in_order_once_per_micro_batch_and_optimizer_step(reg, tmp_path):
     rec = Recorder()
     spec = quiet_spec(steps=4, grad_accum=2, eval_interval=2, checkpoint_interval=2, threads=1)
-    res = train(spec, registry=reg, out_dir=tmp_path, progress=False, callbacks=[rec])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = train(spec, registry=reg, out_dir=tmp_path, progress=False, callbacks=[rec])
+    finally:
+        torch.set_num_threads(before)
     assert res.status == "finished"
     ev = rec.events
     assert ev[0] == ("run_start", 0, 1)  # train.threads applied before the run starts
@@ -239,6 +244,7 @@ def test_sigterm_during_the_planner_fit_stops_it(tmp_path):
     # the phase never ends by itself: the process stopping at all is the point (the bound is loose
     # for a loaded machine)
     assert took < 30 and "fitting the planner (200 steps) stopped by SIGTERM" in err
+    assert "statelab: fitting the planner (200 steps)\n" in err and "Traceback" not in err  # its progress; a clean stop
     rd = tmp_path / "runs" / "toy"
     assert load_training_state(rd / "last")[1]["step"] == 4
     assert statelab.load(rd, registry=toy_registry()).planner is not None  # best/ loads (the planner as before the fit)
@@ -251,6 +257,7 @@ def test_sigterm_during_a_probe_keeps_the_finished_probes(tmp_path):
     spec["train"].update(steps=4, eval_interval=2, checkpoint_interval=2, sample_tokens=0)
     code, err, took = _stop_run(tmp_path, "probe", spec)
     assert code == 3 and took < 30 and "probes (2) stopped by SIGTERM" in err, err
+    assert "probe toy-norm.0: finite passed" in err and "Traceback" not in err
     rd = tmp_path / "runs" / "toy"
     results = json.loads((rd / "probes" / "results.json").read_text())
     assert list(results) == ["toy-norm.0"] and results["toy-norm.0"]["verdict"] == "finite"

@@ -24,7 +24,7 @@ from statelab.io import atomic_write_text
 
 def use_best_weights(t: Any) -> None:
     """Load ``best/`` (weights and component state) into the model once, in eval mode."""
-    if getattr(t, "on_best_weights", False):
+    if t.on_best_weights:
         return
     best = t.run_dir / "best"
     if (best / ckpt.MODEL_FILE).exists():

@@ -188,8 +188,9 @@ def plot_history(history: Mapping[str, list], path: Path) -> None:
 
 class Evaluation(Callback):
     """Validation every ``eval_interval`` steps (not at the last, which the end covers), and
-    at the end of a finished run; after a budget stop only when no evaluation was made yet
-    (so every run reports a validation loss), not after a signal."""
+    at the end of a finished run unless that step was evaluated; after a budget stop only
+    when no evaluation was made yet (so every run reports a validation loss), not after a
+    signal."""
 
     name, order = "evaluation", 10
 
@@ -200,8 +201,8 @@ class Evaluation(Callback):
     def on_train_end(self, t: Any) -> None:
         if not t.is_main:
             return
-        if t.status == "finished" and t.evaluated_at != t.step and t.step > t.start_step:
-            t.run_phase("final evaluation", lambda phase: t.evaluate())
+        if t.status == "finished" and not any(h["step"] == t.step for h in t.history["val"]):
+            t.run_phase("final evaluation", lambda phase: t.evaluate())  # (again after --resume if it was stopped)
         elif t.status == "time_budget" and not t.history["val"]:
             t.run_phase("evaluation after the time budget", lambda phase: t.evaluate(), budget=False)
 

@@ -128,6 +128,7 @@ class Trainer:
         self.evaluated_at: int | None = None
         self.elapsed_before, self.tokens_before, self.seconds_before = 0.0, 0, 0.0
         self.tokens_per_s = float("nan")
+        self.on_best_weights = False  # set once post-training phases loaded best/
         self.progress = Progress(info.is_main if progress is None else bool(progress and info.is_main), self.cfg.steps)
         self.callbacks = CallbackList({})
         self._pending: list[tuple[int, Tensor]] = []
@@ -486,6 +487,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.drain()
         tensors = self._gathered_tensors()
+        path = self.run_dir / "checkpoints" / f"step-{self.step:07d}"
+        self.saved_at = self.step  # on every rank: the ranks agree on whether the end still needs a save
         if not self.is_main:
             return None
         from statelab.callbacks import split_state
@@ -501,11 +504,10 @@ class Trainer:
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng_json(),
                  "history": self.history, "elapsed_s": self.elapsed(),
                  "throughput": {"tokens": tokens, "seconds": seconds}, "callbacks": cb_js}
-        path = self.run_dir / "checkpoints" / f"step-{self.step:07d}"
         ckpt.save(path, self.model, tokenizer=self.data.tokenizer, trainer_state=state, trainer_tensors=tensors,
                   extra_meta=self.checkpoint_meta)
         self._point_last_at(path)
-        self.last_checkpoint, self.saved_at = path, self.step
+        self.last_checkpoint = path
         self.callbacks.call("on_checkpoint_save", self, path)
         self._side_time += time.perf_counter() - t0
         return path
@@ -588,6 +590,7 @@ class Trainer:
         sig = self.signals
         left = self.cfg.time_budget_s - (time.time() - self.start_wall) if budget and self.cfg.time_budget_s else None
         prev = None
+        sig.raising = True  # before the timer, so an early alarm cannot be missed
         if left is not None:
             def alarm(signum, frame) -> None:
                 if sig.raising:
@@ -596,7 +599,6 @@ class Trainer:
 
             prev = signal.signal(signal.SIGALRM, alarm)
             signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
-        sig.raising = True
         try:
             yield
         finally:

@@ -1,4 +1,8 @@
-"""``statelab train SPEC [--resume] [--out DIR] [--set key=value ...]`` (also under torchrun)."""
+"""``statelab train SPEC [--resume] [--out DIR] [--set key=value ...]`` (also under torchrun).
+
+Exit status: 0 when the run finished (training, planner fit, probes); 3 when a signal or
+``train.time_budget_s`` stopped it first (a checkpoint is saved: continue with ``--resume``);
+2 for a user error."""
 
 from __future__ import annotations
 
