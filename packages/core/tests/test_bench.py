@@ -139,3 +139,28 @@ def test_a_resumed_suite_reruns_only_unfinished_cells_and_reports(suite_file, tm
     assert "| rnn | train.lr=" in capsys.readouterr().out
     assert main(["compare", "--suite", str(tmp_path)]) == 2
     assert "not a suite output directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_early_stop_trains_in_segments_and_stops_at_the_threshold(suite_file, tmp_path, monkeypatch):
+    import statelab.train as train_mod
+    from statelab.bench import run_cell
+
+    suite, root = load_suite(suite_file)
+    cell = expand(suite, root)[0]
+    spec = cell.spec
+    spec["data"] = {"kind": "mqar", "mqar": {"vocab_size": 16, "seq_len": 16, "num_kv_pairs": 2, "num_train": 512,
+                                             "num_val": 32}}
+    spec["train"].update(seq_len=16, steps=40, eval_interval=10, checkpoint_interval=10)
+    spec["tracking"] = {"enabled": False}
+    params = {"vocab_size": 16, "seq_len": 16, "num_kv_pairs": 2, "num_train": 512, "num_val": 32,
+              "early_stop": 1e-9}  # any accuracy reaches it: stop after the first segment
+    calls = []
+    real = train_mod.train
+    monkeypatch.setattr(train_mod, "train", lambda s, **kw: (calls.append(kw.get("stop_after")), real(s, **kw))[1])
+    res = run_cell({**cell.to_json(), "task_kind": "mqar", "task_params": params, "spec": spec}, str(tmp_path))
+    assert calls == [10] and res["status"] == "early_stop" and res["steps"] == 10
+    params["early_stop"] = 1.0  # never reached: four segments, the last one to the end
+    calls.clear()
+    res = run_cell({**cell.to_json(), "task_kind": "mqar", "task_params": params, "spec": spec}, str(tmp_path))
+    assert calls == [10, 20, 30, None] and res["steps"] == 40 and res["status"] == "finished"
