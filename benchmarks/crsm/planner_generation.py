@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--async-mode", default="auto", choices=["auto", "stream", "thread"],
                     help="stream: graph replays launched and polled from the generating thread (auto on CUDA); "
                          "thread: the background worker thread")
-    ap.add_argument("--duty", type=float, default=1.0, help="worker_duty: max fraction of time the worker plans")
+    ap.add_argument("--duty", type=float, default=None,
+                    help="worker_duty: max fraction of time the worker plans (default: the planner's, auto)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="plan eagerly on CUDA (to measure what graphs buy)")
     ap.add_argument("--use-kernels", default="auto", choices=["auto", "never"],
                     help="mamba backbone: mamba-ssm kernels on CUDA when installed (auto) or pure PyTorch (never)")

@@ -176,7 +176,6 @@ def test_worker_failure_is_raised_in_the_generating_thread(model):
 
 
 def test_worker_duty_bounds_the_time_spent_planning():
-
     from crsm_planner.async_planner import PlanWorker
 
     def plan(m, request):
@@ -196,6 +195,7 @@ def test_worker_duty_bounds_the_time_spent_planning():
 
     assert run(1.0) < 0.6  # three 0.1 s plans back to back
     assert run(0.5) >= 0.5  # each followed by an equal rest (the last rest comes after its result)
+    assert run(None) >= 0.3 + 2 * 0.9  # auto on the CPU: duty 0.1, each plan followed by nine times its length
 
 
 @pytest.mark.parametrize("backbone", ["toy-rnn", "mamba2"])

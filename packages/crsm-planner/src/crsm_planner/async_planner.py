@@ -65,7 +65,10 @@ class SnapshotRequest(PlanRequest):
 class PlanWorker:
     """One background thread that turns :class:`PlanRequest` into :class:`PlanResult`."""
 
-    def __init__(self, planner, queue_size: int = 1, duty: float = 1.0) -> None:
+    #: the duty of a worker whose duty is None (auto) when it plans on the CPU (see MCTSParams.worker_duty)
+    CPU_DUTY = 0.1
+
+    def __init__(self, planner, queue_size: int = 1, duty: float | None = 1.0) -> None:
         self.planner = planner
         self.duty = duty
         self.request_queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -113,9 +116,10 @@ class PlanWorker:
                 continue  # its generation ended while it waited
             self.busy.set()
             t0 = time.perf_counter()
+            dev = request.logits.device
+            duty = self.duty if self.duty is not None else (1.0 if dev.type == "cuda" else self.CPU_DUTY)
             try:
                 with torch.no_grad():
-                    dev = request.logits.device
                     if dev.type == "cuda":
                         stream = self._stream(dev)
                         with torch.cuda.device(dev), torch.cuda.stream(stream):
@@ -140,8 +144,8 @@ class PlanWorker:
                 return
             finally:
                 self.busy.clear()
-            if self.duty < 1.0:  # rest, so that planning takes at most `duty` of the wall time
-                time.sleep((time.perf_counter() - t0) * (1.0 / self.duty - 1.0))
+            if duty < 1.0:  # rest, so that planning takes at most `duty` of the wall time
+                time.sleep((time.perf_counter() - t0) * (1.0 / duty - 1.0))
 
 
 class EagerLauncher:
