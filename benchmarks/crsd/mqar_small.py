@@ -1,5 +1,5 @@
-"""A small MQAR run on the CPU: one toy recurrent layer (statelab.testing.toys) with or without
-one memory after it, trained on a fixed set of examples, accuracy on held-out ones.
+"""A small MQAR run on the CPU: one toy recurrent layer (statelab.testing.toys; or any backbone)
+with or without one memory after it, trained on a fixed set of examples, accuracy on held-out ones.
 
 The loop of tests/test_binding.py, with the cell, model width and budget as arguments, for
 probing a cell quickly before spending a bench suite on it::
@@ -7,6 +7,7 @@ probing a cell quickly before spending a bench suite on it::
     python benchmarks/crsd/mqar_small.py --memory '{"kind": "hebbian", "n_heads": 1, "d_head": 32,
         "rule": "delta", "write_gate": true, "key_conv": 2}' --seq-len 256 --kv 16 --vocab 256 --steps 800
     python benchmarks/crsd/mqar_small.py --memory none --seq-len 64 --kv 4      # the layer alone
+    python benchmarks/crsd/mqar_small.py --memory none --backbone '{"kind": "crsd", "n_layers": 1, "spectral": false}'
 
 Prints one JSON line per seed: accuracy, final training loss, state bytes, seconds.
 """
@@ -37,13 +38,13 @@ def registry() -> Registry:
     return reg
 
 
-def run(memory: dict | None, *, seed: int, vocab: int, seq_len: int, kv: int, d_model: int, steps: int,
+def run(memory: dict | None, *, backbone: dict, seed: int, vocab: int, seq_len: int, kv: int, d_model: int, steps: int,
         batch_size: int, lr: float, num_train: int = 2000, num_val: int = 256) -> dict:
     torch.manual_seed(seed)
     memories = [{**memory, "after_layer": 0}] if memory else []
     spec = {"name": "mqar-small", "tokenizer": {"kind": "byte"}, "tracking": {"enabled": False},
             "model": {"d_model": d_model, "vocab_size": vocab, "memories": memories,
-                      "backbone": {"kind": "toy-rnn", "n_layers": 1, "d_state": 8}}}
+                      "backbone": backbone}}
     model = statelab.build(spec, registry=registry())
     x, y, m = mqar_examples(np.random.default_rng(seed), num_train, vocab_size=vocab, seq_len=seq_len,
                             num_kv_pairs=kv)
@@ -67,6 +68,8 @@ def run(memory: dict | None, *, seed: int, vocab: int, seq_len: int, kv: int, d_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--memory", default="none", help="memory spec as JSON (without after_layer), or none")
+    ap.add_argument("--backbone", default='{"kind": "toy-rnn", "n_layers": 1, "d_state": 8}',
+                    help="backbone spec as JSON (default: one toy recurrent layer)")
     ap.add_argument("--vocab", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--kv", type=int, default=4)
@@ -80,7 +83,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     memory = None if a.memory == "none" else json.loads(a.memory)
     for seed in (int(s) for s in a.seeds.split(",")):
-        row = run(memory, seed=seed, vocab=a.vocab, seq_len=a.seq_len, kv=a.kv, d_model=a.d_model, steps=a.steps,
+        row = run(memory, backbone=json.loads(a.backbone), seed=seed, vocab=a.vocab, seq_len=a.seq_len, kv=a.kv, d_model=a.d_model, steps=a.steps,
                   batch_size=a.batch_size, lr=a.lr)
         print(json.dumps({"memory": memory, "cell": [a.seq_len, a.kv], **row}), flush=True)
 
