@@ -2,21 +2,26 @@
 
     plan(model, request)   snapshot -> search -> PlanResult(target state, confidence, alpha)
     fit(model, batches)    distil the codec, dynamics, value and prior heads from real
-                           rollouts of the trained backbone, then fit the injection gate
+                           rollouts of the trained backbone, calibrate the novelty test,
+                           optionally reanalyse, fit the injection critic, then the gate
     generation_hook(model) asynchronous planning during statelab.generate (async_planner.py)
 
-The target of a plan is ``s + D(z_best) - D(z_root)``: the snapshot moved by the change
-the decoder attributes to going from the root latent to the chosen child's, so the
-part of the state the latent cannot represent is kept as it is. The gate is
-``a = a_max * sigmoid(gate) * confidence``, where the search's confidence is scaled by
-the value head's held-out skill ``1 - mse / var`` at the last fit (0 for a head that
-predicts no better than a constant); ``gate`` is fitted on the realised loss of
-the backbone after injection (see :meth:`MCTSPlanner._fit_gate`), and the confidence
-comes from the search (see :mod:`crsm_planner.search`), so an uncertain value head or a
-flat search gives ``a ~ 0``. ``Backbone.inject`` (``gated_inject``) clamps ``a`` to
+The candidates of a plan are the root children of the search: each moves the snapshot by
+the change the decoder attributes to going from the root latent to the child's
+(``D(z_child) - D(z_root)``; with ``world_model: backbone`` the true state change after
+reading the child's token), so the part of the state the latent cannot represent is kept
+as it is. The injection critic (:mod:`crsm_planner.critic`), fitted on the realised loss
+deltas of such moves, picks the child with the best pessimistic gain and gives the
+confidence; without a usable critic the search's most visited child and its confidence
+(scaled by the value head's held-out skill) are used. The gate is
+``a = a_max * sigmoid(gate + w . zhat) * confidence * trust`` with ``zhat`` the standardised
+root latent and ``trust`` the novelty test's (0 on states far from the fitting states);
+``gate`` and ``w`` are fitted on the realised loss of the backbone after injection (see
+:meth:`MCTSPlanner._fit_gate`). The generation hook rebases the move onto the state it is
+applied to (``target_frame``), and ``Backbone.inject`` (``gated_inject``) clamps ``a`` to
 ``[0, 1]``. Before injection a target is scaled so that its norm does not exceed that of
-the state it replaces (:func:`cap_target_norm`, ``target_norm: cap``), so no injection
-can raise the state's norm.
+the state it replaces (:func:`cap_target_norm`, ``target_norm: cap``), so no injection can
+raise the state's norm.
 """
 
 from __future__ import annotations
