@@ -8,6 +8,8 @@ callback                  order  what it does
                                  resolved spec with every plugin default; tags), summary
                                  metrics, artifacts (the complete ``best/`` checkpoint under
                                  ``checkpoint``), the final mlflow status (KILLED when stopped)
+``data-check``                5  before step 0 of a new run: warnings about the data
+                                 (:class:`statelab.data.inspect.DataCheck`)
 ``evaluation``               10  validation every ``eval_interval`` steps and at the end
 ``sampling``                 15  a generated sample after each evaluation (``samples.txt``)
 ``checkpointing``            20  a checkpoint every ``checkpoint_interval`` steps and at the
