@@ -26,6 +26,15 @@ where ``r[h, d]`` (recurrence) is the fraction of the batch's sequences in which
 ``theta`` is scale-free. ``reference.exact_salience`` computes the same aggregate with the
 true gradient; a test checks that the two rank offsets the same on a planted case.
 
+Salience with the true gradient (``capture_traces(x, loss_fn)``)
+-----------------------------------------------------------------
+Given a loss on the capture pass's output, the capture keeps each layer's weights ``A`` in
+the autograd graph, takes ``dL/dA`` with ``torch.autograd.grad`` (no parameter's ``.grad``
+is touched) and uses ``s_ij = A_ij * |dL/dA_ij|``, aggregated by offset as above but with the
+seed's ``log(1 + recurrence)``: ``S[h, d] = norm[h, d] * log(1 + n[h, d]) / log(1 + B)``
+where ``n[h, d]`` counts the sequences in which offset ``d`` is above the sequence's mean
+salience (so ``S`` stays in [0, 1]). See :func:`gradient_salience`.
+
 Capture runs in a separate forward-only pass (no gradient) over the first ``capture_rows``
 rows of the batch, before the step's ordinary (compiled) forward, so its explicit attention
 weights cost ``O(rows * H * T^2)`` once per ``update_interval`` steps and never touch the
@@ -39,6 +48,7 @@ head keeps its ``quota`` largest entries (the smallest are evicted).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -81,6 +91,8 @@ class TraceStore(nn.Module):
             self.alpha = nn.Parameter(a)
         else:
             self.register_buffer("alpha", a)
+        # a list while a gradient capture collects this layer's (A, traced, past) for the backward, else None
+        self.pending: list | None = None
         self.n_live = 0  # python mirror of (off >= 0).sum(), for reports (no device sync)
         # picks the zero-overhead path; a bool, so under torch.compile it flips (and recompiles) once,
         # not at every capture as a guard on the entry count would
@@ -118,22 +130,41 @@ class TraceStore(nn.Module):
         return self.alpha_eff(step)[:, None].to(self.val.dtype) * self.dense(length)
 
     # -- capture ----------------------------------------------------------------------
-    @torch.no_grad()
     def capture(self, q: Tensor, k: Tensor, v: Tensor, past: int, alpha: Tensor | None = None) -> Tensor:
         """One capture from a layer's (rotated) ``q (B, H, T, hd)``, ``k, v (B, H, Tk, hd)``,
         where the queries sit at positions ``past .. past+T-1``, with bias strength ``alpha (H,)``
         (default: ``self.alpha``). Updates ``use`` and the memory; returns the attention
-        weights ``A (B, H, T, Tk)`` of this forward (the bias before the update)."""
+        weights ``A (B, H, T, Tk)`` of this forward (the bias before the update). During a
+        gradient capture (``pending`` is a list) it only computes ``A`` in the autograd graph
+        and queues it; :meth:`update_from_gradient` updates the memory after the backward."""
         Tk = k.shape[2]
         bias = traced = None
         if self.n_live:
             a = (self.alpha if alpha is None else alpha).detach().float()
-            M = self.dense(Tk)  # (H, Tk)
+            M = self.dense(Tk).detach()  # (H, Tk)
             bias, traced = a[:, None] * M, (M > 0).float()
-        A, use, S = _salience(q, k, v, bias, traced, past)
-        self.use.copy_(use)
-        self.update(S)
+        if self.pending is not None:
+            A = attention_weights(q, k, bias, past)  # (B, H, T, Tk), differentiable
+            self.pending.append((A, traced, past))
+            return A
+        with torch.no_grad():
+            A, use, S = _salience(q, k, v, bias, traced, past)
+            self.use.copy_(use)
+            self.update(S)
         return A
+
+    @torch.no_grad()
+    def update_from_gradient(self, A: Tensor, traced: Tensor | None, past: int, grad: Tensor | None) -> None:
+        """Update ``use`` and the memory from weights ``A (B, H, T, Tk)`` queued by :meth:`capture`
+        and their loss gradient ``grad`` (same shape; None: the loss does not depend on them)."""
+        A = A.detach()
+        grad = torch.zeros_like(A) if grad is None else grad
+        off = offsets_matrix(A.shape[2], A.shape[3], past, A.device)  # (T, Tk)
+        if traced is not None:
+            self.use.copy_((A * traced[:, off.clamp(min=0)]).sum(-1).mean(dim=(0, 2)))
+        else:
+            self.use.zero_()
+        self.update(gradient_salience(A, grad, past))
 
     @torch.no_grad()
     def update(self, S: Tensor) -> None:
@@ -162,17 +193,31 @@ def salience(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, traced: Tenso
     _, H, T, hd = q.shape
     Tk = k.shape[2]
     off = offsets_matrix(T, Tk, past, q.device)  # (T, Tk), -1 above the diagonal
-    causal = off >= 0
-    logits = (q.float() @ k.float().transpose(-2, -1)) / hd**0.5  # (B, H, T, Tk)
-    if bias is not None:
-        logits = logits + bias[:, off.clamp(min=0)]  # (H, T, Tk) broadcast over B
-    A = logits.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, Tk)
+    A = attention_weights(q, k, bias, past)  # (B, H, T, Tk)
     if traced is not None:
         use = (A * traced[:, off.clamp(min=0)]).sum(-1).mean(dim=(0, 2))  # (H,); A is 0 above the diagonal
     else:
         use = torch.zeros(H, device=q.device)
     s = A * v.float().norm(dim=-1)[:, :, None, :]  # (B, H, T, Tk): A_ij * |v_j|
     return A, use, aggregate_by_offset(s, off, Tk, past=past)
+
+
+def attention_weights(q: Tensor, k: Tensor, bias: Tensor | None, past: int) -> Tensor:
+    """Causal softmax weights ``A (B, H, T, Tk)`` in float32 from ``q (B, H, T, hd)``,
+    ``k (B, H, Tk, hd)`` and the bias ``bias (H, Tk)`` by offset (queries at ``past + i``)."""
+    T, Tk, hd = q.shape[2], k.shape[2], q.shape[3]
+    off = offsets_matrix(T, Tk, past, q.device)  # (T, Tk), -1 above the diagonal
+    logits = (q.float() @ k.float().transpose(-2, -1)) / hd**0.5  # (B, H, T, Tk)
+    if bias is not None:
+        logits = logits + bias[:, off.clamp(min=0)]  # (H, T, Tk) broadcast over B
+    return logits.masked_fill(off < 0, float("-inf")).softmax(-1)
+
+
+def gradient_salience(A: Tensor, grad: Tensor, past: int) -> Tensor:
+    """The seed's salience ``A_ij * |dL/dA_ij| * log(1 + recurrence)`` by offset, ``(H, Tk)``,
+    from weights ``A`` and their loss gradient ``grad`` (both ``(B, H, T, Tk)``; see the module doc)."""
+    off = offsets_matrix(A.shape[2], A.shape[3], past, A.device)
+    return aggregate_by_offset(A * grad.abs(), off, A.shape[3], past=past, log_recurrence=True)
 
 
 _compiled_salience = None  # None: not built yet; False: compiling failed, stay eager
@@ -208,8 +253,11 @@ def diagonal_sums(s: Tensor) -> Tensor:
     return flat.reshape(n, T, 2 * T - 1)[:, :, :T].sum(1).reshape(*lead, T)  # (..., T)
 
 
-def aggregate_by_offset(s: Tensor, off: Tensor, Tk: int, shift: bool | None = None, past: int | None = None) -> Tensor:
-    """Salience by offset from per-link salience ``s (B, H, T, Tk)`` (see the module doc).
+def aggregate_by_offset(s: Tensor, off: Tensor, Tk: int, shift: bool | None = None, past: int | None = None,
+                        log_recurrence: bool = False) -> Tensor:
+    """Salience by offset from per-link salience ``s (B, H, T, Tk)`` (see the module doc);
+    ``log_recurrence`` weighs by ``log(1 + n) / log(1 + B)`` (``n`` sequences above their mean)
+    instead of the fraction ``n / B``.
     For a whole sequence (no KV cache: ``past`` 0, or read from ``off`` when not given),
     ``shift`` picks :func:`diagonal_sums` over the scatter; by default on CUDA (where the
     capture is compiled and the scatter's atomics contend), not on CPU (where the eager
@@ -234,5 +282,6 @@ def aggregate_by_offset(s: Tensor, off: Tensor, Tk: int, shift: bool | None = No
     mean_b = per_seq.mean(0)  # (H, Tk)
     norm = mean_b / mean_b.amax(dim=1, keepdim=True).clamp(min=1e-12)
     row_mean = (per_seq * present).sum(-1, keepdim=True) / present.sum().clamp(min=1)  # (B, H, 1)
-    recurrence = (per_seq > row_mean).float().mean(0)  # (H, Tk)
+    above = (per_seq > row_mean).float()  # (B, H, Tk)
+    recurrence = above.sum(0).log1p() / math.log1p(B) if log_recurrence else above.mean(0)  # (H, Tk)
     return norm * recurrence * present

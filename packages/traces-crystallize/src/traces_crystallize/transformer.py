@@ -39,6 +39,7 @@ calls ``begin_step`` itself; forwards alone never update anything.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -468,21 +469,34 @@ class TransformerBackbone(Backbone):
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
 
-    @torch.no_grad()
-    def capture_traces(self, x: Tensor) -> None:
-        """The forward-only capture pass: run the layers on the first ``capture_rows`` rows of
-        the layer-0 input ``x (B, T, D)``, each attention computing its explicit weights and
-        updating its trace memory. Called by :meth:`begin_step` on a capture step, before the
-        ordinary forward (which then runs unchanged, compiled or not)."""
+    def capture_traces(self, x: Tensor, loss_fn: Callable[[Tensor], Tensor] | None = None) -> None:
+        """The capture pass: run the layers on the first ``capture_rows`` rows of the layer-0
+        input ``x (B, T, D)``, each attention computing its explicit weights and updating its
+        trace memory. Called by :meth:`begin_step` on a capture step, before the ordinary
+        forward (which then runs unchanged, compiled or not); there forward-only, with the
+        cheap salience ``A * |v|``. With ``loss_fn`` (the last layer's output ``(rows, T, D)``
+        -> a scalar loss) the salience is the seed's ``A * |dL/dA| * log(1 + recurrence)``:
+        one backward to the attention weights only, no parameter's ``.grad`` touched."""
         ctx = self._ctx
         h = x[: self.params.traces.capture_rows].detach()  # (rows, T, D)
+        stores = [t for t in self.trace_stores() if t is not None]
         saved = ctx.log_now, ctx.record
         ctx.capture, ctx.log_now, ctx.record, ctx.match = True, False, False, None
         try:
+            for t in stores:
+                t.pending = [] if loss_fn is not None else None
             step = self.train_step if self.ticking else None
-            for block in self.layers:
-                h = block._forward(h, None, step, True)[0]
+            with torch.enable_grad() if loss_fn is not None else torch.no_grad():
+                for block in self.layers:
+                    h = block._forward(h, None, step, True)[0]
+                if loss_fn is not None:
+                    queued = [(t, item) for t in stores for item in t.pending]
+                    grads = torch.autograd.grad(loss_fn(h), [A for _, (A, _, _) in queued], allow_unused=True)
+                    for (t, (A, traced, past)), g in zip(queued, grads):
+                        t.update_from_gradient(A, traced, past, g)
         finally:
+            for t in stores:
+                t.pending = None
             ctx.capture, (ctx.log_now, ctx.record), ctx.match, ctx.paths, ctx.entropy = False, saved, None, [], []
 
     # -- reporting ----------------------------------------------------------------------
