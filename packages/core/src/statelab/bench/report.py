@@ -91,6 +91,8 @@ def summarize(out: Path) -> dict[str, Any]:
                 if tables:
                     entry["tables"] = _mean_tables(tables)
                 entries.append(entry)
+        order = list(suite["specs"])  # rows in the suite's order
+        entries.sort(key=lambda e: order.index(e["spec"]) if e["spec"] in order else len(order))
         if baseline is not None:
             base = [e for e in entries if e["spec"] == baseline]
             for e in entries:
@@ -232,7 +234,8 @@ def _plots(summary: dict[str, Any], results: list[dict[str, Any]], out: Path) ->
         rows = [r for r in results if r["cell"]["task_name"] == task_name]
         grid_keys = sorted({k for r in rows for k in r["cell"]["grid"]})
         for gk in grid_keys:
-            if not all(isinstance(r["cell"]["grid"].get(gk), (int, float)) for r in rows):
+            values = [r["cell"]["grid"].get(gk) for r in rows]
+            if not all(isinstance(v, (int, float)) for v in values) or len(set(values)) < 2:
                 continue
             fig, ax = plt.subplots(figsize=(4.5, 3.2))
             for spec in sorted({r["cell"]["spec_name"] for r in rows}):
@@ -327,6 +330,8 @@ def write_report(out: str | Path, *, log: bool = True) -> Path:
     out = Path(out)
     rdir = out / "report"
     rdir.mkdir(parents=True, exist_ok=True)
+    for stale in rdir.glob("*.png"):  # plots of an earlier report (e.g. of a grid value since dropped)
+        stale.unlink()
     summary = summarize(out)
     plots = _plots(summary, load_results(out), rdir)
     md = markdown(summary, plots)
