@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
@@ -15,7 +15,33 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _seed_keys(data: Any, names: dict[str, str], where: str) -> Any:
+    """The prototype's config keys (``names``: seed key -> ours) renamed to ours; a key given
+    under both names is an error (which would win is not obvious)."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for seed, ours in names.items():
+        if seed in out:
+            if ours in out:
+                raise ValueError(f"{where}: '{seed}' is the prototype's name for '{ours}'; give one of them, not both")
+            out[ours] = out.pop(seed)
+    return out
+
+
+# The prototype's config keys (docs/plugins/traces-crystallize.md, "The seed's config keys").
+SEED_TRACES_KEYS = {"bias_strength": "alpha", "salience_threshold": "threshold", "retention_rate": "retention",
+                    "decay_rate": "decay"}
+SEED_CRYSTALLIZATION_KEYS = {"motif_max_length": "max_motif_len"}
+SEED_BACKBONE_KEYS = {"persistent_traces": "traces", "semantic_crystallization": "crystallization"}
+SEED_LOSS_WEIGHTS = {"load_balance": "load-balance", "trace_utilization": "trace-utilization",
+                     "crystallization": "crystallization"}
+
+
 class TracesParams(_Params):
+    """Also accepts the prototype's keys ``bias_strength``, ``salience_threshold``,
+    ``retention_rate``, ``decay_rate`` (:data:`SEED_TRACES_KEYS`)."""
+
     enabled: bool = Field(False, description="keep persistent attention traces and bias attention with them")
     quota_per_head: int = Field(2048, ge=1, description="trace entries kept per head (the smallest are evicted)")
     threshold: float = Field(0.05, ge=0, description="theta: salience above which a link is reinforced")
@@ -45,8 +71,15 @@ class TracesParams(_Params):
         "were no faster compiled and 2x slower eager)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_names(cls, data: Any) -> Any:
+        return _seed_keys(data, SEED_TRACES_KEYS, "traces")
+
 
 class CrystallizationParams(_Params):
+    """Also accepts the prototype's key ``motif_max_length`` (:data:`SEED_CRYSTALLIZATION_KEYS`)."""
+
     enabled: bool = Field(False, description="log routing paths and crystallize motifs (needs ffn: moe)")
     log_interval: int = Field(10, ge=1, description="log routing paths every N training steps")
     max_log_tokens: int = Field(4096, ge=1, description="tokens sampled per logging step")
@@ -64,6 +97,11 @@ class CrystallizationParams(_Params):
     w_age: float = Field(0.1, description="w4, weight of age (thousands of steps)")
     freeze: bool = Field(True, description="freeze the experts of a motif (gradient masked)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_names(cls, data: Any) -> Any:
+        return _seed_keys(data, SEED_CRYSTALLIZATION_KEYS, "crystallization")
+
 
 class TransformerParams(_Params):
     n_layers: int = Field(6, ge=1, description="decoder layers")
@@ -78,6 +116,18 @@ class TransformerParams(_Params):
     top_k: int = Field(2, ge=1, description="experts per token")
     traces: TracesParams = Field(default_factory=TracesParams, description="persistent attention traces")
     crystallization: CrystallizationParams = Field(default_factory=CrystallizationParams, description="path logging and motifs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_names(cls, data: Any) -> Any:
+        """The prototype's ``persistent_traces`` / ``semantic_crystallization`` blocks stand for
+        ``traces`` / ``crystallization``; its ``loss_weights`` belong in ``model.regularizers``."""
+        if isinstance(data, dict) and "loss_weights" in data:
+            lw = data["loss_weights"] if isinstance(data["loss_weights"], dict) else {}
+            regs = ", ".join(f"{{kind: {SEED_LOSS_WEIGHTS.get(k, k)}, weight: {w}}}" for k, w in lw.items() if k != "task")
+            raise ValueError("loss_weights: the prototype's loss weights are regularizer weights in this spec; move them "
+                             f"to model.regularizers: [{regs}] (the task loss always has weight 1)")
+        return _seed_keys(data, SEED_BACKBONE_KEYS, "backbone")
 
     @model_validator(mode="after")
     def _heads_divide_width(self, info: ValidationInfo) -> "TransformerParams":
