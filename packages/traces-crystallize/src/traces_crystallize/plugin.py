@@ -52,6 +52,11 @@ class TracesParams(_Params):
         False, description="make alpha a learnable per-head parameter (its gradient through the bias costs a "
         "scatter in the attention backward; the default is the fixed alpha with its warmup schedule)"
     )
+    normalize: bool = Field(
+        False, description="divide each head's trace values by its largest before the bias, so alpha is the bias in "
+        "logits at the strongest traced offset (false: the prototype's alpha * M, at most alpha * M's scale, which the "
+        "update rule keeps small: 0.05 * S after one capture)"
+    )
     alpha_warmup_steps: int = Field(500, ge=0, description="alpha ramps linearly from 0 over this many steps after warmup_steps")
     update_interval: int = Field(100, ge=1, description="capture traces every N training steps")
     capture_rows: int = Field(

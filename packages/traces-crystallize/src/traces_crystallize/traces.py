@@ -78,11 +78,13 @@ class TraceStore(nn.Module):
         alpha_warmup_steps: int = 500,
         warmup_steps: int = 1000,
         update_interval: int = 100,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         self.n_heads, self.quota = n_heads, quota
         self.threshold, self.retention, self.decay = threshold, retention, decay
         self.alpha_warmup_steps, self.warmup_steps, self.update_interval = alpha_warmup_steps, warmup_steps, update_interval
+        self.normalize = normalize
         self.register_buffer("off", torch.full((n_heads, quota), -1, dtype=torch.int32))
         self.register_buffer("val", torch.zeros(n_heads, quota))
         self.register_buffer("use", torch.zeros(n_heads))
@@ -125,9 +127,18 @@ class TraceStore(nn.Module):
         out.scatter_add_(1, idx, self.val)
         return out[:, :length]
 
+    def bias_matrix(self, length: int) -> Tensor:
+        """``M`` as the bias reads it, ``(H, length)``: :meth:`dense`, divided per head by its largest
+        entry when ``normalize`` (then ``alpha`` is the bias in logits at the head's strongest
+        offset, whatever the scale the update rule has let ``M`` reach)."""
+        M = self.dense(length)
+        if self.normalize:
+            M = M / self.val.amax(1, keepdim=True).clamp(min=1e-12)  # (H, length)
+        return M
+
     def bias_vector(self, length: int, step: Tensor | None) -> Tensor:
-        """``alpha_eff[h] * M[h, d]`` for offsets ``d < length``, (H, length)."""
-        return self.alpha_eff(step)[:, None].to(self.val.dtype) * self.dense(length)
+        """``alpha_eff[h] * M[h, d]`` for offsets ``d < length`` (``M`` from :meth:`bias_matrix`), (H, length)."""
+        return self.alpha_eff(step)[:, None].to(self.val.dtype) * self.bias_matrix(length)
 
     # -- capture ----------------------------------------------------------------------
     def capture(self, q: Tensor, k: Tensor, v: Tensor, past: int, alpha: Tensor | None = None) -> Tensor:
@@ -141,7 +152,7 @@ class TraceStore(nn.Module):
         bias = traced = None
         if self.n_live:
             a = (self.alpha if alpha is None else alpha).detach().float()
-            M = self.dense(Tk).detach()  # (H, Tk)
+            M = self.bias_matrix(Tk).detach()  # (H, Tk)
             bias, traced = a[:, None] * M, (M > 0).float()
         if self.pending is not None:
             A = attention_weights(q, k, bias, past)  # (B, H, T, Tk), differentiable

@@ -275,7 +275,7 @@ class CausalSelfAttention(nn.Module):
             self.traces = TraceStore(
                 p.n_heads, t.quota_per_head, alpha=t.alpha, learn_alpha=t.learn_alpha, threshold=t.threshold,
                 retention=t.retention, decay=t.decay, alpha_warmup_steps=t.alpha_warmup_steps,
-                warmup_steps=t.warmup_steps, update_interval=t.update_interval,
+                warmup_steps=t.warmup_steps, update_interval=t.update_interval, normalize=t.normalize,
             )
 
     def _rope(self, past: int, T: int) -> tuple[Tensor, Tensor]:
@@ -324,10 +324,10 @@ class CausalSelfAttention(nn.Module):
             flex_ok = x.is_cuda or not (torch.is_grad_enabled() and q.requires_grad)
             use_flex = T > 1 and flex_ok and self.attention == "flex"
             if use_flex:
-                bias = alpha[:, None] * tr.dense(Tk + 129)  # (H, Tk + 129): room for padded blocks
+                bias = alpha[:, None] * tr.bias_matrix(Tk + 129)  # (H, Tk + 129): room for padded blocks
                 y = _flex_attention(q, k, v, bias.to(torch.float32), past)
             else:
-                bias = alpha[:, None] * tr.dense(Tk)  # (H, Tk)
+                bias = alpha[:, None] * tr.bias_matrix(Tk)  # (H, Tk)
                 y = _biased_sdpa(q, k, v, bias, past, self.bias_chunks, p_drop, fused=self.attention == "auto")
         y = y.transpose(1, 2).contiguous().view(B, T, D)  # (B, T, D)
         return self.resid_dropout(self.c_proj(y)), k, v, aux
