@@ -23,8 +23,8 @@ SUITE = {
     },
     "tasks": [{"kind": "induction", "params": {"vocab_size": 6, "seq_len": 8, "num_train": 2048, "num_val": 64}}],
     "grid": {"train.lr": [0.01, 0.03]},
-    "set": {"train.steps": 30, "train.batch_size": 16, "train.warmup_steps": 2, "train.eval_interval": 30,
-            "train.checkpoint_interval": 30, "train.sample_tokens": 0, "train.log_interval": 30},
+    "set": {"train.steps": 20, "train.batch_size": 16, "train.warmup_steps": 2, "train.eval_interval": 20,
+            "train.checkpoint_interval": 20, "train.sample_tokens": 0, "train.log_interval": 20},
     "sizes": {"cpu": {"set": {"train.device": "cpu"}}, "gpu": {"set": {"train.steps": 1000}, "seeds": [0, 1, 2]}},
 }
 BASE_SPEC = {"name": "x", "model": {"d_model": 16, "backbone": {"kind": "toy-mlp"}},
@@ -151,7 +151,7 @@ def test_early_stop_trains_in_segments_and_stops_at_the_threshold(suite_file, tm
     spec = cell.spec
     spec["data"] = {"kind": "mqar", "mqar": {"vocab_size": 16, "seq_len": 16, "num_kv_pairs": 2, "num_train": 512,
                                              "num_val": 32}}
-    spec["train"].update(seq_len=16, steps=40, eval_interval=10, checkpoint_interval=10)
+    spec["train"].update(seq_len=16, steps=20, eval_interval=5, checkpoint_interval=5)
     spec["tracking"] = {"enabled": False}
     params = {"vocab_size": 16, "seq_len": 16, "num_kv_pairs": 2, "num_train": 512, "num_val": 32,
               "early_stop": 1e-9}  # any accuracy reaches it: stop after the first segment
@@ -159,8 +159,8 @@ def test_early_stop_trains_in_segments_and_stops_at_the_threshold(suite_file, tm
     real = train_mod.train
     monkeypatch.setattr(train_mod, "train", lambda s, **kw: (calls.append(kw.get("stop_after")), real(s, **kw))[1])
     res = run_cell({**cell.to_json(), "task_kind": "mqar", "task_params": params, "spec": spec}, str(tmp_path))
-    assert calls == [10] and res["status"] == "early_stop" and res["steps"] == 10
+    assert calls == [5] and res["status"] == "early_stop" and res["steps"] == 5
     params["early_stop"] = 1.0  # never reached: four segments, the last one to the end
     calls.clear()
     res = run_cell({**cell.to_json(), "task_kind": "mqar", "task_params": params, "spec": spec}, str(tmp_path))
-    assert calls == [10, 20, 30, None] and res["steps"] == 40 and res["status"] == "finished"
+    assert calls == [5, 10, 15, None] and res["steps"] == 20 and res["status"] == "finished"
