@@ -64,7 +64,8 @@ def test_uncertainty_drops_alpha_to_zero_on_off_distribution_states(trained):
     s = pl.codec.flatten(req.state)
     z0 = pl.codec.encode(s)
     resid = Novelty.residual(pl.codec.normalize(s), pl.codec.decode_normalized(z0))
-    assert (pl.novelty.trust(z0, resid) == 1).float().mean() >= 0.75  # text like the fitting text: familiar
+    trust = pl.novelty.trust(z0, resid)  # text like the fitting text: familiar
+    assert (trust > 0).all() and trust.mean() > 0.8
     far = {k: v * 25 if k in pl.codec.keys else v for k, v in req.state.items()}  # a state the backbone never had
     res = pl.plan(model, PlanRequest(far, req.logits, 0, 7))
     assert (res.alpha == 0).all() and (res.confidence == 0).all()
