@@ -56,6 +56,14 @@ def test_healthy_run_has_no_alert_and_shows_everything(tmp_path):
     assert "alerts: none" in text
 
 
+def test_sparkline_is_the_trend_of_the_whole_series():
+    from statelab.monitor import sparkline
+
+    assert sparkline([1.0]) == "▁" and sparkline([1.0, 2.0]) == "▁█"
+    down = sparkline([100.0 - i for i in range(400)])
+    assert len(down) == 40 and down[0] == "█" and down[-1] == "▁"
+
+
 def test_divergence(tmp_path):
     rows = healthy() + [{"step": s, "train/loss": 5.0} for s in range(21, 26)]
     assert kinds(plant(tmp_path / "a", rows)) == ["divergence"]

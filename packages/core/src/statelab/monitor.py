@@ -253,7 +253,8 @@ def sparkline(values: Sequence[float], width: int = 40) -> str:
     """The whole series in ``width`` characters (means of equal buckets: the trend, not the noise)."""
     finite = [v for v in values if math.isfinite(v)]
     n = len(finite)
-    vals = [sum(b) / len(b) for b in (finite[i * n // width:(i + 1) * n // width] for i in range(min(width, n))) if b]
+    vals = finite if n <= width else [sum(b) / len(b) for b in (finite[i * n // width:(i + 1) * n // width]
+                                                                for i in range(width))]
     if not vals:
         return ""
     lo, hi = min(vals), max(vals)
