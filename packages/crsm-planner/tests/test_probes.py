@@ -67,6 +67,9 @@ def test_planner_effect_reports_every_setting_with_paired_intervals(trained, tmp
     assert m["on_minus_off"] == pytest.approx(m["val_loss_on"] - m["val_loss_off"], abs=1e-6)
     assert m["planned_minus_random"] == pytest.approx(m["val_loss_planned"] - m["val_loss_random"], abs=1e-6)
     assert m["oracle_minus_off_low"] <= m["oracle_minus_off"] <= m["oracle_minus_off_high"]
+    # the world model against the copy predictor: explained variance = 1 - error ratio
+    assert m["world_model/one_step_explained_variance"] == pytest.approx(1 - m["world_model/one_step_ratio"])
+    assert m["world_model/k_step_ratio"] < 1  # the fitted toy's latent model beats "state unchanged"
     assert m["tokens_per_s_off"] > 0 and m["tokens_per_s_on"] > 0
     assert m["plans_requested"] >= 1
     assert res.verdict in {"helps", "no effect", "hurts", "inactive"}
@@ -134,7 +137,8 @@ def test_planner_effect_says_hurts_for_a_destructive_planner(trained, tmp_path):
 
 def test_injection_stability_passes_over_1000_consecutive_injections(trained):
     model, _, tokens = trained
-    probe = statelab.make_probe("injection-stability", {"steps": 1001, "batch_size": 2, "simulations": 1}, model)
+    probe = statelab.make_probe("injection-stability", {"steps": 1001, "batch_size": 2, "simulations": 1,
+                                                        "loss_rows": 2, "loss_seq_len": 32}, model)
     res = probe.run(model, ProbeContext(val_tokens=tokens[-2000:], seed=0))
     m = res.metrics
     assert res.passed is True and res.verdict == "stable"

@@ -15,7 +15,9 @@
     ``min_alpha``), ``helps`` (on beats off and the planned direction beats the matched
     random one), ``hurts`` (on is worse than off) or ``no effect``; ``verdicts`` in
     ``metrics.json`` adds ``forced`` (the same rule at the forced alpha), ``oracle`` and
-    ``rebase``. Optionally (``samples``) sample statistics and tokens/s off, on and random.
+    ``rebase``. Beside them: the latent world model's one- and k-step error against the copy
+    predictor and its explained variance on validation windows (``world_model/*``); optionally
+    (``samples``) sample statistics and tokens/s off, on and random.
 
 ``injection-stability``
     ``steps`` consecutive generation steps with an injection at every step (planner
@@ -216,6 +218,7 @@ class PlannerEffectProbe(Probe):
             rows, mean_alpha = self.losses(model, val, ctx.seed)
             metrics: dict[str, float] = {"loss_mean_alpha_on": mean_alpha, "forced_alpha": p.forced_alpha,
                                          "rows": float(len(rows["off"]))}
+            metrics.update(self._world_model(model, planner, val, ctx.seed))
             for name, r in rows.items():
                 metrics[f"val_loss_{name}"] = sum(r.values()) / len(r)
             comparisons = {}
@@ -247,6 +250,21 @@ class PlannerEffectProbe(Probe):
             return ProbeResult(metrics, verdict=verdict, passed=None, artifacts=artifacts)
         finally:
             model.train(was)
+
+    def _world_model(self, model, planner, val: Tensor, seed: int) -> dict[str, float]:
+        """The latent world model on validation windows: one- and k-step state errors against the
+        "state unchanged" (copy) predictor, the explained variance of the state change, the codec's
+        reconstruction, the value head's correlation (:meth:`MCTSPlanner._losses`)."""
+        p = self.p
+        need = max(planner.params.value_horizon, planner.params.fit_multistep) + 2
+        if not planner.fitted.item() or p.seq_len < need:
+            return {}
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 99)
+        x = _windows(val, p.batch_size, p.seq_len, g).to(next(model.parameters()).device)
+        _, m = planner._losses(model, planner.rollout(model, x), metrics=True)
+        keep = ("dyn/one_step_ratio", "dyn/k_step_ratio", "dyn/one_step_explained_variance",
+                "dyn/k_step_explained_variance", "dyn/recon_explained_variance", "dyn/k", "value/corr")
+        return {f"world_model/{k.split('/', 1)[1]}" if k.startswith("dyn/") else k: m[k] for k in keep}
 
     @staticmethod
     def _verdict(against_off: str, against_random: str) -> str:
