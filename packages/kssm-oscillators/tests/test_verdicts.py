@@ -105,3 +105,20 @@ def test_verdicts_probe_writes_its_report(spec, registry, tmp_path):
     assert "on the path" in res.verdict and "not functional" in res.verdict
     report = (tmp_path / "verdicts.md").read_text()
     assert "backbone.layers.1:kssm.R" in report and "backbone.layers.0" not in report  # only the site asked for
+
+
+def test_group_level_and_psi_elements(spec, registry):
+    from kssm_oscillators.rnull import group_size
+
+    model = statelab.build(spec(), registry=registry)  # N = 16, group_levels [1, 4]
+    layer = model.backbone.layers[0]
+    assert [group_size(layer, i) for i in range(5)] == [16, 4, 4, 4, 4]
+    with pytest.raises(ValueError, match="out of range"):
+        group_size(layer, 5)
+    g = torch.Generator().manual_seed(2)
+    batches = [(x[:, :-1], x[:, 1:]) for x in torch.randint(0, 24, (3, 4, 13), generator=g)]
+    [r_group] = judge(model, batches, "backbone.layers.0:kssm.R", (2, 1), modes=("mean",))
+    assert r_group.varies_detail["group_size"] == 4 and r_group.on_path == ON_PATH
+    [psi] = judge(model, batches, "backbone.layers.1:kssm.psi", (0, 0), modes=("shuffle-rows",))
+    assert psi.on_path == ON_PATH and psi.functional == NOT_FUNCTIONAL
+    assert psi.varies == "varies" and psi.varies_detail["sd"] > 0.1 and "untrained_sd" in psi.varies_detail
