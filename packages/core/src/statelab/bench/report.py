@@ -147,9 +147,12 @@ def _fmt_diff(d: dict[str, Any] | None) -> str:
     if not d:
         return "-"
     iv = d["diff"]
+    # a difference too small for 3 decimals is shown in full, so a tiny but consistent one is not "+0.000 better"
+    f = "+.3f" if max(abs(iv["mean"]), abs(iv["low"]) if iv["low"] == iv["low"] else 0) >= 5e-4 or iv["mean"] == 0 \
+        else "+.2e"
     if iv["n"] < 2 or iv["low"] != iv["low"]:
-        return f"{iv['mean']:+.3f} (n={iv['n']}) {d['verdict']}"
-    return f"{iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}] {d['verdict']}"
+        return f"{iv['mean']:{f}} (n={iv['n']}) {d['verdict']}"
+    return f"{iv['mean']:{f}} [{iv['low']:{f}}, {iv['high']:{f}}] {d['verdict']}"
 
 
 def _bytes(n: float) -> str:
