@@ -82,8 +82,9 @@ def test_cross_config_combines_prototypes_and_trains(name: str, registry, data_c
 
 
 def _first_party_registry(registry: Registry) -> Registry:
-    """The registry restricted to the first-party distributions (docs/spec.md documents those)."""
-    dists = set(FIRST_PARTY.values())
+    """The registry restricted to the first-party distributions and core's own components
+    (tasks, the ablate probe): docs/spec.md documents those."""
+    dists = set(FIRST_PARTY.values()) | {"statelab-core"}
     reg = Registry()
     reg.components = {k: c for k, c in registry.components.items() if c.distribution in dists}
     return reg
