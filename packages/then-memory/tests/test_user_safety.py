@@ -140,3 +140,12 @@ def test_wipe_killed_mid_delete_is_finished_by_the_next_command(model, tmp_path,
     else:
         svc.query("bob", "The", max_new_tokens=1)
     assert sorted(os.listdir(root)) == ["bob"]
+
+
+def test_user_id_errors_are_user_errors_for_every_command():
+    """Any statelab command (not only `memory`) prints these as one line and exits 2."""
+    from statelab.errors import is_user_error
+
+    from then_memory.users import UnknownUserError, UserIdError
+
+    assert is_user_error(UserIdError("bad id")) and is_user_error(UnknownUserError("nobody"))

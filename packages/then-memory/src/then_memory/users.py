@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save as st_save
 from torch import Tensor
 
+from statelab.errors import UserError
 from statelab.interfaces import State
 from statelab.io import atomic_write_bytes
 
@@ -57,8 +58,8 @@ STATE_FILE = "state.safetensors"
 LOCK_FILE = ".lock"
 
 
-class UserIdError(ValueError):
-    pass
+class UserIdError(UserError, ValueError):
+    """A user id that is not a plain name (see the pattern in the message)."""
 
 
 def default_root() -> Path:
@@ -123,8 +124,8 @@ def ingest_tokens(model, tokens: Tensor, state: State | None = None, segment_len
     return state
 
 
-class UnknownUserError(ValueError):
-    pass
+class UnknownUserError(UserError, ValueError):
+    """A query or wipe for a user who has no memory yet (nothing is created)."""
 
 
 def _fsync_dir(path: Path) -> None:
