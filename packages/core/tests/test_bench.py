@@ -140,6 +140,15 @@ def test_a_resumed_suite_reruns_only_unfinished_cells_and_reports(suite_file, tm
     assert main(["compare", "--suite", str(tmp_path)]) == 2
     assert "not a suite output directory" in capsys.readouterr().err
 
+    # the report rewritten against a store without the suite's run: written, not logged, one note
+    meta = json.loads((sdir / "suite.json").read_text())
+    meta["suite"]["tracking"]["uri"] = f"sqlite:///{tmp_path / 'other.db'}"
+    (sdir / "suite.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["bench", str(sdir), "--report-only"]) == 0
+    err = capsys.readouterr().err
+    assert "report written but not logged" in err and parent_id in err and "Traceback" not in err
+
 
 @pytest.mark.slow
 def test_early_stop_trains_in_segments_and_stops_at_the_threshold(suite_file, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ task reports ``state_bytes``; a length x depth heatmap for tables of passkey row
 from __future__ import annotations
 
 import json
+import sys
 import math
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -343,18 +344,30 @@ def write_report(out: str | Path, *, log: bool = True) -> Path:
     meta = json.loads((out / "suite.json").read_text())
     parent = meta.get("parent_run_id")
     if log and parent:
-        from statelab.tracking import client
-
-        c = client(meta["suite"]["tracking"].get("uri"))
-        c.log_artifacts(parent, str(rdir), artifact_path="report")
-        for task_name, t in summary["tasks"].items():
-            for e in t["entries"]:
-                m = e["metrics"].get(t["primary"])
-                if m:
-                    from statelab.tracking import mlflow_key
-
-                    c.log_metric(parent, mlflow_key(f"{task_name}/{e['spec']}/{t['primary']}"), m["mean"])
+        _log_report(parent, meta["suite"]["tracking"].get("uri"), rdir, summary)
     return rdir / "report.md"
+
+
+def _log_report(parent: str, uri: str | None, rdir: Path, summary: dict[str, Any]) -> None:
+    """Log the report to the suite's run; a store that lacks that run (another
+    MLFLOW_TRACKING_URI than the suite ran with) leaves the written report unlogged, with a note."""
+    from mlflow.exceptions import MlflowException
+
+    from statelab.tracking import client, mlflow_key, resolve_uri
+
+    c = client(uri)
+    try:
+        c.get_run(parent)
+    except MlflowException:
+        print(f"report written but not logged: the suite's mlflow run {parent} is not in {resolve_uri(uri)}; "
+              "set MLFLOW_TRACKING_URI to the store the suite ran with to log it", file=sys.stderr)
+        return
+    c.log_artifacts(parent, str(rdir), artifact_path="report")
+    for task_name, t in summary["tasks"].items():
+        for e in t["entries"]:
+            m = e["metrics"].get(t["primary"])
+            if m:
+                c.log_metric(parent, mlflow_key(f"{task_name}/{e['spec']}/{t['primary']}"), m["mean"])
 
 
 __all__ = ["markdown", "suite_tables", "summarize", "write_report"]
