@@ -207,6 +207,21 @@ def markdown(summary: dict[str, Any], plots: dict[str, list[str]] | None = None)
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _yerr(mean: float, low: float, high: float) -> tuple[float, float]:
+    """Error-bar lengths below and above ``mean``; a missing (NaN) bound draws no bar."""
+    return (0.0 if math.isnan(low) else mean - low, 0.0 if math.isnan(high) else high - mean)
+
+
+def _save(fig: Any, ax: Any, title: str, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def _plots(summary: dict[str, Any], results: list[dict[str, Any]], out: Path) -> dict[str, list[str]]:
     import matplotlib
 
@@ -221,19 +236,14 @@ def _plots(summary: dict[str, Any], results: list[dict[str, Any]], out: Path) ->
         fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(entries)), 3.2))
         labels = [e["spec"] if len(entries) == len({x["spec"] for x in entries}) else
                   f"{e['spec']}\n{', '.join(f'{v}' for v in e['grid'].values())}" for e in entries]
-        means = [e["metrics"][primary]["mean"] if primary in e["metrics"] else float("nan") for e in entries]
-        errs = [[m - (e["metrics"][primary]["low"] if primary in e["metrics"] else m) for m, e in zip(means, entries)],
-                [(e["metrics"][primary]["high"] if primary in e["metrics"] else m) - m for m, e in zip(means, entries)]]
-        errs = [[0.0 if x != x else x for x in side] for side in errs]
-        ax.bar(range(len(entries)), means, yerr=errs, capsize=4, color="#4C72B0")
+        nan = {"mean": float("nan"), "low": float("nan"), "high": float("nan")}
+        ivs = [e["metrics"].get(primary, nan) for e in entries]
+        errs = list(zip(*(_yerr(iv["mean"], iv["low"], iv["high"]) for iv in ivs)))
+        ax.bar(range(len(entries)), [iv["mean"] for iv in ivs], yerr=errs, capsize=4, color="#4C72B0")
         ax.set_xticks(range(len(entries)), labels, fontsize=8)
         ax.set_ylabel(primary)
-        ax.set_title(f"{task_name}: {primary} (95% interval over seeds)", fontsize=9)
-        fig.tight_layout()
-        path = out / f"{slug}-{primary}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made[task_name].append(str(path))
+        made[task_name].append(_save(fig, ax, f"{task_name}: {primary} (95% interval over seeds)",
+                                     out / f"{slug}-{primary}.png"))
         # 2. primary metric against each numeric grid field, per spec
         rows = [r for r in results if r["cell"]["task_name"] == task_name]
         grid_keys = sorted({k for r in rows for k in r["cell"]["grid"]})
@@ -249,9 +259,8 @@ def _plots(summary: dict[str, Any], results: list[dict[str, Any]], out: Path) ->
                         pts[float(r["cell"]["grid"][gk])].append(r["metrics"][primary])
                 xs = sorted(pts)
                 ivs = [stats.interval(pts[x]) for x in xs]
-                lo = [0.0 if math.isnan(iv.low) else iv.mean - iv.low for iv in ivs]
-                hi = [0.0 if math.isnan(iv.high) else iv.high - iv.mean for iv in ivs]
-                ax.errorbar(xs, [iv.mean for iv in ivs], yerr=[lo, hi], marker="o", capsize=3, label=spec)
+                errs = list(zip(*(_yerr(iv.mean, iv.low, iv.high) for iv in ivs)))
+                ax.errorbar(xs, [iv.mean for iv in ivs], yerr=errs, marker="o", capsize=3, label=spec)
             if all(x > 0 for r in rows for x in [float(r["cell"]["grid"][gk])]):
                 vals = [float(r["cell"]["grid"][gk]) for r in rows]
                 if max(vals) / min(vals) >= 10:
@@ -259,12 +268,8 @@ def _plots(summary: dict[str, Any], results: list[dict[str, Any]], out: Path) ->
             ax.set_xlabel(gk)
             ax.set_ylabel(primary)
             ax.legend(fontsize=7)
-            ax.set_title(f"{task_name}: {primary} vs {gk}", fontsize=9)
-            fig.tight_layout()
-            path = out / f"{slug}-{primary}-vs-{gk}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            made[task_name].append(str(path))
+            made[task_name].append(_save(fig, ax, f"{task_name}: {primary} vs {gk}",
+                                         out / f"{slug}-{primary}-vs-{gk}.png"))
         # 3. accuracy against state size
         if any("state_bytes" in e["metrics"] for e in entries):
             fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -272,20 +277,15 @@ def _plots(summary: dict[str, Any], results: list[dict[str, Any]], out: Path) ->
                 if "state_bytes" not in e["metrics"] or primary not in e["metrics"]:
                     continue
                 iv = e["metrics"][primary]
-                err = [[0.0 if iv["low"] != iv["low"] else iv["mean"] - iv["low"]],
-                       [0.0 if iv["high"] != iv["high"] else iv["high"] - iv["mean"]]]
-                ax.errorbar([e["metrics"]["state_bytes"]["mean"]], [iv["mean"]], yerr=err, marker="o", capsize=3,
-                            label=e["spec"])
+                below, above = _yerr(iv["mean"], iv["low"], iv["high"])
+                ax.errorbar([e["metrics"]["state_bytes"]["mean"]], [iv["mean"]], yerr=[[below], [above]], marker="o",
+                            capsize=3, label=e["spec"])
             ax.set_xscale("log")
             ax.set_xlabel("state bytes per sequence")
             ax.set_ylabel(primary)
             ax.legend(fontsize=7)
-            ax.set_title(f"{task_name}: {primary} against state size", fontsize=9)
-            fig.tight_layout()
-            path = out / f"{slug}-{primary}-vs-state.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            made[task_name].append(str(path))
+            made[task_name].append(_save(fig, ax, f"{task_name}: {primary} against state size",
+                                         out / f"{slug}-{primary}-vs-state.png"))
         # 4. passkey heatmaps (length x depth)
         for e in entries:
             for tname, trows in (e.get("tables") or {}).items():
@@ -309,12 +309,8 @@ def _plots(summary: dict[str, Any], results: list[dict[str, Any]], out: Path) ->
                 ax.set_xlabel("length in tokens (characters)")
                 ax.set_ylabel("depth")
                 fig.colorbar(im, ax=ax)
-                ax.set_title(f"{task_name} {tname}: {e['spec']}", fontsize=9)
-                fig.tight_layout()
-                path = out / f"{slug}-{tname}-{e['spec']}.png"
-                fig.savefig(path, dpi=110)
-                plt.close(fig)
-                made[task_name].append(str(path))
+                made[task_name].append(_save(fig, ax, f"{task_name} {tname}: {e['spec']}",
+                                             out / f"{slug}-{tname}-{e['spec']}.png"))
     return made
 
 
